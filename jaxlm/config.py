@@ -1,0 +1,233 @@
+"""Typed, frozen configuration and dotted command-line overrides.
+
+Every config is a frozen dataclass, so it is hashable and can be a static argument of `jax.jit`.
+Presets are Python files in the top-level `configs/` folder (importable as `jaxlm.configs.<name>`);
+each defines `CONFIG`. Overrides are dotted paths into the nested dataclasses:
+
+    cfg = load_config("tiny", ["--model.num_layers=4", "--model.attention_impl=cudnn"])
+
+An unknown preset, an unknown key or a value of the wrong type raises `ConfigError`, whose message
+lists what is valid. Values are parsed from strings according to the field's annotated type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import types
+import typing
+from typing import Any, Literal, Optional
+
+AttentionImpl = Literal["xla", "cudnn"]
+RematPolicy = Literal["none", "full", "save_dots"]
+
+
+class ConfigError(ValueError):
+    """A preset, key or value that does not exist or does not parse."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style RoPE frequency scaling (HF `rope_scaling` with rope_type "llama3")."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a decoder-only Llama-style Transformer.
+
+    `head_dim=None` means embed_dim // num_heads. `num_kv_heads` must divide `num_heads`
+    (1 = multi-query, num_heads = multi-head, anything between = grouped-query attention).
+    """
+
+    vocab_size: int = 32000
+    embed_dim: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    num_kv_heads: int = 12
+    head_dim: Optional[int] = None
+    mlp_dim: int = 2048
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim of q and k before RoPE
+    sliding_window: Optional[int] = None  # Mistral: attend to at most this many past keys
+    init_std: float = 0.02
+    param_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+    attention_impl: AttentionImpl = "xla"
+    remat: RematPolicy = "none"
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.embed_dim // self.num_heads
+
+    def __post_init__(self):
+        positive = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
+                    "max_seq_len")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}"
+            )
+        if self.head_dim is None and self.embed_dim % self.num_heads:
+            raise ConfigError(
+                f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads="
+                f"{self.num_heads}; set model.head_dim explicitly"
+            )
+        if self.resolved_head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.resolved_head_dim}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the four mesh axes; their product must equal the number of devices."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run needs. Later issues add `train`, `decode`, ... sections."""
+
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+
+
+def list_presets() -> list[str]:
+    """Names of the presets in configs/ (module names, e.g. 'tiny', '125m')."""
+    from jaxlm import configs
+
+    return sorted(m.name for m in pkgutil.iter_modules(configs.__path__) if not m.name.startswith("_"))
+
+
+def load_preset(name: str) -> Config:
+    presets = list_presets()
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(presets)}")
+    module = importlib.import_module(f"jaxlm.configs.{name}")
+    return module.CONFIG
+
+
+def load_config(preset: str, overrides: typing.Sequence[str] = ()) -> Config:
+    """The preset with dotted `--section.key=value` overrides applied."""
+    return apply_overrides(load_preset(preset), overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides
+
+
+def apply_overrides(cfg: Any, overrides: typing.Sequence[str]) -> Any:
+    """Apply `--a.b=value` (or `a.b=value`) strings to a nested frozen dataclass."""
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(f"override {item!r} must look like --section.key=value")
+        path, raw = text.split("=", 1)
+        cfg = _replace_path(cfg, path.split("."), raw, full_path=path)
+    return cfg
+
+
+def _replace_path(obj: Any, keys: list[str], raw: str, full_path: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    key = keys[0]
+    if key not in fields:
+        prefix = full_path[: len(full_path) - len(".".join(keys))]
+        valid = ", ".join(prefix + name for name in fields)
+        raise ConfigError(f"unknown config key {full_path!r}; valid keys here: {valid}")
+    hints = typing.get_type_hints(type(obj))
+    current = getattr(obj, key)
+    if len(keys) > 1:
+        if current is None:
+            inner_type = _dataclass_in(hints[key])
+            if inner_type is None:
+                raise ConfigError(f"{full_path!r}: {key} has no sub-keys")
+            current = inner_type()
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"{full_path!r}: {key} is a value, not a section")
+        return dataclasses.replace(obj, **{key: _replace_path(current, keys[1:], raw, full_path)})
+    value = parse_value(raw, hints[key], full_path)
+    try:
+        return dataclasses.replace(obj, **{key: value})
+    except ConfigError as error:
+        raise ConfigError(f"{full_path}={raw}: {error}") from None
+
+
+def _dataclass_in(annotation: Any) -> Optional[type]:
+    for arg in typing.get_args(annotation) or (annotation,):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def parse_value(raw: str, annotation: Any, where: str) -> Any:
+    """Parse `raw` as the annotated type (bool, int, float, str, Literal, Optional)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and raw.lower() in ("none", "null"):
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return parse_value(raw, arg, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError("; ".join(errors))
+    if origin is Literal:
+        if raw not in args:
+            raise ConfigError(f"{where}={raw!r} is not one of {', '.join(map(str, args))}")
+        return raw
+    if annotation is bool:
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{where}={raw!r} is not a bool (use true or false)")
+    if annotation in (int, float):
+        try:
+            return annotation(raw)
+        except ValueError:
+            raise ConfigError(f"{where}={raw!r} is not a valid {annotation.__name__}") from None
+    if annotation is str:
+        return raw
+    if dataclasses.is_dataclass(annotation):
+        raise ConfigError(f"{where} is a section; set its keys, e.g. --{where}.<key>=value")
+    raise ConfigError(f"{where}: cannot parse values of type {annotation}")
+
+
+def to_dict(cfg: Any) -> dict:
+    """A JSON-ready dict (written next to every checkpoint)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Inverse of `to_dict` for nested config dataclasses; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown keys {sorted(unknown)} for {cls.__name__}; valid: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        inner = _dataclass_in(hints[key])
+        kwargs[key] = from_dict(inner, value) if inner is not None and isinstance(value, dict) else value
+    return cls(**kwargs)

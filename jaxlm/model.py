@@ -1,0 +1,251 @@
+"""A Llama-style decoder-only Transformer as pure functions over a parameter pytree.
+
+    params = init_params(cfg, key, mesh=None)
+    logits, cache = forward(cfg, params, tokens, positions=None, segment_ids=None, cache=None)
+
+Einsum letters: B batch, T query positions, S key positions, D embed, N heads, K kv heads,
+G heads per kv head, H head dim, F mlp, V vocab, L layers.
+
+Architecture (pre-norm): x = embed[tokens]; per layer
+    x += o(attention(rope(q(norm(x))), rope(k(norm(x))), v(norm(x))))
+    x += down(silu(gate(norm(x))) * up(norm(x)))
+then logits = lm_head(norm(x)) (or embed^T when tied). Options: q/k/v biases (Qwen2), RMSNorm of
+q and k over head_dim before RoPE (Qwen3), Mistral's sliding window, Llama 3 RoPE scaling.
+
+Parameters are declared once in `param_specs` with shape, logical dims and initializer. Layers
+are stacked on a leading `layers` dim and run with `jax.lax.scan`, so compile time does not grow
+with depth. One `forward` serves training, prefill and cached decoding: a cache argument is what
+makes it a decoding step. Activation shardings are constrained at block boundaries by logical
+name, against the mesh set with `jax.set_mesh` (none: nothing is constrained).
+
+Deliberate simplifications: no dropout; no biases except Qwen2's q/k/v bias.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxlm import attention as attention_lib
+from jaxlm import kv_cache
+from jaxlm import sharding
+from jaxlm.config import ModelConfig
+from jaxlm.layers import apply_rope, rms_norm, rope_inverse_frequencies, swiglu
+
+ACTIVATION_AXES = ("batch", "seq", None)
+LOGITS_AXES = ("batch", "seq", "vocab")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: its shape, logical dim names and initializer ('normal', 'ones', 'zeros')."""
+
+    shape: tuple[int, ...]
+    axes: tuple[Optional[str], ...]
+    init: str = "normal"
+    std: float = 0.0
+
+
+def param_specs(cfg: ModelConfig) -> dict:
+    """The parameter tree's declaration: the same nesting as `init_params`' result."""
+    L, D, N, K, H, F, V = (cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads,
+                           cfg.resolved_head_dim, cfg.mlp_dim, cfg.vocab_size)
+    std = cfg.init_std
+    # GPT-2 (Radford et al. 2019, sec. 2.3): scale residual output projections by 1/sqrt(2L).
+    out_std = std / np.sqrt(2 * L)
+    attn = {
+        "q": ParamSpec((L, D, N, H), ("layers", "embed", "heads", "head_dim"), "normal", std),
+        "k": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), "normal", std),
+        "v": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), "normal", std),
+        "o": ParamSpec((L, N, H, D), ("layers", "heads", "head_dim", "embed"), "normal", out_std),
+    }
+    if cfg.qkv_bias:
+        attn["q_bias"] = ParamSpec((L, N, H), ("layers", "heads", "head_dim"), "zeros")
+        attn["k_bias"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
+        attn["v_bias"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
+    if cfg.qk_norm:
+        attn["q_norm"] = ParamSpec((L, H), ("layers", "head_dim"), "ones")
+        attn["k_norm"] = ParamSpec((L, H), ("layers", "head_dim"), "ones")
+    specs = {
+        "embed": ParamSpec((V, D), ("vocab", "embed"), "normal", std),
+        "blocks": {
+            "attn_norm": ParamSpec((L, D), ("layers", None), "ones"),
+            "attn": attn,
+            "mlp_norm": ParamSpec((L, D), ("layers", None), "ones"),
+            "mlp": {
+                "gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal", std),
+                "up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal", std),
+                "down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), "normal", out_std),
+            },
+        },
+        "final_norm": ParamSpec((D,), (None,), "ones"),
+    }
+    if not cfg.tie_embeddings:
+        specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"), "normal", std)
+    return specs
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def param_axes(cfg: ModelConfig) -> dict:
+    """Logical dim names of every parameter, in the params' tree structure."""
+    return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
+    """NamedSharding of every parameter; raises MeshError naming a dim that does not divide."""
+    specs = param_specs(cfg)
+    leaves, treedef = jax.tree.flatten_with_path(specs, is_leaf=_is_spec)
+    shardings = []
+    for path, spec in leaves:
+        name = ".".join(str(getattr(p, "key", p)) for p in path)
+        sharding.check_divisible(name, spec.shape, spec.axes, mesh)
+        shardings.append(sharding.named_sharding(mesh, spec.axes))
+    return jax.tree.unflatten(treedef, shardings)
+
+
+def _init_leaf(spec: ParamSpec, key: jax.Array, dtype) -> jax.Array:
+    if spec.init == "ones":
+        return jnp.ones(spec.shape, dtype)
+    if spec.init == "zeros":
+        return jnp.zeros(spec.shape, dtype)
+    return (spec.std * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, mesh: Optional[Mesh] = None) -> dict:
+    """Random parameters in `cfg.param_dtype`, created already sharded when a mesh is given."""
+    specs = param_specs(cfg)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    dtype = jnp.dtype(cfg.param_dtype)
+
+    def init(key):
+        keys = jax.random.split(key, len(leaves))
+        return jax.tree.unflatten(treedef, [_init_leaf(s, k, dtype) for s, k in zip(leaves, keys)])
+
+    out_shardings = None if mesh is None else param_shardings(cfg, mesh)
+    return jax.jit(init, out_shardings=out_shardings)(key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+
+
+def _constrain(x: jax.Array, axes) -> jax.Array:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(axes)))
+
+
+def _attention_block(cfg: ModelConfig, p: dict, x: jax.Array, ctx: dict,
+                     layer_cache: Optional[tuple]) -> tuple[jax.Array, Optional[tuple]]:
+    """Attention sublayer of one layer. p: that layer's attention params; x [B, T, D] normed."""
+    dtype = x.dtype
+    q = jnp.einsum("btd,dnh->btnh", x, p["q"].astype(dtype))
+    k = jnp.einsum("btd,dkh->btkh", x, p["k"].astype(dtype))
+    v = jnp.einsum("btd,dkh->btkh", x, p["v"].astype(dtype))
+    if cfg.qkv_bias:
+        q, k, v = q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype), v + p["v_bias"].astype(dtype)
+    if cfg.qk_norm:
+        q, k = rms_norm(q, p["q_norm"], cfg.norm_eps), rms_norm(k, p["k_norm"], cfg.norm_eps)
+    q = apply_rope(q, ctx["positions"], ctx["inverse_frequencies"])
+    k = apply_rope(k, ctx["positions"], ctx["inverse_frequencies"])
+    k_positions, k_segments = ctx["positions"], ctx["segment_ids"]
+    if layer_cache is not None:
+        k_cache, v_cache = kv_cache.write_layer(*layer_cache, ctx["cache_index"], k, v)
+        layer_cache = (k_cache, v_cache)
+        k, v, k_positions = k_cache.astype(dtype), v_cache.astype(dtype), ctx["cache_positions"]
+    out = attention_lib.attention(
+        q, k, v, q_positions=ctx["positions"], k_positions=k_positions,
+        q_segment_ids=ctx["segment_ids"], k_segment_ids=k_segments,
+        sliding_window=cfg.sliding_window, plain_causal=ctx["plain_causal"],
+        impl=cfg.attention_impl)
+    return jnp.einsum("btnh,nhd->btd", out, p["o"].astype(dtype)), layer_cache
+
+
+def _block(cfg: ModelConfig, ctx: dict, x: jax.Array, layer: tuple) -> tuple[jax.Array, Optional[tuple]]:
+    """One pre-norm Transformer layer; `layer` = (params, cache or None) sliced at this layer."""
+    p, layer_cache = layer
+    h, layer_cache = _attention_block(cfg, p["attn"], rms_norm(x, p["attn_norm"], cfg.norm_eps),
+                                      ctx, layer_cache)
+    x = _constrain(x + h, ACTIVATION_AXES)
+    mlp = jax.tree.map(lambda w: w.astype(x.dtype), p["mlp"])
+    h = swiglu(rms_norm(x, p["mlp_norm"], cfg.norm_eps), mlp["gate"], mlp["up"], mlp["down"])
+    return _constrain(x + h, ACTIVATION_AXES), layer_cache
+
+
+def _remat(fn: Callable, policy: str) -> Callable:
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+    if policy == "save_dots":
+        # Keep weight matmul outputs; recompute attention scores (they have batch dims).
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ValueError(f"unknown remat policy {policy!r}; choose none, full or save_dots")
+
+
+def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *,
+            positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
+            cache: Optional[dict] = None) -> tuple[jax.Array, Optional[dict]]:
+    """Logits [B, T, V] (float32) for tokens [B, T] int32, and the updated cache (or None).
+
+    positions [B, T]: token positions (default: arange(T), or continuing the cache).
+    segment_ids [B, T]: document ids of packed sequences; attention stays inside a document.
+    Pass positions that restart at 0 per document together with segment_ids.
+    cache: from `kv_cache.init_cache`; the tokens are appended at `cache["index"]`.
+    """
+    batch, length = tokens.shape
+    if segment_ids is not None and cache is not None:
+        raise ValueError("segment_ids with a KV cache is not supported; decode documents separately")
+    plain_causal = positions is None and segment_ids is None and cache is None
+    if positions is None:
+        start = 0 if cache is None else cache["index"]
+        positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+    compute_dtype = jnp.dtype(cfg.compute_dtype)
+    ctx = {
+        "positions": positions,
+        "segment_ids": segment_ids,
+        "plain_causal": plain_causal,
+        "inverse_frequencies": rope_inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta,
+                                                        cfg.rope_scaling),
+    }
+    layer_caches = None
+    if cache is not None:
+        ctx["cache_positions"], next_index = kv_cache.write_positions(cache, positions)
+        ctx["cache_index"] = cache["index"]
+        layer_caches = (cache["k"], cache["v"])
+
+    x = jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype)
+    x = _constrain(x, ACTIVATION_AXES)
+    block = _remat(functools.partial(_block, cfg, ctx), cfg.remat)
+    x, new_layer_caches = jax.lax.scan(lambda h, layer: block(h, layer), x,
+                                       (params["blocks"], layer_caches))
+    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    if cfg.tie_embeddings:
+        logits = jnp.einsum("btd,vd->btv", x, params["embed"].astype(compute_dtype))
+    else:
+        logits = jnp.einsum("btd,dv->btv", x, params["lm_head"].astype(compute_dtype))
+    logits = _constrain(logits.astype(jnp.float32), LOGITS_AXES)
+    if cache is None:
+        return logits, None
+    new_cache = {"k": new_layer_caches[0], "v": new_layer_caches[1],
+                 "positions": ctx["cache_positions"], "index": next_index}
+    return logits, new_cache
+
+
+def z_loss(logits: jax.Array, weight: float = 1e-4) -> jax.Array:
+    """PaLM's auxiliary loss weight * mean(logsumexp(logits)^2) (Chowdhery et al. 2022, sec. 5)."""
+    return weight * jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2)
+
+
+def count_params(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
