@@ -1,0 +1,547 @@
+"""Hugging Face checkpoints in and out: Llama, Mistral, Qwen2 and Qwen3 causal language models.
+
+    cfg, params = load_pretrained("some/hf_folder", dtype=None, mesh=None)
+    save_pretrained(cfg, params, "out_folder", architecture=None)
+
+A Hugging Face folder holds config.json and one `model.safetensors`, or several shards named in
+`model.safetensors.index.json`. The four architectures share Llama's tensor names; they differ
+only in options that map to `ModelConfig` fields: Qwen2 adds q/k/v biases (`qkv_bias`), Qwen3 an
+RMSNorm of q and k over head_dim (`qk_norm`), Mistral a sliding window (`sliding_window`).
+
+Layouts. HF `Linear` weights are [out, in]; jaxlm weights are [in, out] with heads split out, and
+per-layer tensors are stacked on a leading `layers` dim (see `model.param_specs`). So q_proj
+[N*H, D] becomes q [L, D, N, H], o_proj [D, N*H] becomes o [L, N, H, D], lm_head [V, D] becomes
+[D, V]. RoPE needs no permutation: jaxlm uses HF's rotate-half layout (layers.py).
+
+Safetensors are read and written here directly (an 8-byte little-endian header length, a JSON
+header of dtype/shape/byte offsets, then raw little-endian data), through memory maps, so bf16
+works with any safetensors version (numpy has no bf16; ml_dtypes provides it) and loading
+touches each tensor once: one host copy per stacked leaf, then straight to its devices.
+
+Checks: an unsupported architecture or option, a missing tensor or a shape mismatch is a
+`CheckpointError` naming it. Unexpected extra tensors are errors too: an extra tensor almost
+always means a feature jaxlm would silently drop (an o_proj bias, say), giving wrong logits.
+Only rotary `inv_freq` buffers and a duplicate `lm_head.weight` of tied embeddings are skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import struct
+import uuid
+from pathlib import Path
+from typing import Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxlm import model
+from jaxlm.config import ModelConfig, RopeScaling
+
+MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # HF's default shard size, "5GB"
+
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+}
+SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint jaxlm cannot read or write: unsupported, incomplete or inconsistent."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Safetensors files
+
+
+class SafetensorsFolder:
+    """The tensors of one or several safetensors files, read lazily through memory maps."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self._locations: dict[str, tuple[Path, int, dict]] = {}
+        self._maps: dict[Path, np.memmap] = {}
+        for file in files:
+            data_start, header = read_safetensors_header(file)
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    self._locations[name] = (file, data_start, entry)
+
+    @classmethod
+    def open(cls, folder: Path) -> "SafetensorsFolder":
+        index = folder / INDEX_FILE
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return cls([folder / name for name in sorted(set(weight_map.values()))])
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"no *.safetensors files in {folder} (other formats such as "
+                                  "pytorch_model.bin are not supported)")
+        return cls(files)
+
+    def names(self) -> set[str]:
+        return set(self._locations)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._locations[name][2]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return _numpy_dtype(self._locations[name][2]["dtype"], name)
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as a read-only view of the memory-mapped file (no copy)."""
+        file, data_start, entry = self._locations[name]
+        if file not in self._maps:
+            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
+        begin, end = entry["data_offsets"]
+        raw = self._maps[file][data_start + begin:data_start + end]
+        return raw.view(self.dtype(name)).reshape(self.shape(name))
+
+
+def _numpy_dtype(code: str, name: str) -> np.dtype:
+    if code not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"tensor {name!r} has safetensors dtype {code}, which jaxlm cannot "
+                              f"read; readable: {', '.join(SAFETENSORS_DTYPES)}")
+    return SAFETENSORS_DTYPES[code]
+
+
+def read_safetensors_header(file: Path) -> tuple[int, dict]:
+    """(byte offset where tensor data starts, the JSON header) of one safetensors file."""
+    with open(file, "rb") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        if header_size > os.path.getsize(file) - 8:
+            raise CheckpointError(f"{file} is not a safetensors file (header size {header_size} "
+                                  "is larger than the file)")
+        header = json.loads(handle.read(header_size))
+    return 8 + header_size, header
+
+
+def write_safetensors(file: Path, tensors: dict[str, np.ndarray]) -> None:
+    """Write tensors (any dtype in SAFETENSORS_DTYPES, bf16 included) as one safetensors file."""
+    header: dict = {"__metadata__": {"format": "pt"}}  # transformers refuses files without it
+    offset = 0
+    for name, array in tensors.items():
+        code = SAFETENSORS_CODES.get(array.dtype.newbyteorder("<"))
+        if code is None:
+            raise CheckpointError(f"cannot write tensor {name!r} of dtype {array.dtype}")
+        header[name] = {"dtype": code, "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format pads the header so data is 8-byte aligned
+    with open(file, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for array in tensors.values():
+            little_endian = array.astype(array.dtype.newbyteorder("<"), copy=False)
+            np.ascontiguousarray(little_endian).reshape(-1).view(np.uint8).tofile(handle)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder next to `path`; rename it to `path` only on success.
+
+    A failure part-way leaves no half-written `path`. An existing `path` is an error unless
+    `overwrite`, in which case it is replaced after the new folder is complete.
+    """
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose a new folder or remove it first")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # NOTE: not tempfile.mkdtemp, whose folder is private (0700) whatever the umask.
+    temporary = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:12]}"
+    temporary.mkdir()
+    try:
+        yield temporary
+        if path.exists():
+            shutil.rmtree(path)
+        temporary.rename(path)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def _require(hf: dict, key: str):
+    if hf.get(key) is None:
+        raise CheckpointError(f"config.json has no {key!r}, which jaxlm needs")
+    return hf[key]
+
+
+def architecture_of(hf: dict) -> str:
+    """The one supported architecture named by an HF config, or a CheckpointError."""
+    names = hf.get("architectures") or []
+    if len(names) != 1 or names[0] not in MODEL_TYPES:
+        shown = ", ".join(names) or f"none (model_type {hf.get('model_type')!r})"
+        raise CheckpointError(f"unsupported architecture {shown}; jaxlm supports "
+                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    return names[0]
+
+
+def _check_supported_options(hf: dict, architecture: str) -> None:
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"hidden_act {hf['hidden_act']!r} is not supported; jaxlm's MLP is "
+                              "SwiGLU (silu)")
+    if architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM") and hf.get("attention_bias"):
+        raise CheckpointError(f"{architecture} with attention_bias=true (biases on q, k, v and "
+                              "o) is not supported; jaxlm has q/k/v biases only (Qwen2)")
+    if hf.get("mlp_bias"):
+        raise CheckpointError("mlp_bias=true is not supported; jaxlm's MLP has no biases")
+    windowed_layers = "sliding_attention" in (hf.get("layer_types") or [])
+    if architecture != "MistralForCausalLM" and (hf.get("use_sliding_window") or windowed_layers):
+        raise CheckpointError(f"{architecture} with sliding-window layers (use_sliding_window or "
+                              "layer_types) is not supported; only Mistral's all-layer window is")
+
+
+def rope_scaling_from_hf(hf: dict) -> Optional[RopeScaling]:
+    """`rope_scaling` (or transformers 5's `rope_parameters`) as a RopeScaling, None = plain."""
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return None
+    if rope_type != "llama3":
+        raise CheckpointError(f"rope_scaling type {rope_type!r} is not supported; supported: "
+                              "none/'default' and 'llama3'")
+    return RopeScaling(
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_seq_len=int(scaling["original_max_position_embeddings"]),
+    )
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """The ModelConfig of an HF config dict (param_dtype/compute_dtype left at their defaults)."""
+    architecture = architecture_of(hf)
+    _check_supported_options(hf, architecture)
+    embed_dim, num_heads = _require(hf, "hidden_size"), _require(hf, "num_attention_heads")
+    head_dim = hf.get("head_dim")
+    rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
+    return ModelConfig(
+        vocab_size=_require(hf, "vocab_size"),
+        embed_dim=embed_dim,
+        num_layers=_require(hf, "num_hidden_layers"),
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        # NOTE: None when it is the default, so configs compare equal after a round trip.
+        head_dim=None if head_dim in (None, embed_dim // num_heads) else head_dim,
+        mlp_dim=_require(hf, "intermediate_size"),
+        max_seq_len=_require(hf, "max_position_embeddings"),
+        rope_theta=float(rope_theta or 10000.0),
+        rope_scaling=rope_scaling_from_hf(hf),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=architecture == "Qwen2ForCausalLM",
+        qk_norm=architecture == "Qwen3ForCausalLM",
+        sliding_window=hf.get("sliding_window") if architecture == "MistralForCausalLM" else None,
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+
+def infer_architecture(cfg: ModelConfig) -> str:
+    """qk_norm -> Qwen3, qkv_bias -> Qwen2, sliding_window -> Mistral, otherwise Llama."""
+    if cfg.qk_norm:
+        return "Qwen3ForCausalLM"
+    if cfg.qkv_bias:
+        return "Qwen2ForCausalLM"
+    if cfg.sliding_window is not None:
+        return "MistralForCausalLM"
+    return "LlamaForCausalLM"
+
+
+def _check_representable(cfg: ModelConfig, architecture: str) -> None:
+    if architecture not in MODEL_TYPES:
+        raise CheckpointError(f"unsupported architecture {architecture!r}; jaxlm supports "
+                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    needs = {"qk_norm": architecture == "Qwen3ForCausalLM",
+             "qkv_bias": architecture == "Qwen2ForCausalLM"}
+    for field, needed in needs.items():
+        if getattr(cfg, field) != needed:
+            raise CheckpointError(f"{architecture} {'needs' if needed else 'cannot have'} "
+                                  f"model.{field}=True; the config has {getattr(cfg, field)}")
+    if cfg.sliding_window is not None and architecture != "MistralForCausalLM":
+        raise CheckpointError(f"{architecture} cannot have a sliding window; use "
+                              "MistralForCausalLM")
+
+
+def config_to_hf(cfg: ModelConfig, architecture: str, torch_dtype: str) -> dict:
+    """The config.json transformers needs to load `cfg` as `architecture`."""
+    scaling = cfg.rope_scaling
+    hf = {
+        "architectures": [architecture],
+        "model_type": MODEL_TYPES[architecture],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.embed_dim,
+        "intermediate_size": cfg.mlp_dim,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None if scaling is None else {
+            "rope_type": "llama3", "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_seq_len},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+        "torch_dtype": torch_dtype,
+    }
+    if architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+        hf.update(attention_bias=False)
+    if architecture == "LlamaForCausalLM":
+        hf.update(mlp_bias=False, pretraining_tp=1)
+    if architecture == "MistralForCausalLM":
+        hf.update(sliding_window=cfg.sliding_window)
+    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor names and layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+    """Where one jaxlm leaf lives in an HF checkpoint: name ('{layer}' if per layer) and layout.
+
+    `transpose`: an HF Linear weight, stored [out, in]; jaxlm keeps [in, out] split into dims.
+    """
+
+    hf_name: str
+    hf_shape: tuple[int, ...]
+    transpose: bool = False
+
+    @property
+    def per_layer(self) -> bool:
+        return "{layer}" in self.hf_name
+
+    def to_jaxlm(self, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return (array.T if self.transpose else array).reshape(shape)
+
+    def to_hf(self, array: np.ndarray) -> np.ndarray:
+        if self.transpose:
+            return array.reshape(self.hf_shape[::-1]).T
+        return array.reshape(self.hf_shape)
+
+
+def tensor_rules(cfg: ModelConfig) -> dict[str, TensorRule]:
+    """HF name and layout of every possible jaxlm leaf, keyed by its dotted path in params."""
+    D, N, K, H, F, V = (cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
+                        cfg.mlp_dim, cfg.vocab_size)
+    layer = "model.layers.{layer}."
+    return {
+        "embed": TensorRule("model.embed_tokens.weight", (V, D)),
+        "blocks.attn_norm": TensorRule(layer + "input_layernorm.weight", (D,)),
+        "blocks.attn.q": TensorRule(layer + "self_attn.q_proj.weight", (N * H, D), True),
+        "blocks.attn.k": TensorRule(layer + "self_attn.k_proj.weight", (K * H, D), True),
+        "blocks.attn.v": TensorRule(layer + "self_attn.v_proj.weight", (K * H, D), True),
+        "blocks.attn.o": TensorRule(layer + "self_attn.o_proj.weight", (D, N * H), True),
+        "blocks.attn.q_bias": TensorRule(layer + "self_attn.q_proj.bias", (N * H,)),
+        "blocks.attn.k_bias": TensorRule(layer + "self_attn.k_proj.bias", (K * H,)),
+        "blocks.attn.v_bias": TensorRule(layer + "self_attn.v_proj.bias", (K * H,)),
+        "blocks.attn.q_norm": TensorRule(layer + "self_attn.q_norm.weight", (H,)),
+        "blocks.attn.k_norm": TensorRule(layer + "self_attn.k_norm.weight", (H,)),
+        "blocks.mlp_norm": TensorRule(layer + "post_attention_layernorm.weight", (D,)),
+        "blocks.mlp.gate": TensorRule(layer + "mlp.gate_proj.weight", (F, D), True),
+        "blocks.mlp.up": TensorRule(layer + "mlp.up_proj.weight", (F, D), True),
+        "blocks.mlp.down": TensorRule(layer + "mlp.down_proj.weight", (D, F), True),
+        "final_norm": TensorRule("model.norm.weight", (D,)),
+        "lm_head": TensorRule("lm_head.weight", (V, D), True),
+    }
+
+
+def _hf_names(rule: TensorRule, num_layers: int) -> list[str]:
+    if rule.per_layer:
+        return [rule.hf_name.format(layer=i) for i in range(num_layers)]
+    return [rule.hf_name]
+
+
+def _flat_specs(cfg: ModelConfig):
+    """([(dotted path, ParamSpec)], treedef) of model.param_specs, in tree order."""
+    leaves, treedef = jax.tree.flatten_with_path(model.param_specs(cfg),
+                                                 is_leaf=lambda x: isinstance(x, model.ParamSpec))
+    named = [(".".join(str(key.key) for key in path), spec) for path, spec in leaves]
+    return named, treedef
+
+
+def _ignorable(name: str, cfg: ModelConfig) -> bool:
+    """Tensors a checkpoint may carry that jaxlm recomputes or shares."""
+    return name.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and name == "lm_head.weight")
+
+
+def _check_tensors(folder: SafetensorsFolder, cfg: ModelConfig) -> None:
+    """Every expected tensor present with the expected shape, and nothing else."""
+    rules, (named_specs, _) = tensor_rules(cfg), _flat_specs(cfg)
+    expected, present = set(), folder.names()
+    searched = ", ".join(file.name for file in folder.files)
+    for path, _ in named_specs:
+        rule = rules[path]
+        for name in _hf_names(rule, cfg.num_layers):
+            expected.add(name)
+            if name not in present:
+                raise CheckpointError(f"tensor {name!r} (jaxlm {path}) is missing; searched "
+                                      f"{searched}")
+            if folder.shape(name) != rule.hf_shape:
+                raise CheckpointError(f"tensor {name!r} has shape {folder.shape(name)} but the "
+                                      f"config expects {rule.hf_shape}")
+    unexpected = sorted(n for n in present - expected if not _ignorable(n, cfg))
+    if unexpected:
+        raise CheckpointError(f"{len(unexpected)} unexpected tensors that jaxlm would ignore, "
+                              f"e.g. {', '.join(unexpected[:5])}; the model would be wrong "
+                              "without them")
+
+
+# ---------------------------------------------------------------------------------------------
+# Load and save
+
+
+def _dtype_name(dtype) -> str:
+    return jnp.dtype(dtype).name
+
+
+def _param_dtype(hf: dict, folder: SafetensorsFolder, dtype) -> str:
+    if dtype is not None:
+        return _dtype_name(dtype)
+    stored = hf.get("torch_dtype") or hf.get("dtype")
+    if stored in ("float32", "bfloat16", "float16", "float64"):
+        return stored
+    return _dtype_name(folder.dtype("model.embed_tokens.weight"))
+
+
+def _read_leaf(folder: SafetensorsFolder, rule: TensorRule, spec: model.ParamSpec,
+               cfg: ModelConfig) -> np.ndarray:
+    """One jaxlm leaf on the host, stacked over layers and cast to cfg.param_dtype."""
+    dtype = jnp.dtype(cfg.param_dtype)
+    if not rule.per_layer:
+        return rule.to_jaxlm(folder.read(rule.hf_name), spec.shape).astype(dtype)
+    stacked = np.empty(spec.shape, dtype)
+    for layer, name in enumerate(_hf_names(rule, cfg.num_layers)):
+        stacked[layer] = rule.to_jaxlm(folder.read(name), spec.shape[1:])
+    return stacked
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype=None,
+                    mesh: Optional[Mesh] = None) -> tuple[ModelConfig, dict]:
+    """(cfg, params) of an HF Llama/Mistral/Qwen2/Qwen3 folder.
+
+    dtype: cast params to it and compute in it; None keeps the checkpoint's torch_dtype for
+    params and computes in float32. mesh: place params with `model.param_shardings` (one leaf
+    at a time, so the host holds at most one leaf beyond the memory-mapped files).
+    """
+    folder_path = Path(path)
+    if not (folder_path / "config.json").exists():
+        raise CheckpointError(f"{folder_path} has no config.json; is it a Hugging Face model folder?")
+    hf = json.loads((folder_path / "config.json").read_text())
+    cfg = config_from_hf(hf)
+    folder = SafetensorsFolder.open(folder_path)
+    cfg = dataclasses.replace(cfg, param_dtype=_param_dtype(hf, folder, dtype),
+                              compute_dtype="float32" if dtype is None else _dtype_name(dtype))
+    _check_tensors(folder, cfg)
+    rules, (named_specs, treedef) = tensor_rules(cfg), _flat_specs(cfg)
+    shardings = (jax.tree.leaves(model.param_shardings(cfg, mesh)) if mesh is not None
+                 else [None] * len(named_specs))
+    leaves = [jax.device_put(_read_leaf(folder, rules[path], spec, cfg), leaf_sharding)
+              for (path, spec), leaf_sharding in zip(named_specs, shardings)]
+    return cfg, jax.tree.unflatten(treedef, leaves)
+
+
+def hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+    """The HF-named host tensors of `params`, in checkpoint order (embedding, layers, head)."""
+    rules, (named_specs, treedef) = tensor_rules(cfg), _flat_specs(cfg)
+    leaves = jax.tree.leaves(params)
+    if len(leaves) != len(named_specs) or jax.tree.structure(params) != treedef:
+        raise CheckpointError(f"params do not have the structure of model.param_specs(cfg); "
+                              f"expected leaves {[path for path, _ in named_specs]}")
+    per_layer: dict[int, dict[str, np.ndarray]] = {i: {} for i in range(cfg.num_layers)}
+    tensors: dict[str, np.ndarray] = {}
+    for (path, spec), leaf in zip(named_specs, leaves):
+        if tuple(leaf.shape) != spec.shape:
+            raise CheckpointError(f"param {path} has shape {tuple(leaf.shape)}, expected "
+                                  f"{spec.shape}")
+        host, rule = np.asarray(leaf), rules[path]
+        if not rule.per_layer:
+            tensors[rule.hf_name] = rule.to_hf(host)
+            continue
+        for layer, name in enumerate(_hf_names(rule, cfg.num_layers)):
+            per_layer[layer][name] = rule.to_hf(host[layer])
+    head = {name: tensors.pop(name) for name in ("model.norm.weight", "lm_head.weight")
+            if name in tensors}
+    for layer_tensors in per_layer.values():
+        tensors.update(layer_tensors)
+    return {**tensors, **head}
+
+
+def _plan_shards(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy split of tensor names, in order, into shards of at most max_shard_bytes each
+    (a single larger tensor gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, array in tensors.items():
+        if shards[-1] and size + array.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += array.nbytes
+    return shards
+
+
+def _write_tensors(folder: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
+    shards = _plan_shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        write_safetensors(folder / "model.safetensors", tensors)
+        return
+    weight_map = {}
+    for number, names in enumerate(shards, start=1):
+        file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(folder / file_name, {name: tensors[name] for name in names})
+        weight_map.update({name: file_name for name in names})
+    index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
+             "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_pretrained(cfg: ModelConfig, params: dict, path: str | os.PathLike, *,
+                    architecture: Optional[str] = None,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                    overwrite: bool = False) -> None:
+    """Write `params` as an HF folder that transformers loads as `architecture`.
+
+    architecture: default from cfg (`infer_architecture`). Tensors keep their dtype, which is
+    recorded as torch_dtype. Tied embeddings write no lm_head.weight (transformers ties it).
+    The folder appears only once complete (written to a temporary folder, then renamed).
+    """
+    architecture = architecture or infer_architecture(cfg)
+    _check_representable(cfg, architecture)
+    tensors = hf_tensors(cfg, params)
+    torch_dtype = _dtype_name(tensors["model.embed_tokens.weight"].dtype)
+    hf = config_to_hf(cfg, architecture, torch_dtype)
+    with atomic_directory(path, overwrite) as folder:
+        (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        _write_tensors(folder, tensors, max_shard_bytes)
