@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional
 
 AttentionImpl = Literal["xla", "cudnn"]
 RematPolicy = Literal["none", "full", "save_dots"]
+DataLayout = Literal["windows", "documents"]
 
 
 class ConfigError(ValueError):
@@ -100,11 +101,71 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run: batch, schedule, optimizer, data layout, evaluation and checkpoints.
+
+    `batch_size` is global (sequences per optimizer step, over all devices and microbatches);
+    `grad_accum` splits it into that many sequential microbatches. The learning rate warms up
+    linearly over `warmup_steps`, then follows a cosine down to `lr * min_lr_ratio` at `steps`.
+    `layout`: "windows" = random windows of seq_len + 1 tokens attending across documents;
+    "documents" = the same windows with segment ids and positions restarting per document.
+    `zero1` shards the Adam moments over the `data` axis (ZeRO-1). docs/design.md says why.
+    """
+
+    steps: int = 1000
+    batch_size: int = 32
+    seq_len: int = 512
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    z_loss: float = 0.0
+    zero1: bool = False
+    seed: int = 0
+    layout: DataLayout = "windows"
+    eval_fraction: float = 0.02
+    eval_every: int = 200
+    eval_batches: int = 8
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    keep_every: Optional[int] = None
+    skip_nonfinite: int = 0
+    default_corpus_bytes: int = 2_000_000
+
+    def __post_init__(self):
+        positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "checkpoint_every",
+                    "keep_last")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        non_negative = ("lr", "warmup_steps", "weight_decay", "clip_norm", "z_loss", "eps",
+                        "eval_batches", "skip_nonfinite")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.grad_accum={self.grad_accum} must divide "
+                              f"train.batch_size={self.batch_size}")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.eval_fraction < 1:
+            raise ConfigError("train.min_lr_ratio must be in [0, 1] and train.eval_fraction in [0, 1)")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"train.beta1, train.beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.keep_every is not None and self.keep_every <= 0:
+            raise ConfigError(f"train.keep_every must be positive or none, got {self.keep_every}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything a run needs. Later issues add `train`, `decode`, ... sections."""
+    """Everything a run needs. Later issues add `decode`, ... sections."""
 
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
+    train: TrainConfig = TrainConfig()
 
 
 # ---------------------------------------------------------------------------------------------
