@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call's worth of training benchmarks for docs/benchmarks.md: jaxlm (tools/bench_train.py)
 # and the PyTorch/transformers baseline (tools/bench_train_torch.py), same card, same run.
-# Usage: OUT=results_dir bash tools/gpu_train_bench.sh
+# Usage: OUT=results_dir bash tools/gpu_train_bench.sh   (JAX_ONLY=1: the three jaxlm rows only)
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -13,6 +13,7 @@ torchrun() { name=$1; shift; python3 tools/bench_train_torch.py "$@" > "$OUT/$na
 jaxrun jax_125m_b16 --config 125m --seq 2048 --batch 16
 jaxrun jax_350m_b16 --config 350m --seq 2048 --batch 16
 jaxrun jax_1b_b8_save_dots --config 1b --seq 2048 --batch 8 --remat save_dots
+[ "${JAX_ONLY:-0}" = 1 ] && exit 0
 torchrun torch_125m_b16 --config 125m --seq 2048 --batch 16
 torchrun torch_125m_b16_compiled --config 125m --seq 2048 --batch 16 --compile
 torchrun torch_350m_b16_compiled --config 350m --seq 2048 --batch 16 --compile
