@@ -149,9 +149,9 @@ def _attention_block(cfg: ModelConfig, p: dict, x: jax.Array, ctx: dict,
                      layer_cache: Optional[tuple]) -> tuple[jax.Array, Optional[tuple]]:
     """Attention sublayer of one layer. p: that layer's attention params; x [B, T, D] normed."""
     dtype = x.dtype
-    q = jnp.einsum("btd,dnh->btnh", x, p["q"].astype(dtype))
-    k = jnp.einsum("btd,dkh->btkh", x, p["k"].astype(dtype))
-    v = jnp.einsum("btd,dkh->btkh", x, p["v"].astype(dtype))
+    q = jnp.einsum("btd,dnh->btnh", x, p["q"])
+    k = jnp.einsum("btd,dkh->btkh", x, p["k"])
+    v = jnp.einsum("btd,dkh->btkh", x, p["v"])
     if cfg.qkv_bias:
         q, k, v = q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype), v + p["v_bias"].astype(dtype)
     if cfg.qk_norm:
@@ -168,7 +168,7 @@ def _attention_block(cfg: ModelConfig, p: dict, x: jax.Array, ctx: dict,
         q_segment_ids=ctx["segment_ids"], k_segment_ids=k_segments,
         sliding_window=cfg.sliding_window, plain_causal=ctx["plain_causal"],
         impl=cfg.attention_impl)
-    return jnp.einsum("btnh,nhd->btd", out, p["o"].astype(dtype)), layer_cache
+    return jnp.einsum("btnh,nhd->btd", out, p["o"]), layer_cache
 
 
 def _block(cfg: ModelConfig, ctx: dict, x: jax.Array, layer: tuple) -> tuple[jax.Array, Optional[tuple]]:
@@ -177,9 +177,20 @@ def _block(cfg: ModelConfig, ctx: dict, x: jax.Array, layer: tuple) -> tuple[jax
     h, layer_cache = _attention_block(cfg, p["attn"], rms_norm(x, p["attn_norm"], cfg.norm_eps),
                                       ctx, layer_cache)
     x = _constrain(x + h, ACTIVATION_AXES)
-    mlp = jax.tree.map(lambda w: w.astype(x.dtype), p["mlp"])
+    mlp = p["mlp"]
     h = swiglu(rms_norm(x, p["mlp_norm"], cfg.norm_eps), mlp["gate"], mlp["up"], mlp["down"])
     return _constrain(x + h, ACTIVATION_AXES), layer_cache
+
+
+def _save_dots_and_fused_attention(primitive, *args, **params) -> bool:
+    """Remat policy: keep the outputs of weight matmuls and of cuDNN's fused attention kernel.
+
+    Both are O(T) per token; recomputing them costs matmul time. Everything elementwise, and
+    XLA attention's [T, S] scores (dots with batch dims), is recomputed in the backward pass.
+    """
+    if primitive.name.startswith("dot_product_attention_fwd"):
+        return True
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(primitive, *args, **params)
 
 
 def _remat(fn: Callable, policy: str) -> Callable:
@@ -188,9 +199,23 @@ def _remat(fn: Callable, policy: str) -> Callable:
     if policy == "full":
         return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
     if policy == "save_dots":
-        # Keep weight matmul outputs; recompute attention scores (they have batch dims).
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        return jax.checkpoint(fn, policy=_save_dots_and_fused_attention)
     raise ValueError(f"unknown remat policy {policy!r}; choose none, full or save_dots")
+
+
+def _cast_weights(blocks: dict, dtype) -> dict:
+    """Matmul weights in the compute dtype, cast once for all layers before the scan.
+
+    NOTE: casting inside the scan body instead made XLA copy each layer's float32 slice and
+    cast it again in the rematerialized forward and in the backward pass. Norm scales and
+    biases stay in their own dtype (norms compute in float32).
+    """
+    attn = dict(blocks["attn"])
+    for name in ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias"):
+        if name in attn:
+            attn[name] = attn[name].astype(dtype)
+    mlp = jax.tree.map(lambda w: w.astype(dtype), blocks["mlp"])
+    return {**blocks, "attn": attn, "mlp": mlp}
 
 
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *,
@@ -227,8 +252,8 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *,
     x = jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype)
     x = _constrain(x, ACTIVATION_AXES)
     block = _remat(functools.partial(_block, cfg, ctx), cfg.remat)
-    x, new_layer_caches = jax.lax.scan(lambda h, layer: block(h, layer), x,
-                                       (params["blocks"], layer_caches))
+    blocks = _cast_weights(params["blocks"], compute_dtype)
+    x, new_layer_caches = jax.lax.scan(lambda h, layer: block(h, layer), x, (blocks, layer_caches))
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     if cfg.tie_embeddings:
         logits = jnp.einsum("btd,vd->btv", x, params["embed"].astype(compute_dtype))
