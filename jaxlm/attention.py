@@ -15,7 +15,12 @@ Implementations:
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused flash attention
   on NVIDIA GPUs (bf16/fp16 only). Plain causal self-attention uses its built-in causal mask;
   anything else passes the explicit mask.
-A Pallas implementation joins this table in pallas_kernels/.
+- `pallas`: pallas_kernels.flash_attention, jaxlm's own flash attention (Triton lowering on GPU,
+  interpret mode on CPU). It masks in *index* space: query t of a chunk written at cache slot
+  `q_offset` sits at q_offset + t, key s at s. NOTE: that equals the position rule above only
+  when positions count up by one within each segment (the default arange, packed documents whose
+  positions restart at each document, a cache filled from slot 0), which is what jaxlm's data
+  pipeline and decoding produce; custom positions (left padding) need `xla` or `cudnn`.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 
 
 def make_mask(q_positions: jax.Array, k_positions: jax.Array,
@@ -55,15 +60,34 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
+def attention_pallas(q, k, v, *, q_segment_ids=None, k_segment_ids=None, sliding_window=None,
+                     cache_index=None) -> jax.Array:
+    """The Pallas flash-attention kernel, bottom-right causal against a cache at `cache_index`."""
+    from pallas_kernels.flash_attention import flash_attention
+
+    segments = None if q_segment_ids is None else (q_segment_ids, k_segment_ids)
+    kv_lengths = None
+    if cache_index is not None:
+        kv_lengths = jnp.full((q.shape[0],), cache_index + q.shape[1], jnp.int32)
+    return flash_attention(q, k, v, causal=True, segment_ids=segments, q_offset=cache_index,
+                           kv_lengths=kv_lengths, sliding_window=sliding_window,
+                           interpret=jax.default_backend() == "cpu")
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_positions: jax.Array,
               k_positions: jax.Array, q_segment_ids: Optional[jax.Array] = None,
               k_segment_ids: Optional[jax.Array] = None, sliding_window: Optional[int] = None,
-              plain_causal: bool = False, impl: str = "xla") -> jax.Array:
+              plain_causal: bool = False, cache_index: Optional[jax.Array] = None,
+              impl: str = "xla") -> jax.Array:
     """Attention with the masking rule of this module's docstring.
 
     `plain_causal=True` promises that positions are arange(T) for both q and k and there are no
     segments, so an implementation may use its own causal mask instead of the explicit one.
+    `cache_index`: the cache slot of the first query when k/v are a KV cache (pallas only).
     """
+    if impl == "pallas":
+        return attention_pallas(q, k, v, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
+                                sliding_window=sliding_window, cache_index=cache_index)
     if impl == "xla":
         mask = make_mask(q_positions, k_positions, q_segment_ids, k_segment_ids, sliding_window)
         return attention_xla(q, k, v, mask)

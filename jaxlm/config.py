@@ -19,7 +19,7 @@ import types
 import typing
 from typing import Any, Literal, Optional
 
-AttentionImpl = Literal["xla", "cudnn"]
+AttentionImpl = Literal["xla", "cudnn", "pallas"]
 RematPolicy = Literal["none", "full", "save_dots"]
 DataLayout = Literal["windows", "documents"]
 

@@ -167,7 +167,7 @@ def _attention_block(cfg: ModelConfig, p: dict, x: jax.Array, ctx: dict,
         q, k, v, q_positions=ctx["positions"], k_positions=k_positions,
         q_segment_ids=ctx["segment_ids"], k_segment_ids=k_segments,
         sliding_window=cfg.sliding_window, plain_causal=ctx["plain_causal"],
-        impl=cfg.attention_impl)
+        cache_index=ctx.get("cache_index"), impl=cfg.attention_impl)
     return jnp.einsum("btnh,nhd->btd", out, p["o"]), layer_cache
 
 

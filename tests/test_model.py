@@ -192,3 +192,24 @@ def test_mesh_errors_name_the_problem():
         model.init_params(CFG, jax.random.key(0), mesh)
     with pytest.raises(sharding.MeshError, match="used twice"):
         sharding.logical_to_spec(("batch", "embed"))
+
+
+def test_pallas_attention_in_the_model_equals_xla():
+    """attention_impl="pallas" (interpret mode on CPU): plain, packed, and cached decoding."""
+    cfg = dataclasses.replace(CFG, head_dim=16, num_layers=2)
+    pallas_cfg = dataclasses.replace(cfg, attention_impl="pallas")
+    params = _randomize(model.init_params(cfg, jax.random.key(12)))
+    tokens = _tokens(13, batch=2, length=24)
+    expected = _forward(cfg, params, tokens)
+    np.testing.assert_allclose(_forward(pallas_cfg, params, tokens), expected, rtol=1e-5, atol=1e-5)
+    segment_ids = jnp.repeat(jnp.array([[1, 2, 3]]), 8, axis=1).repeat(2, 0)
+    positions = jnp.tile(jnp.arange(8), 3)[None].repeat(2, 0)
+    kwargs = {"segment_ids": segment_ids, "positions": positions}
+    np.testing.assert_allclose(_forward(pallas_cfg, params, tokens, **kwargs),
+                               _forward(cfg, params, tokens, **kwargs), rtol=1e-5, atol=1e-5)
+    cache = kv_cache.init_cache(cfg, batch_size=2, max_len=32, dtype=jnp.float32)
+    step = jax.jit(model.forward, static_argnums=0)
+    logits, cache = step(pallas_cfg, params, tokens[:, :20], cache=cache)
+    np.testing.assert_allclose(logits, expected[:, :20], rtol=1e-5, atol=1e-5)
+    logits, cache = step(pallas_cfg, params, tokens[:, 20:21], cache=cache)
+    np.testing.assert_allclose(logits[:, 0], expected[:, 20], rtol=1e-5, atol=1e-5)
