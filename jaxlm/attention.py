@@ -21,6 +21,11 @@ Implementations:
   when positions count up by one within each segment (the default arange, packed documents whose
   positions restart at each document, a cache filled from slot 0), which is what jaxlm's data
   pipeline and decoding produce; custom positions (left padding) need `xla` or `cudnn`.
+
+Against a KV cache (`attention_cached`, kv_cache.py's [B, K, S, H] layout), query t of sequence b
+sits at slot q_offsets[b] + t and sees slots s <= q_offsets[b] + t. `pallas` runs the split-K
+decode kernel (pallas_kernels/decode_attention.py) for up to MAX_DECODE_QUERIES new tokens and
+flash attention for longer chunks; `xla` and `cudnn` run einsums on the cache layout.
 """
 
 from __future__ import annotations
@@ -60,34 +65,28 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-def attention_pallas(q, k, v, *, q_segment_ids=None, k_segment_ids=None, sliding_window=None,
-                     cache_index=None) -> jax.Array:
-    """The Pallas flash-attention kernel, bottom-right causal against a cache at `cache_index`."""
+def attention_pallas(q, k, v, *, q_segment_ids=None, k_segment_ids=None,
+                     sliding_window=None) -> jax.Array:
+    """The Pallas flash-attention kernel (causal from position 0)."""
     from pallas_kernels.flash_attention import flash_attention
 
     segments = None if q_segment_ids is None else (q_segment_ids, k_segment_ids)
-    kv_lengths = None
-    if cache_index is not None:
-        kv_lengths = jnp.full((q.shape[0],), cache_index + q.shape[1], jnp.int32)
-    return flash_attention(q, k, v, causal=True, segment_ids=segments, q_offset=cache_index,
-                           kv_lengths=kv_lengths, sliding_window=sliding_window,
-                           interpret=jax.default_backend() == "cpu")
+    return flash_attention(q, k, v, causal=True, segment_ids=segments,
+                           sliding_window=sliding_window, interpret=jax.default_backend() == "cpu")
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_positions: jax.Array,
               k_positions: jax.Array, q_segment_ids: Optional[jax.Array] = None,
               k_segment_ids: Optional[jax.Array] = None, sliding_window: Optional[int] = None,
-              plain_causal: bool = False, cache_index: Optional[jax.Array] = None,
-              impl: str = "xla") -> jax.Array:
+              plain_causal: bool = False, impl: str = "xla") -> jax.Array:
     """Attention with the masking rule of this module's docstring.
 
     `plain_causal=True` promises that positions are arange(T) for both q and k and there are no
     segments, so an implementation may use its own causal mask instead of the explicit one.
-    `cache_index`: the cache slot of the first query when k/v are a KV cache (pallas only).
     """
     if impl == "pallas":
         return attention_pallas(q, k, v, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
-                                sliding_window=sliding_window, cache_index=cache_index)
+                                sliding_window=sliding_window)
     if impl == "xla":
         mask = make_mask(q_positions, k_positions, q_segment_ids, k_segment_ids, sliding_window)
         return attention_xla(q, k, v, mask)
@@ -98,4 +97,91 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_positions: jax.Arra
                                                 implementation="cudnn")
         mask = make_mask(q_positions, k_positions, q_segment_ids, k_segment_ids, sliding_window)
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+    raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention against a KV cache (prefill and decoding)
+
+# Up to this many query tokens per sequence (a decode step, or speculative verification of
+# gamma + 1 tokens) run the split-K decode kernel; longer chunks (prefill) run flash attention.
+MAX_DECODE_QUERIES = 16
+
+
+def attention_cached_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Array,
+                         sliding_window: Optional[int] = None) -> jax.Array:
+    """q [B, T, N, H] against a cache layer k, v [B, K, S, H]; query t of sequence b sits at
+    slot q_offsets[b] + t and sees slots s <= q_offsets[b] + t (bottom-right causal)."""
+    batch, q_len, num_heads, head_dim = q.shape
+    num_kv_heads, kv_len = k.shape[1], k.shape[2]
+    q = q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(head_dim))
+    q_pos = q_offsets[:, None] + jnp.arange(q_len, dtype=jnp.int32)[None, :]  # [B, T]
+    k_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, None, :]  # [1, 1, S]
+    mask = k_pos <= q_pos[:, :, None]  # [B, T, S]; slot q_pos itself is always visible
+    if sliding_window is not None:
+        mask &= q_pos[:, :, None] - k_pos < sliding_window
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bksh->btkgh", weights.astype(v.dtype), v)
+    return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+def _pallas_cached(q, k, v, q_offsets, sliding_window):
+    interpret = jax.default_backend() == "cpu"
+    if q.shape[1] <= MAX_DECODE_QUERIES:
+        from pallas_kernels.decode_attention import decode_attention
+
+        return decode_attention(q, k, v, q_offsets, sliding_window=sliding_window,
+                                interpret=interpret)
+    from pallas_kernels.flash_attention import flash_attention
+
+    # NOTE: prefill is compute bound; the [B, S, K, H] copy of the cache layer it needs is small
+    # next to the T x S score work.
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    return flash_attention(q, k, v, causal=True, q_offset=q_offsets,
+                           kv_lengths=q_offsets + q.shape[1], sliding_window=sliding_window,
+                           interpret=interpret)
+
+
+def _shard_over_mesh(fn, q, k, v, q_offsets):
+    """Run a Pallas call per device: batch over (data, fsdp), heads over tensor, when the mesh
+    set with `jax.set_mesh` has those axes (a kernel is not partitioned by GSPMD)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(q, k, v, q_offsets)
+    from jax.sharding import PartitionSpec as P
+
+    batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1)
+    tensor = "tensor" if mesh.shape.get("tensor", 1) > 1 else None
+    batch = batch_axes or None
+    if q.shape[0] % max(1, _axes_size(mesh, batch_axes)) or k.shape[1] % mesh.shape.get("tensor", 1):
+        return fn(q, k, v, q_offsets)  # does not divide: let GSPMD gather
+    q_spec, kv_spec = P(batch, None, tensor, None), P(batch, tensor, None, None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(batch)),
+                         out_specs=q_spec, check_vma=False)(q, k, v, q_offsets)
+
+
+def _axes_size(mesh, axes) -> int:
+    size = 1
+    for axis in axes:
+        size *= mesh.shape[axis]
+    return size
+
+
+def attention_cached(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offsets: jax.Array,
+                     sliding_window: Optional[int] = None, impl: str = "xla") -> jax.Array:
+    """Attention of new tokens q [B, T, N, H] over a cache layer k, v [B, K, S, H] that already
+    holds them; q_offsets [B] is each sequence's slot of query 0 (kv_cache.py's layout).
+
+    `pallas`: the split-K decode kernel for T <= MAX_DECODE_QUERIES, flash attention above;
+    `xla` and `cudnn`: einsums on the cache layout (cuDNN wants [B, S, K, H]; transposing the
+    whole cache every step would cost more than the attention itself).
+    """
+    if impl == "pallas":
+        fn = lambda q, k, v, o: _pallas_cached(q, k, v, o, sliding_window)  # noqa: E731
+        return _shard_over_mesh(fn, q, k, v, q_offsets)
+    if impl in ("xla", "cudnn"):
+        return attention_cached_xla(q, k, v, q_offsets, sliding_window)
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")

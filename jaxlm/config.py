@@ -22,6 +22,8 @@ from typing import Any, Literal, Optional
 AttentionImpl = Literal["xla", "cudnn", "pallas"]
 RematPolicy = Literal["none", "full", "save_dots"]
 DataLayout = Literal["windows", "documents"]
+RouterType = Literal["softmax", "sigmoid"]
+MoeDispatch = Literal["dropless", "capacity"]
 
 
 class ConfigError(ValueError):
@@ -66,6 +68,21 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     attention_impl: AttentionImpl = "xla"
     remat: RematPolicy = "none"
+    # Mixture-of-Experts (jaxlm/moe.py); num_experts=0 is a dense model and ignores the rest.
+    num_experts: int = 0
+    top_k: int = 2
+    expert_mlp_dim: Optional[int] = None  # None = mlp_dim; smaller = fine-grained experts
+    num_shared_experts: int = 0  # always-on experts of expert_mlp_dim each (DeepSeek)
+    first_dense_layers: int = 0  # the first layers keep the dense MLP
+    moe_every: int = 1  # then the last layer of every group of this many is MoE
+    router: RouterType = "softmax"
+    router_renormalize: bool = True  # top-k weights sum to 1 (Mixtral; Qwen3-MoE norm_topk_prob)
+    routed_scaling: float = 1.0  # DeepSeek-V3 routed_scaling_factor
+    moe_dispatch: MoeDispatch = "dropless"
+    capacity_factor: float = 1.25  # "capacity" dispatch: slots per expert = ceil(cf * T * k / E)
+    moe_balance_loss: float = 0.0  # coefficient of the Switch load-balancing loss
+    moe_z_loss: float = 0.0  # coefficient of the ST-MoE router z-loss
+    moe_bias_update_rate: float = 0.0  # > 0: auxiliary-loss-free balancing by bias updates
 
     @property
     def resolved_head_dim(self) -> int:
@@ -88,6 +105,25 @@ class ModelConfig:
             )
         if self.resolved_head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.resolved_head_dim}")
+        if self.num_experts:
+            self._check_moe()
+
+    def _check_moe(self):
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"model.top_k={self.top_k} must be in [1, model.num_experts="
+                              f"{self.num_experts}]")
+        if self.moe_every < 1 or self.first_dense_layers < 0:
+            raise ConfigError("model.moe_every must be >= 1 and model.first_dense_layers >= 0")
+        routed_layers = self.num_layers - self.first_dense_layers
+        if routed_layers < self.moe_every or routed_layers % self.moe_every:
+            raise ConfigError(
+                f"model.num_layers - model.first_dense_layers = {routed_layers} must be a positive "
+                f"multiple of model.moe_every={self.moe_every} (groups of moe_every layers, the "
+                f"last of each MoE)")
+        if self.expert_mlp_dim is not None and self.expert_mlp_dim <= 0:
+            raise ConfigError(f"model.expert_mlp_dim must be positive, got {self.expert_mlp_dim}")
+        if self.capacity_factor <= 0 or self.num_shared_experts < 0:
+            raise ConfigError("model.capacity_factor must be > 0 and model.num_shared_experts >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

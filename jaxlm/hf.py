@@ -43,6 +43,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxlm import model
+from jaxlm import moe as moe_lib
 from jaxlm.config import ModelConfig, RopeScaling
 
 MODEL_TYPES = {
@@ -50,7 +51,10 @@ MODEL_TYPES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # HF's default shard size, "5GB"
@@ -202,13 +206,14 @@ def _check_supported_options(hf: dict, architecture: str) -> None:
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"hidden_act {hf['hidden_act']!r} is not supported; jaxlm's MLP is "
                               "SwiGLU (silu)")
-    if architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM") and hf.get("attention_bias"):
+    if architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and hf.get("attention_bias"):
         raise CheckpointError(f"{architecture} with attention_bias=true (biases on q, k, v and "
                               "o) is not supported; jaxlm has q/k/v biases only (Qwen2)")
     if hf.get("mlp_bias"):
         raise CheckpointError("mlp_bias=true is not supported; jaxlm's MLP has no biases")
     windowed_layers = "sliding_attention" in (hf.get("layer_types") or [])
-    if architecture != "MistralForCausalLM" and (hf.get("use_sliding_window") or windowed_layers):
+    if architecture not in ("MistralForCausalLM", "MixtralForCausalLM") and (
+            hf.get("use_sliding_window") or windowed_layers):
         raise CheckpointError(f"{architecture} with sliding-window layers (use_sliding_window or "
                               "layer_types) is not supported; only Mistral's all-layer window is")
 
@@ -252,14 +257,37 @@ def config_from_hf(hf: dict) -> ModelConfig:
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=architecture == "Qwen2ForCausalLM",
-        qk_norm=architecture == "Qwen3ForCausalLM",
-        sliding_window=hf.get("sliding_window") if architecture == "MistralForCausalLM" else None,
+        qk_norm=architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+        sliding_window=(hf.get("sliding_window")
+                        if architecture in ("MistralForCausalLM", "MixtralForCausalLM") else None),
         init_std=float(hf.get("initializer_range", 0.02)),
+        **(_moe_fields_from_hf(hf, architecture) if architecture in MOE_ARCHITECTURES else {}),
     )
 
 
+def _moe_fields_from_hf(hf: dict, architecture: str) -> dict:
+    """Mixtral: every layer MoE, renormalized top-k. Qwen3-MoE: `mlp_only_layers` must be a
+    dense prefix (-> first_dense_layers) or `decoder_sparse_step` groups (-> moe_every)."""
+    fields = {"num_experts": hf.get("num_local_experts") or _require(hf, "num_experts"),
+              "top_k": _require(hf, "num_experts_per_tok"), "router": "softmax"}
+    if architecture == "MixtralForCausalLM":
+        return {**fields, "router_renormalize": True}
+    dense = sorted(hf.get("mlp_only_layers") or [])
+    step = hf.get("decoder_sparse_step", 1) or 1
+    if dense != list(range(len(dense))) or (dense and step != 1):
+        raise CheckpointError(f"Qwen3MoeForCausalLM with mlp_only_layers={dense} and "
+                              f"decoder_sparse_step={step} is not supported; jaxlm needs dense "
+                              "layers as a prefix (step 1) or every step-th layer MoE")
+    return {**fields, "router_renormalize": bool(hf.get("norm_topk_prob", False)),
+            "expert_mlp_dim": _require(hf, "moe_intermediate_size"),
+            "first_dense_layers": len(dense), "moe_every": step}
+
+
 def infer_architecture(cfg: ModelConfig) -> str:
-    """qk_norm -> Qwen3, qkv_bias -> Qwen2, sliding_window -> Mistral, otherwise Llama."""
+    """MoE: qk_norm -> Qwen3-MoE, else Mixtral. Dense: qk_norm -> Qwen3, qkv_bias -> Qwen2,
+    sliding_window -> Mistral, otherwise Llama."""
+    if cfg.num_experts:
+        return "Qwen3MoeForCausalLM" if cfg.qk_norm else "MixtralForCausalLM"
     if cfg.qk_norm:
         return "Qwen3ForCausalLM"
     if cfg.qkv_bias:
@@ -273,13 +301,25 @@ def _check_representable(cfg: ModelConfig, architecture: str) -> None:
     if architecture not in MODEL_TYPES:
         raise CheckpointError(f"unsupported architecture {architecture!r}; jaxlm supports "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-    needs = {"qk_norm": architecture == "Qwen3ForCausalLM",
+    needs = {"qk_norm": architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
              "qkv_bias": architecture == "Qwen2ForCausalLM"}
+    if bool(cfg.num_experts) != (architecture in MOE_ARCHITECTURES):
+        raise CheckpointError(f"{architecture} cannot hold a model with num_experts={cfg.num_experts}")
+    if cfg.num_experts and (cfg.router != "softmax" or cfg.num_shared_experts or cfg.routed_scaling != 1.0):
+        raise CheckpointError(f"{architecture} has a plain softmax router without shared experts; "
+                              "the config has router, num_shared_experts or routed_scaling set")
+    if architecture == "MixtralForCausalLM" and (
+            cfg.first_dense_layers or cfg.moe_every != 1 or not cfg.router_renormalize
+            or cfg.expert_mlp_dim not in (None, cfg.mlp_dim)):
+        raise CheckpointError("MixtralForCausalLM has every layer MoE with renormalized top-k "
+                              "weights and expert_mlp_dim = mlp_dim")
+    if architecture == "Qwen3MoeForCausalLM" and cfg.first_dense_layers and cfg.moe_every != 1:
+        raise CheckpointError("Qwen3MoeForCausalLM cannot have both first_dense_layers and moe_every > 1")
     for field, needed in needs.items():
         if getattr(cfg, field) != needed:
             raise CheckpointError(f"{architecture} {'needs' if needed else 'cannot have'} "
                                   f"model.{field}=True; the config has {getattr(cfg, field)}")
-    if cfg.sliding_window is not None and architecture != "MistralForCausalLM":
+    if cfg.sliding_window is not None and architecture not in ("MistralForCausalLM", "MixtralForCausalLM"):
         raise CheckpointError(f"{architecture} cannot have a sliding window; use "
                               "MistralForCausalLM")
 
@@ -312,8 +352,18 @@ def config_to_hf(cfg: ModelConfig, architecture: str, torch_dtype: str) -> dict:
         "use_cache": True,
         "torch_dtype": torch_dtype,
     }
-    if architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+    if architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
         hf.update(attention_bias=False)
+    if architecture == "MixtralForCausalLM":
+        hf.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k,
+                  sliding_window=cfg.sliding_window, router_aux_loss_coef=cfg.moe_balance_loss)
+    if architecture == "Qwen3MoeForCausalLM":
+        hf.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k,
+                  moe_intermediate_size=cfg.expert_mlp_dim or cfg.mlp_dim,
+                  norm_topk_prob=cfg.router_renormalize, decoder_sparse_step=cfg.moe_every,
+                  mlp_only_layers=list(range(cfg.first_dense_layers)), use_sliding_window=False,
+                  sliding_window=None, max_window_layers=cfg.num_layers,
+                  router_aux_loss_coef=cfg.moe_balance_loss)
     if architecture == "LlamaForCausalLM":
         hf.update(mlp_bias=False, pretraining_tp=1)
     if architecture == "MistralForCausalLM":
@@ -341,6 +391,10 @@ class TensorRule:
     @property
     def per_layer(self) -> bool:
         return "{layer}" in self.hf_name
+
+    @property
+    def per_expert(self) -> bool:
+        return "{expert}" in self.hf_name
 
     def to_jaxlm(self, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return (array.T if self.transpose else array).reshape(shape)
@@ -374,12 +428,50 @@ def tensor_rules(cfg: ModelConfig) -> dict[str, TensorRule]:
         "blocks.mlp.down": TensorRule(layer + "mlp.down_proj.weight", (D, F), True),
         "final_norm": TensorRule("model.norm.weight", (D,)),
         "lm_head": TensorRule("lm_head.weight", (V, D), True),
+        **(_moe_tensor_rules(cfg) if cfg.num_experts else {}),
     }
 
 
-def _hf_names(rule: TensorRule, num_layers: int) -> list[str]:
+def _moe_tensor_rules(cfg: ModelConfig) -> dict[str, TensorRule]:
+    """"moe_blocks.*": attention as in "blocks", the router and per-expert SwiGLU weights.
+
+    The router bias has no HF tensor (ROUTER_BIAS: zeros on load, must be zeros on save).
+    """
+    D, E, F = cfg.embed_dim, cfg.num_experts, cfg.expert_mlp_dim or cfg.mlp_dim
+    layer = "model.layers.{layer}."
+    if infer_architecture(cfg) == "MixtralForCausalLM":
+        moe, names = layer + "block_sparse_moe.", ("w1", "w3", "w2")
+    else:
+        moe, names = layer + "mlp.", ("gate_proj", "up_proj", "down_proj")
+    dense = {path: rule for path, rule in tensor_rules(dataclasses.replace(cfg, num_experts=0)).items()
+             if path.startswith("blocks.") and ".mlp." not in path}
+    rules = {"moe_" + path: rule for path, rule in dense.items()}
+    rules.update({
+        "moe_blocks.moe.router": TensorRule(moe + "gate.weight", (E, D), True),
+        "moe_blocks.moe.gate": TensorRule(moe + "experts.{expert}." + names[0] + ".weight", (F, D), True),
+        "moe_blocks.moe.up": TensorRule(moe + "experts.{expert}." + names[1] + ".weight", (F, D), True),
+        "moe_blocks.moe.down": TensorRule(moe + "experts.{expert}." + names[2] + ".weight", (D, F), True),
+    })
+    return rules
+
+
+ROUTER_BIAS = "moe_blocks.moe.router_bias"
+
+
+def _layers_of(path: str, cfg: ModelConfig) -> list[int]:
+    """Global layer numbers of a stacked leaf, in stack order."""
+    if not cfg.num_experts:
+        return list(range(cfg.num_layers))
+    dense, routed = moe_lib.layer_indices(cfg)
+    return routed if path.startswith("moe_blocks.") else dense
+
+
+def _hf_names(rule: TensorRule, layers: list[int], num_experts: int = 0) -> list[str]:
+    """HF names of a leaf, layer-major then expert."""
+    if rule.per_expert:
+        return [rule.hf_name.format(layer=i, expert=e) for i in layers for e in range(num_experts)]
     if rule.per_layer:
-        return [rule.hf_name.format(layer=i) for i in range(num_layers)]
+        return [rule.hf_name.format(layer=i) for i in layers]
     return [rule.hf_name]
 
 
@@ -402,8 +494,10 @@ def _check_tensors(folder: SafetensorsFolder, cfg: ModelConfig) -> None:
     expected, present = set(), folder.names()
     searched = ", ".join(file.name for file in folder.files)
     for path, _ in named_specs:
+        if path == ROUTER_BIAS:
+            continue
         rule = rules[path]
-        for name in _hf_names(rule, cfg.num_layers):
+        for name in _hf_names(rule, _layers_of(path, cfg), cfg.num_experts):
             expected.add(name)
             if name not in present:
                 raise CheckpointError(f"tensor {name!r} (jaxlm {path}) is missing; searched "
@@ -435,15 +529,20 @@ def _param_dtype(hf: dict, folder: SafetensorsFolder, dtype) -> str:
     return _dtype_name(folder.dtype("model.embed_tokens.weight"))
 
 
-def _read_leaf(folder: SafetensorsFolder, rule: TensorRule, spec: model.ParamSpec,
-               cfg: ModelConfig) -> np.ndarray:
-    """One jaxlm leaf on the host, stacked over layers and cast to cfg.param_dtype."""
+def _read_leaf(folder: SafetensorsFolder, path: str, rule: Optional[TensorRule],
+               spec: model.ParamSpec, cfg: ModelConfig) -> np.ndarray:
+    """One jaxlm leaf on the host, stacked over layers (and experts), cast to cfg.param_dtype."""
     dtype = jnp.dtype(cfg.param_dtype)
+    if path == ROUTER_BIAS:
+        return np.zeros(spec.shape, dtype)
     if not rule.per_layer:
         return rule.to_jaxlm(folder.read(rule.hf_name), spec.shape).astype(dtype)
     stacked = np.empty(spec.shape, dtype)
-    for layer, name in enumerate(_hf_names(rule, cfg.num_layers)):
-        stacked[layer] = rule.to_jaxlm(folder.read(name), spec.shape[1:])
+    names = _hf_names(rule, _layers_of(path, cfg), cfg.num_experts)
+    inner = spec.shape[2:] if rule.per_expert else spec.shape[1:]
+    flat = stacked.reshape(len(names), *inner)
+    for index, name in enumerate(names):
+        flat[index] = rule.to_jaxlm(folder.read(name), inner)
     return stacked
 
 
@@ -467,7 +566,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None,
     rules, (named_specs, treedef) = tensor_rules(cfg), _flat_specs(cfg)
     shardings = (jax.tree.leaves(model.param_shardings(cfg, mesh)) if mesh is not None
                  else [None] * len(named_specs))
-    leaves = [jax.device_put(_read_leaf(folder, rules[path], spec, cfg), leaf_sharding)
+    leaves = [jax.device_put(_read_leaf(folder, path, rules.get(path), spec, cfg), leaf_sharding)
               for (path, spec), leaf_sharding in zip(named_specs, shardings)]
     return cfg, jax.tree.unflatten(treedef, leaves)
 
@@ -485,12 +584,22 @@ def hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
         if tuple(leaf.shape) != spec.shape:
             raise CheckpointError(f"param {path} has shape {tuple(leaf.shape)}, expected "
                                   f"{spec.shape}")
-        host, rule = np.asarray(leaf), rules[path]
+        host = np.asarray(leaf)
+        if path == ROUTER_BIAS:
+            if np.any(host != 0):
+                raise CheckpointError("the router bias (auxiliary-loss-free balancing) is not zero; "
+                                      "Hugging Face Mixtral/Qwen3-MoE have no router bias")
+            continue
+        rule = rules[path]
         if not rule.per_layer:
             tensors[rule.hf_name] = rule.to_hf(host)
             continue
-        for layer, name in enumerate(_hf_names(rule, cfg.num_layers)):
-            per_layer[layer][name] = rule.to_hf(host[layer])
+        layers = _layers_of(path, cfg)
+        names = _hf_names(rule, layers, cfg.num_experts)
+        experts = max(cfg.num_experts, 1) if rule.per_expert else 1
+        flat = host.reshape(len(names), *host.shape[2 if rule.per_expert else 1:])
+        for index, name in enumerate(names):
+            per_layer[layers[index // experts]][name] = rule.to_hf(flat[index])
     head = {name: tensors.pop(name) for name in ("model.norm.weight", "lm_head.weight")
             if name in tensors}
     for layer_tensors in per_layer.values():

@@ -34,16 +34,33 @@ def loss_terms(cfg: ModelConfig, params: dict, batch: dict, z_loss_weight: float
 
     The z-loss term is weight * logsumexp^2 per token, i.e. `model.z_loss` summed instead of
     averaged, so that (ce_sum + z_sum) / count is the loss of any split of the batch.
+    MoE models also give `z_sum` their router losses (`moe_aux_loss` x count) and add `router`:
+    the per-layer metrics of `model.forward_with_aux`.
     """
-    logits, _ = model.forward(cfg, params, batch["inputs"], positions=batch.get("positions"),
-                              segment_ids=batch.get("segment_ids"))
+    logits, _, aux = model.forward_with_aux(cfg, params, batch["inputs"],
+                                            positions=batch.get("positions"),
+                                            segment_ids=batch.get("segment_ids"))
     token_loss, log_normalizer = cross_entropy(logits, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
-    return {
+    count = jnp.sum(mask)
+    terms = {
         "ce_sum": jnp.sum(token_loss * mask),
         "z_sum": z_loss_weight * jnp.sum(jnp.square(log_normalizer) * mask),
-        "count": jnp.sum(mask),
+        "count": count,
     }
+    if aux:
+        # NOTE: router losses are batch means over all tokens (padding included); scaled by the
+        # counted tokens they add up over microbatches like the other sums.
+        terms["z_sum"] = terms["z_sum"] + moe_aux_loss(cfg, aux) * count
+        terms["router"] = aux
+    return terms
+
+
+def moe_aux_loss(cfg: ModelConfig, aux: dict) -> jax.Array:
+    """model.moe_balance_loss * Switch balance loss + model.moe_z_loss * router z-loss, summed
+    over MoE layers (coefficients per layer, as in Switch and ST-MoE)."""
+    return (cfg.moe_balance_loss * jnp.sum(aux["balance_loss"])
+            + cfg.moe_z_loss * jnp.sum(aux["router_z_loss"]))
 
 
 def mean_loss(cfg: ModelConfig, params: dict, batch: dict, z_loss_weight: float = 0.0) -> jax.Array:

@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 
 from jaxlm import attention as attention_lib
 from jaxlm import kv_cache
+from jaxlm import moe
 from jaxlm import sharding
 from jaxlm.config import ModelConfig
 from jaxlm.layers import apply_rope, rms_norm, rope_inverse_frequencies, swiglu
@@ -86,9 +87,45 @@ def param_specs(cfg: ModelConfig) -> dict:
         },
         "final_norm": ParamSpec((D,), (None,), "ones"),
     }
+    if cfg.num_experts:
+        _split_moe_stacks(cfg, specs, out_std)
     if not cfg.tie_embeddings:
         specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"), "normal", std)
     return specs
+
+
+def _split_moe_stacks(cfg: ModelConfig, specs: dict, out_std: float) -> None:
+    """Replace "blocks" by a dense stack (if any dense layer) and a "moe_blocks" stack.
+
+    Each stack keeps the per-layer params of its layers (leading dim = its layer count); MoE
+    layers swap "mlp" for "moe": router [D, E], router_bias [E] (non-trainable, see moe.py),
+    experts gate/up [E, D, F], down [E, F, D], and shared experts as one wider SwiGLU.
+    """
+    dense_ids, moe_ids = moe.layer_indices(cfg)
+    D, E, F, std = cfg.embed_dim, cfg.num_experts, moe.expert_mlp_dim(cfg), cfg.init_std
+    blocks = specs.pop("blocks")
+
+    def restack(tree, count):
+        return jax.tree.map(lambda s: dataclasses.replace(s, shape=(count, *s.shape[1:])), tree,
+                            is_leaf=_is_spec)
+
+    if dense_ids:
+        specs["blocks"] = restack(blocks, len(dense_ids))
+    Lm = len(moe_ids)
+    experts = {
+        "router": ParamSpec((Lm, D, E), ("layers", "embed", None), "normal", std),
+        "router_bias": ParamSpec((Lm, E), ("layers", None), "zeros"),
+        "gate": ParamSpec((Lm, E, D, F), ("layers", "experts", "embed", "mlp"), "normal", std),
+        "up": ParamSpec((Lm, E, D, F), ("layers", "experts", "embed", "mlp"), "normal", std),
+        "down": ParamSpec((Lm, E, F, D), ("layers", "experts", "mlp", "embed"), "normal", out_std),
+    }
+    if cfg.num_shared_experts:
+        S = cfg.num_shared_experts * F
+        experts["shared_gate"] = ParamSpec((Lm, D, S), ("layers", "embed", "mlp"), "normal", std)
+        experts["shared_up"] = ParamSpec((Lm, D, S), ("layers", "embed", "mlp"), "normal", std)
+        experts["shared_down"] = ParamSpec((Lm, S, D), ("layers", "mlp", "embed"), "normal", out_std)
+    moe_blocks = {name: value for name, value in restack(blocks, Lm).items() if name != "mlp"}
+    specs["moe_blocks"] = {**moe_blocks, "moe": experts}
 
 
 def _is_spec(x) -> bool:
@@ -158,21 +195,26 @@ def _attention_block(cfg: ModelConfig, p: dict, x: jax.Array, ctx: dict,
         q, k = rms_norm(q, p["q_norm"], cfg.norm_eps), rms_norm(k, p["k_norm"], cfg.norm_eps)
     q = apply_rope(q, ctx["positions"], ctx["inverse_frequencies"])
     k = apply_rope(k, ctx["positions"], ctx["inverse_frequencies"])
-    k_positions, k_segments = ctx["positions"], ctx["segment_ids"]
     if layer_cache is not None:
-        k_cache, v_cache = kv_cache.write_layer(*layer_cache, ctx["cache_index"], k, v)
-        layer_cache = (k_cache, v_cache)
-        k, v, k_positions = k_cache.astype(dtype), v_cache.astype(dtype), ctx["cache_positions"]
+        # layer_cache = (the whole stacked cache, this layer's index): written in place.
+        cache, layer = layer_cache
+        cache = kv_cache.write_layer(cache, layer, k, v)
+        k_cache, v_cache = kv_cache.read_layer(cache, layer, dtype)  # [B, K, S, H]
+        out = attention_lib.attention_cached(q, k_cache, v_cache, q_offsets=cache["lengths"],
+                                             sliding_window=cfg.sliding_window,
+                                             impl=cfg.attention_impl)
+        return jnp.einsum("btnh,nhd->btd", out, p["o"]), (cache, layer)
     out = attention_lib.attention(
-        q, k, v, q_positions=ctx["positions"], k_positions=k_positions,
-        q_segment_ids=ctx["segment_ids"], k_segment_ids=k_segments,
+        q, k, v, q_positions=ctx["positions"], k_positions=ctx["positions"],
+        q_segment_ids=ctx["segment_ids"], k_segment_ids=ctx["segment_ids"],
         sliding_window=cfg.sliding_window, plain_causal=ctx["plain_causal"],
-        cache_index=ctx.get("cache_index"), impl=cfg.attention_impl)
+        impl=cfg.attention_impl)
     return jnp.einsum("btnh,nhd->btd", out, p["o"]), layer_cache
 
 
 def _block(cfg: ModelConfig, ctx: dict, x: jax.Array, layer: tuple) -> tuple[jax.Array, Optional[tuple]]:
-    """One pre-norm Transformer layer; `layer` = (params, cache or None) sliced at this layer."""
+    """One pre-norm Transformer layer; `layer` = (this layer's params, None or (the whole stacked
+    cache, this layer's index)): the cache is written in place at that index."""
     p, layer_cache = layer
     h, layer_cache = _attention_block(cfg, p["attn"], rms_norm(x, p["attn_norm"], cfg.norm_eps),
                                       ctx, layer_cache)
@@ -180,6 +222,62 @@ def _block(cfg: ModelConfig, ctx: dict, x: jax.Array, layer: tuple) -> tuple[jax
     mlp = p["mlp"]
     h = swiglu(rms_norm(x, p["mlp_norm"], cfg.norm_eps), mlp["gate"], mlp["up"], mlp["down"])
     return _constrain(x + h, ACTIVATION_AXES), layer_cache
+
+
+def _moe_block(cfg: ModelConfig, ctx: dict, x: jax.Array, layer: tuple):
+    """`_block` with the MoE MLP: (x, cache as `_block` returns it, this layer's router aux)."""
+    p, layer_cache = layer
+    h, layer_cache = _attention_block(cfg, p["attn"], rms_norm(x, p["attn_norm"], cfg.norm_eps),
+                                      ctx, layer_cache)
+    x = _constrain(x + h, ACTIVATION_AXES)
+    h, aux = moe.moe_mlp(cfg, p["moe"], rms_norm(x, p["mlp_norm"], cfg.norm_eps))
+    return _constrain(x + h, ACTIVATION_AXES), layer_cache, aux
+
+
+def _layer_step(block: Callable, carry: tuple, p: dict, layer_id: jax.Array):
+    """One layer on carry (x, stacked cache or None) -> (carry, aux of an MoE block or None)."""
+    h, stacked = carry
+    out = block(h, (p, None if stacked is None else (stacked, layer_id)))
+    new_stacked = None if stacked is None else out[1][0]
+    return (out[0], new_stacked), (out[2] if len(out) == 3 else None)
+
+
+def _moe_layers(cfg: ModelConfig, ctx: dict, x: jax.Array, params: dict, cache: Optional[dict]):
+    """All layers of an MoE model: `first_dense_layers` dense ones, then groups of `moe_every`.
+
+    Two stacks: params["blocks"] (dense layers, in order) and params["moe_blocks"]. The dense
+    prefix is one scan; then one scan over the groups, each running its moe_every - 1 dense
+    layers (an inner scan) and its MoE layer. A cache is indexed by global layer number.
+    """
+    dtype = jnp.dtype(cfg.compute_dtype)
+    dense_ids, moe_ids = moe.layer_indices(cfg)
+    first, every, groups = cfg.first_dense_layers, cfg.moe_every, len(moe_ids)
+    dense_block = _remat(functools.partial(_block, cfg, ctx), cfg.remat)
+    moe_block = _remat(functools.partial(_moe_block, cfg, ctx), cfg.remat)
+    dense = _cast_weights(params["blocks"], dtype) if dense_ids else None
+    carry = (x, cache)
+
+    def scan_dense(carry, p, ids):
+        return jax.lax.scan(lambda c, xs: _layer_step(dense_block, c, *xs), carry, (p, ids))[0]
+
+    if first:
+        carry = scan_dense(carry, jax.tree.map(lambda w: w[:first], dense),
+                           jnp.arange(first, dtype=jnp.int32))
+    rest = None
+    if every > 1:
+        rest = jax.tree.map(lambda w: w[first:].reshape(groups, every - 1, *w.shape[1:]), dense)
+    rest_ids = jnp.asarray(dense_ids[first:], jnp.int32).reshape(groups, every - 1)
+
+    def group(carry, xs):
+        rest_p, rest_i, moe_p, moe_i = xs
+        if every > 1:
+            carry = scan_dense(carry, rest_p, rest_i)
+        return _layer_step(moe_block, carry, moe_p, moe_i)
+
+    moe_params = _cast_weights(params["moe_blocks"], dtype)
+    xs = (rest, rest_ids, moe_params, jnp.asarray(moe_ids, jnp.int32))
+    (x, cache), aux = jax.lax.scan(group, carry, xs)
+    return x, cache, aux
 
 
 def _save_dots_and_fused_attention(primitive, *args, **params) -> bool:
@@ -214,8 +312,12 @@ def _cast_weights(blocks: dict, dtype) -> dict:
     for name in ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias"):
         if name in attn:
             attn[name] = attn[name].astype(dtype)
-    mlp = jax.tree.map(lambda w: w.astype(dtype), blocks["mlp"])
-    return {**blocks, "attn": attn, "mlp": mlp}
+    if "mlp" in blocks:
+        return {**blocks, "attn": attn, "mlp": jax.tree.map(lambda w: w.astype(dtype), blocks["mlp"])}
+    # The router (and its bias) stay float32: routing decisions are made in float32.
+    experts = {name: w if name.startswith("router") else w.astype(dtype)
+               for name, w in blocks["moe"].items()}
+    return {**blocks, "attn": attn, "moe": experts}
 
 
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *,
@@ -223,17 +325,35 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *,
             cache: Optional[dict] = None) -> tuple[jax.Array, Optional[dict]]:
     """Logits [B, T, V] (float32) for tokens [B, T] int32, and the updated cache (or None).
 
-    positions [B, T]: token positions (default: arange(T), or continuing the cache).
+    `forward_with_aux` without the MoE router losses and metrics; arguments as there.
+    """
+    logits, cache, _ = forward_with_aux(cfg, params, tokens, positions=positions,
+                                        segment_ids=segment_ids, cache=cache)
+    return logits, cache
+
+
+def forward_with_aux(cfg: ModelConfig, params: dict, tokens: jax.Array, *,
+                     positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
+                     cache: Optional[dict] = None) -> tuple[jax.Array, Optional[dict], dict]:
+    """(logits [B, T, V] float32, the updated cache or None, aux) for tokens [B, T] int32.
+
+    aux: {} for a dense model; with MoE layers `moe.losses_and_metrics` of each MoE layer,
+    stacked on a leading dim (balance_loss [Lm], router_z_loss [Lm], expert_load [Lm, E], ...).
+
+    positions [B, T]: token positions (default: arange(T)).
     segment_ids [B, T]: document ids of packed sequences; attention stays inside a document.
     Pass positions that restart at 0 per document together with segment_ids.
-    cache: from `kv_cache.init_cache`; the tokens are appended at `cache["index"]`.
+    cache: from `kv_cache.init_cache`; sequence b's tokens are appended at its own slot
+    `cache["lengths"][b]`, which is also their position (kv_cache.py), and lengths grow by T.
     """
     batch, length = tokens.shape
-    if segment_ids is not None and cache is not None:
-        raise ValueError("segment_ids with a KV cache is not supported; decode documents separately")
+    if cache is not None and (segment_ids is not None or positions is not None):
+        raise ValueError("segment_ids or positions with a KV cache are not supported: a cached "
+                         "token's position is its slot, cache['lengths'] + t; decode documents "
+                         "separately")
     plain_causal = positions is None and segment_ids is None and cache is None
     if positions is None:
-        start = 0 if cache is None else cache["index"]
+        start = 0 if cache is None else cache["lengths"][:, None]
         positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
     compute_dtype = jnp.dtype(cfg.compute_dtype)
     ctx = {
@@ -243,17 +363,27 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *,
         "inverse_frequencies": rope_inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta,
                                                         cfg.rope_scaling),
     }
-    layer_caches = None
-    if cache is not None:
-        ctx["cache_positions"], next_index = kv_cache.write_positions(cache, positions)
-        ctx["cache_index"] = cache["index"]
-        layer_caches = (cache["k"], cache["v"])
 
     x = jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype)
     x = _constrain(x, ACTIVATION_AXES)
     block = _remat(functools.partial(_block, cfg, ctx), cfg.remat)
-    blocks = _cast_weights(params["blocks"], compute_dtype)
-    x, new_layer_caches = jax.lax.scan(lambda h, layer: block(h, layer), x, (blocks, layer_caches))
+    aux = {}
+    if cfg.num_experts:
+        x, cache, aux = _moe_layers(cfg, ctx, x, params, cache)
+    elif cache is None:
+        blocks = _cast_weights(params["blocks"], compute_dtype)
+        x, _ = jax.lax.scan(lambda h, layer: block(h, layer), x, (blocks, None))
+    else:
+        # The cache rides in the scan carry, not in xs/ys: each layer scatters its new k/v into
+        # the stacked buffers in place instead of the scan copying the whole cache every step.
+        def cached_block(carry, layer):
+            h, stacked = carry
+            h, (stacked, _) = block(h, (layer[0], (stacked, layer[1])))
+            return (h, stacked), None
+
+        blocks = _cast_weights(params["blocks"], compute_dtype)
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, cache), _ = jax.lax.scan(cached_block, (x, cache), (blocks, layer_ids))
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     if cfg.tie_embeddings:
         logits = jnp.einsum("btd,vd->btv", x, params["embed"].astype(compute_dtype))
@@ -261,10 +391,8 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *,
         logits = jnp.einsum("btd,dv->btv", x, params["lm_head"].astype(compute_dtype))
     logits = _constrain(logits.astype(jnp.float32), LOGITS_AXES)
     if cache is None:
-        return logits, None
-    new_cache = {"k": new_layer_caches[0], "v": new_layer_caches[1],
-                 "positions": ctx["cache_positions"], "index": next_index}
-    return logits, new_cache
+        return logits, None, aux
+    return logits, kv_cache.set_lengths(cache, cache["lengths"] + length), aux
 
 
 def z_loss(logits: jax.Array, weight: float = 1e-4) -> jax.Array:

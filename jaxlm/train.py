@@ -45,7 +45,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from jaxlm import accounting, loss, model, optim, pipeline, sharding
+from jaxlm import accounting, loss, model, moe, optim, pipeline, sharding
 from jaxlm.checkpoint import CheckpointManager, abstract_like
 from jaxlm.config import Config, ConfigError, MeshConfig, load_config, to_dict
 
@@ -147,6 +147,41 @@ def shard_batch(batch: dict, mesh: Mesh, grad_accum: int) -> dict:
 # Steps
 
 
+def router_zeros(cfg) -> dict:
+    """Zeros shaped like `model.forward_with_aux`'s aux ({} for a dense model)."""
+    if not cfg.num_experts:
+        return {}
+    layers = len(moe.layer_indices(cfg)[1])
+    zeros = {name: jnp.zeros((layers,), jnp.float32) for name in
+             ("balance_loss", "router_z_loss", "dropped_fraction", "router_entropy")}
+    return {**zeros, "expert_load": jnp.zeros((layers, cfg.num_experts), jnp.float32)}
+
+
+def update_router_biases(cfg, params: dict, new_params: dict, router: dict) -> dict:
+    """Auxiliary-loss-free balancing: the router bias is state, not a trained weight.
+
+    The optimizer's update of it is discarded (it has no gradient; weight decay skips zeros-
+    initialized leaves) and replaced by `moe.update_router_bias` on this step's expert load.
+    """
+    old = params["moe_blocks"]["moe"]["router_bias"]
+    bias = moe.update_router_bias(old, router["expert_load"], cfg.moe_bias_update_rate)
+    moe_params = {**new_params["moe_blocks"]["moe"], "router_bias": bias}
+    return {**new_params, "moe_blocks": {**new_params["moe_blocks"], "moe": moe_params}}
+
+
+def router_record(router: dict) -> dict:
+    """Per-MoE-layer lists for metrics.jsonl: load share per expert, its max/mean, dropped
+    fraction, router entropy and the two router losses."""
+    if not router:
+        return {}
+    load = np.asarray(router["expert_load"], np.float64)
+    record = {name: [round(float(v), 6) for v in np.asarray(router[name])] for name in
+              ("balance_loss", "router_z_loss", "dropped_fraction", "router_entropy")}
+    record["expert_load"] = [[round(float(v), 5) for v in row] for row in load]
+    record["expert_load_max_over_mean"] = [round(float(row.max() / row.mean()), 4) for row in load]
+    return record
+
+
 @functools.lru_cache(maxsize=32)
 def make_train_step(cfg: Config, mesh: Mesh) -> Callable:
     """The jitted `(state, batch) -> (state, metrics)`; cached per (config, mesh)."""
@@ -168,18 +203,23 @@ def make_train_step(cfg: Config, mesh: Mesh) -> Callable:
             (_, terms), grads = grad_fn(params, micro)
             grads = jax.lax.with_sharding_constraint(grads, shardings["params"])
             summed = jax.tree.map(jnp.add, carry[0], grads)
-            return (summed, carry[1] + terms["ce_sum"], carry[2] + terms["z_sum"]), None
+            router = jax.tree.map(jnp.add, carry[3], terms.get("router", {}))
+            return (summed, carry[1] + terms["ce_sum"], carry[2] + terms["z_sum"], router), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        carry = (zeros, jnp.float32(0), jnp.float32(0))
+        carry = (zeros, jnp.float32(0), jnp.float32(0), router_zeros(cfg.model))
         if cfg.train.grad_accum == 1:
-            (grads, ce_sum, z_sum), _ = accumulate(carry, jax.tree.map(lambda x: x[0], batch))
+            (grads, ce_sum, z_sum, router), _ = accumulate(carry, jax.tree.map(lambda x: x[0], batch))
         else:
-            (grads, ce_sum, z_sum), _ = jax.lax.scan(accumulate, carry, batch)
+            (grads, ce_sum, z_sum, router), _ = jax.lax.scan(accumulate, carry, batch)
+        router = jax.tree.map(lambda x: x / cfg.train.grad_accum, router)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
-        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+        new_params = optax.apply_updates(params, updates)
+        if cfg.model.moe_bias_update_rate > 0:
+            new_params = update_router_biases(cfg.model, params, new_params, router)
+        new_state = {"params": new_params, "opt_state": opt_state,
                      "step": state["step"] + 1, "rng": jax.random.key_data(rng)}
         total = (ce_sum + z_sum) / count
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
@@ -187,7 +227,8 @@ def make_train_step(cfg: Config, mesh: Mesh) -> Callable:
         kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         kept["step"] = new_state["step"]
         metrics = {"loss": total, "cross_entropy": ce_sum / count, "grad_norm": grad_norm,
-                   "lr": optim.learning_rate(cfg.train, state["step"]), "finite": finite}
+                   "lr": optim.learning_rate(cfg.train, state["step"]), "finite": finite,
+                   "router": router}
         return kept, metrics
 
     data = batch_sharding(mesh)
@@ -328,7 +369,8 @@ class Trainer:
             mfu = accounting.mfu(tokens_per_sec, self.flops_per_token, jax.device_count(), self.peak_flops)
         return {"step": self.step, "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
                 "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": tokens_per_sec,
-                "step_time": step_time, "mfu": mfu, "tokens_seen": self.step * tokens}
+                "step_time": step_time, "mfu": mfu, "tokens_seen": self.step * tokens,
+                **router_record(metrics.get("router", {}))}
 
     def _check_finite(self, metrics: dict) -> bool:
         if bool(metrics["finite"]):

@@ -91,9 +91,15 @@ def make_fixture(name: str, seed: int, out: Path) -> None:
     logits = float64_logits(model, input_ids)
     if changes is not None:
         check_option_matters(config_class, fields, changes, model, input_ids, logits, name)
+    save_fixture(model, name, input_ids, logits, out, SHARD_SIZE.get(name, "50MB"))
+
+
+def save_fixture(model, name: str, input_ids: np.ndarray, logits: np.ndarray, out: Path,
+                 max_shard_size: str = "50MB") -> None:
+    """Write the checkpoint and its reference logits to out/name, replacing what was there."""
     folder = out / name
     shutil.rmtree(folder, ignore_errors=True)
-    model.save_pretrained(folder, max_shard_size=SHARD_SIZE.get(name, "50MB"))
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
     np.savez(folder / "reference.npz", input_ids=input_ids.astype(np.int32),
              logits=logits.astype(np.float32))
     size = sum(file.stat().st_size for file in folder.iterdir())

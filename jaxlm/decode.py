@@ -1,0 +1,535 @@
+"""KV-cached autoregressive decoding: sampling, batched generation, streaming, speculative decoding.
+
+    tokens = generate(cfg, params, [[1, 2, 3], [4, 5]], max_new_tokens=32, temperature=0.0)
+    for token in stream(cfg, params, [1, 2, 3], max_new_tokens=32): ...
+    tokens, stats = speculative_generate(cfg, params, draft_cfg, draft_params, prompts, gamma=4,
+                                         max_new_tokens=32)
+
+Building blocks, all pure and built on `model.forward` (no second copy of the model):
+`init_cache` (kv_cache.init_cache), `prefill(cfg, params, tokens, cache, lengths)` and
+`decode_step(cfg, params, tokens, cache)`, both jitted with the cache donated, and
+`sample(logits, key, sampling)`.
+
+Prompts of different lengths are right-padded into one [B, T] batch; each sequence's cache length
+is its own prompt length after prefill (kv_cache.py), so every sequence appends at its own slot.
+`generate` runs prefill and the whole token loop in one jit (`lax.while_loop`, stopping when every
+sequence has emitted eos or max_new_tokens tokens): no host round trip per token. Only `stream`
+loops in Python, to hand each token over as it is made.
+
+Sampling: logits / temperature, then top-k (keep the k largest), then top-p (keep the smallest
+set of most likely tokens whose probability reaches p), then a categorical draw; temperature 0 is
+greedy (argmax). Step i of every loop draws with `fold_in(key(seed), i)`, so `stream` and
+`generate` give the same tokens for the same seed.
+
+Speculative decoding (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative
+Decoding", sec. 2.3; Chen et al. 2023): a draft model proposes gamma tokens x_i ~ q_i; the target
+scores all gamma + 1 positions in one forward; x_i is accepted with probability min(1, p_i/q_i),
+the first rejection is replaced by a draw from normalize(max(0, p - q)), and when all gamma are
+accepted a bonus token is drawn from p_gamma. The output has exactly the target's distribution
+(with the same temperature / top-k / top-p filtering applied to both models).
+
+The result of `generate` holds the new tokens only, up to and including eos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+import time
+from typing import Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxlm import kv_cache, model, sharding
+from jaxlm.config import ModelConfig
+
+PAD = -1  # marks "no token" in the output buffers
+CACHE_MULTIPLE = 64  # cache lengths are rounded up to this, so similar requests share programs
+PROMPT_MULTIPLE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen from logits (hashable: a static argument of jit)."""
+
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """float32 logits / temperature with -inf outside the top-k and top-p sets; [..., V]."""
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k is not None:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p is not None:
+        ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+        kept = jnp.where(before < sampling.top_p, ordered, jnp.inf)  # the first always stays
+        logits = jnp.where(logits < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, logits)
+    return logits
+
+
+def probabilities(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """The distribution [..., V] that `sample` draws from (one-hot of the argmax if greedy)."""
+    if sampling.greedy:
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    return jax.nn.softmax(filter_logits(logits, sampling), axis=-1)
+
+
+def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """One token id per row of logits [B, V] -> [B] int32."""
+    if sampling.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, mesh: Optional[Mesh] = None, *,
+               quantize: bool = False) -> dict:
+    """An empty KV cache (kv_cache.py), sharded by kv_cache.CACHE_AXES when a mesh is given."""
+    return kv_cache.init_cache(cfg, batch, max_len, mesh=mesh, quantize=quantize)
+
+
+def _prefill(cfg, params, tokens, cache, lengths):
+    start = cache["lengths"]
+    logits, cache = model.forward(cfg, params, tokens, cache=cache)
+    if lengths is None:
+        return logits[:, -1], cache
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return last, kv_cache.set_lengths(cache, start + lengths)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: dict,
+            lengths: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+    """Append right-padded prompts tokens [B, T] (real lengths [B], default T) to the cache.
+
+    Returns the logits [B, V] after each prompt's last real token and the cache, whose lengths
+    grow by each prompt's real length (the padded slots are overwritten later).
+    """
+    return _prefill(cfg, params, tokens, cache, lengths)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def decode_step(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: dict
+                ) -> tuple[jax.Array, dict]:
+    """Append tokens [B, T] (T = 1 for a decode step) -> logits [B, T, V] and the cache."""
+    return model.forward(cfg, params, tokens, cache=cache)
+
+
+_sample = jax.jit(sample, static_argnums=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+def check_request(cfg: ModelConfig, prompts, max_new_tokens: int, sampling: Sampling,
+                  eos_id: Optional[int] = None) -> None:
+    """Raise ValueError naming the problem with a generation request."""
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        ids = np.asarray(prompt)
+        if not np.issubdtype(ids.dtype, np.integer) or ids.ndim != 1:
+            raise ValueError(f"prompt {i} must be a list of integer token ids")
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise ValueError(f"prompt {i} has token id {int(ids.min() if ids.min() < 0 else ids.max())}"
+                             f" outside the vocabulary [0, {cfg.vocab_size})")
+        if len(prompt) + max_new_tokens > cfg.max_seq_len:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens; with max_new_tokens="
+                             f"{max_new_tokens} that is {len(prompt) + max_new_tokens} > "
+                             f"max_seq_len={cfg.max_seq_len}")
+    if not np.isfinite(sampling.temperature) or sampling.temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {sampling.temperature}")
+    if sampling.top_k is not None and not 1 <= sampling.top_k <= cfg.vocab_size:
+        raise ValueError(f"top_k must be in [1, vocab_size={cfg.vocab_size}], got {sampling.top_k}")
+    if sampling.top_p is not None and not 0.0 < sampling.top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {sampling.top_p}")
+    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
+        raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _batch(prompts, mesh: Optional[Mesh], extra_slots: int, max_new_tokens: int):
+    """Right-padded tokens [B, T], lengths [B] and the cache length; B padded to the mesh's
+    batch shards with one-token dummy prompts."""
+    shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = _round_up(len(prompts), shards)
+    longest = max(len(p) for p in prompts)
+    cache_len = _round_up(longest + max_new_tokens + extra_slots, CACHE_MULTIPLE)
+    tokens = np.zeros((batch, _round_up(longest, PROMPT_MULTIPLE)), np.int32)
+    lengths = np.ones((batch,), np.int32)
+    for i, prompt in enumerate(prompts):
+        tokens[i, :len(prompt)] = prompt
+        lengths[i] = len(prompt)
+    return jnp.asarray(tokens), jnp.asarray(lengths), cache_len
+
+
+def _trim(row: np.ndarray, count: int, max_new_tokens: int, eos_id: Optional[int]) -> list[int]:
+    out = [int(t) for t in row[:min(count, max_new_tokens)] if t != PAD]
+    if eos_id is not None and eos_id in out:
+        out = out[:out.index(eos_id) + 1]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def _is_eos(tokens: jax.Array, eos_id: Optional[int]) -> jax.Array:
+    return jnp.zeros(tokens.shape, bool) if eos_id is None else tokens == eos_id
+
+
+def _new_cache(cfg: ModelConfig, batch: int, cache_len: int, quantize: bool) -> dict:
+    """An empty cache made inside a jit, sharded by CACHE_AXES on the mesh set (if any)."""
+    cache = kv_cache.init_cache(cfg, batch, cache_len, quantize=quantize)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return cache
+    return {name: jax.lax.with_sharding_constraint(
+        x, jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(kv_cache.CACHE_AXES[name])))
+        for name, x in cache.items()}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, params, tokens,
+                   lengths, key):
+    """Prefill, then decode until every sequence is done; [B, max_new_tokens] with PAD after."""
+    cache = _new_cache(cfg, tokens.shape[0], cache_len, quantize)
+    logits, cache = _prefill(cfg, params, tokens, cache, lengths)
+    token = sample(logits, jax.random.fold_in(key, 0), sampling)
+    out = jnp.full((tokens.shape[0], max_new_tokens), PAD, jnp.int32).at[:, 0].set(token)
+
+    def cond(state):
+        step, _, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, token, done, out, cache = state
+        logits, cache = model.forward(cfg, params, token[:, None], cache=cache)
+        token = sample(logits[:, 0], jax.random.fold_in(key, step), sampling)
+        out = out.at[:, step].set(jnp.where(done, PAD, token))
+        done = done | _is_eos(token, eos_id)
+        return step + 1, token, done, out, cache
+
+    state = (jnp.int32(1), token, _is_eos(token, eos_id), out, cache)
+    return jax.lax.while_loop(cond, body, state)[3]
+
+
+def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, seed: int = 0, eos_id: Optional[int] = None,
+             mesh: Optional[Mesh] = None, quantize_cache: bool = False) -> list[list[int]]:
+    """The new tokens of each prompt (up to max_new_tokens, ending at eos_id when it comes).
+
+    temperature 0 is greedy. mesh: params sharded on it (model.param_shardings); the cache is
+    created sharded and the batch is padded to a multiple of data x fsdp. quantize_cache: int8.
+    """
+    sampling = Sampling(float(temperature), top_k, top_p)
+    check_request(cfg, prompts, max_new_tokens, sampling, eos_id)
+    tokens, lengths, cache_len = _batch(prompts, mesh, 0, max_new_tokens)
+    with _maybe_mesh(mesh):
+        out = _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize_cache,
+                             params, tokens, lengths, jax.random.key(seed))
+    out = np.asarray(out)
+    return [_trim(out[i], max_new_tokens, max_new_tokens, eos_id) for i in range(len(prompts))]
+
+
+def _maybe_mesh(mesh: Optional[Mesh]):
+    import contextlib
+
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def stream(cfg: ModelConfig, params: dict, prompt: Sequence[int], *, max_new_tokens: int,
+           temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+           seed: int = 0, eos_id: Optional[int] = None,
+           quantize_cache: bool = False) -> Iterator[int]:
+    """Yield the new tokens of one prompt as they are made (same tokens as `generate`)."""
+    sampling = Sampling(float(temperature), top_k, top_p)
+    check_request(cfg, [prompt], max_new_tokens, sampling, eos_id)
+    tokens, lengths, cache_len = _batch([prompt], None, 0, max_new_tokens)
+    cache = init_cache(cfg, 1, cache_len, quantize=quantize_cache)
+    key = jax.random.key(seed)
+    logits, cache = prefill(cfg, params, tokens, cache, lengths)
+    for step in range(max_new_tokens):
+        if step:
+            logits, cache = decode_step(cfg, params, token[:, None], cache)
+            logits = logits[:, 0]
+        token = _sample(logits, jax.random.fold_in(key, step), sampling)
+        value = int(token[0])
+        yield value
+        if value == eos_id:
+            return
+
+
+# ---------------------------------------------------------------------------------------------
+# Speculative decoding
+
+
+def _verify(p, q, drafted, key):
+    """Accept/reject drafted [B, gamma] with target p [B, gamma+1, V], draft q [B, gamma, V].
+
+    Returns the number accepted [B] and the token after them [B]: a draw from
+    normalize(max(0, p_a - q_a)) at the first rejection a, or from p_gamma if all are accepted.
+    """
+    batch, gamma = drafted.shape
+    accept_key, resample_key = jax.random.split(key)
+    p_x = jnp.take_along_axis(p[:, :gamma], drafted[..., None], -1)[..., 0]
+    q_x = jnp.take_along_axis(q, drafted[..., None], -1)[..., 0]
+    # r < p/q written without the division (q_x > 0: x was drawn from q).
+    accepted = jax.random.uniform(accept_key, (batch, gamma)) * q_x < p_x
+    num_accepted = jnp.sum(jnp.cumprod(accepted, axis=1), axis=1)
+    q_next = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # q_gamma = 0: bonus from p
+    p_a = jnp.take_along_axis(p, num_accepted[:, None, None], 1)[:, 0]
+    q_a = jnp.take_along_axis(q_next, num_accepted[:, None, None], 1)[:, 0]
+    residual = jnp.maximum(p_a - q_a, 0.0)
+    total = jnp.sum(residual, axis=-1, keepdims=True)
+    residual = jnp.where(total > 0, residual / jnp.where(total > 0, total, 1.0), p_a)
+    token = jax.random.categorical(resample_key, jnp.log(residual), axis=-1).astype(jnp.int32)
+    return num_accepted, token
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _speculative_loop(target_cfg, draft_cfg, sampling, gamma, max_new_tokens, eos_id, cache_len,
+                      target_params, draft_params, tokens, lengths, key):
+    target_cache = _new_cache(target_cfg, tokens.shape[0], cache_len, False)
+    draft_cache = _new_cache(draft_cfg, tokens.shape[0], cache_len, False)
+    logits, target_cache = _prefill(target_cfg, target_params, tokens, target_cache, lengths)
+    _, draft_cache = _prefill(draft_cfg, draft_params, tokens, draft_cache, lengths)
+    batch = tokens.shape[0]
+    token = sample(logits, jax.random.fold_in(key, 0), sampling)
+    width = max_new_tokens + gamma + 1
+    out = jnp.full((batch, width), PAD, jnp.int32).at[:, 0].set(token)
+    count = jnp.ones((batch,), jnp.int32)
+    done = _is_eos(token, eos_id) | (count >= max_new_tokens)
+
+    def draft(carry, step_key):
+        token, cache = carry
+        logits, cache = model.forward(draft_cfg, draft_params, token[:, None], cache=cache)
+        token = sample(logits[:, 0], step_key, sampling)
+        return (token, cache), (token, probabilities(logits[:, 0], sampling))
+
+    def body(state):
+        step, token, done, count, out, target_cache, draft_cache, accepted, drafted = state
+        keys = jax.random.split(jax.random.fold_in(key, step), gamma + 2)
+        start = target_cache["lengths"]
+        # gamma + 1 draft steps: the last one only writes x_{gamma-1} into the draft cache.
+        (_, draft_cache), (xs, qs) = jax.lax.scan(draft, (token, draft_cache), keys[:gamma + 1])
+        xs, qs = xs[:gamma].T, jnp.swapaxes(qs[:gamma], 0, 1)  # [B, gamma], [B, gamma, V]
+        verify = jnp.concatenate([token[:, None], xs], axis=1)  # [B, gamma + 1]
+        logits, target_cache = model.forward(target_cfg, target_params, verify, cache=target_cache)
+        num_accepted, next_token = _verify(probabilities(logits, sampling), qs, xs, keys[-1])
+        j = jnp.arange(gamma + 1)[None, :]
+        emitted = jnp.where(j < num_accepted[:, None], jnp.pad(xs, ((0, 0), (0, 1))),
+                            next_token[:, None])
+        valid = (j <= num_accepted[:, None]) & ~done[:, None]
+        slots = jnp.where(valid, count[:, None] + j, width)  # width: dropped
+        out = out.at[jnp.arange(batch)[:, None], slots].set(emitted, mode="drop")
+        new_lengths = jnp.where(done, start, start + 1 + num_accepted)
+        target_cache = kv_cache.set_lengths(target_cache, new_lengths)
+        draft_cache = kv_cache.set_lengths(draft_cache, new_lengths)
+        accepted += jnp.sum(jnp.where(done, 0, num_accepted))
+        drafted += jnp.sum(jnp.where(done, 0, gamma))
+        count = count + jnp.where(done, 0, num_accepted + 1)
+        token = jnp.where(done, token, next_token)
+        done = done | jnp.any(valid & _is_eos(emitted, eos_id), axis=1) | (count >= max_new_tokens)
+        return step + 1, token, done, count, out, target_cache, draft_cache, accepted, drafted
+
+    state = (jnp.int32(1), token, done, count, out, target_cache, draft_cache, jnp.int32(0),
+             jnp.int32(0))
+    state = jax.lax.while_loop(lambda s: ~jnp.all(s[2]), body, state)
+    step, _, _, count, out, _, _, accepted, drafted = state
+    return out, count, accepted, drafted, step - 1
+
+
+def speculative_generate(target_cfg: ModelConfig, target_params: dict, draft_cfg: ModelConfig,
+                         draft_params: dict, prompts: Sequence[Sequence[int]], *, gamma: int = 4,
+                         max_new_tokens: int, temperature: float = 1.0,
+                         top_k: Optional[int] = None, top_p: Optional[float] = None,
+                         seed: int = 0, eos_id: Optional[int] = None,
+                         mesh: Optional[Mesh] = None) -> tuple[list[list[int]], dict]:
+    """`generate` with a draft model proposing `gamma` tokens per target forward.
+
+    Returns the new tokens (distributed exactly as the target's `generate`; equal to its greedy
+    output at temperature 0) and stats: acceptance_rate (accepted / drafted tokens),
+    accepted, drafted, target_calls (verification forwards after prefill).
+    """
+    sampling = Sampling(float(temperature), top_k, top_p)
+    check_request(target_cfg, prompts, max_new_tokens, sampling, eos_id)
+    check_request(draft_cfg, prompts, max_new_tokens, sampling, eos_id)
+    if target_cfg.vocab_size != draft_cfg.vocab_size:
+        raise ValueError(f"the draft's vocab_size {draft_cfg.vocab_size} differs from the "
+                         f"target's {target_cfg.vocab_size}")
+    if not isinstance(gamma, int) or gamma < 1:
+        raise ValueError(f"gamma must be a positive integer, got {gamma!r}")
+    tokens, lengths, cache_len = _batch(prompts, mesh, gamma + 1, max_new_tokens)
+    with _maybe_mesh(mesh):
+        out, count, accepted, drafted, calls = _speculative_loop(
+            target_cfg, draft_cfg, sampling, gamma, max_new_tokens, eos_id, cache_len,
+            target_params, draft_params, tokens, lengths, jax.random.key(seed))
+    out, count = np.asarray(out), np.asarray(count)
+    results = [_trim(out[i], int(count[i]), max_new_tokens, eos_id) for i in range(len(prompts))]
+    accepted, drafted = int(accepted), int(drafted)
+    stats = {"acceptance_rate": accepted / drafted if drafted else float("nan"),
+             "accepted": accepted, "drafted": drafted, "target_calls": int(calls)}
+    return results, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def load_run(run_dir: str, mesh: Optional[Mesh] = None):
+    """(model config, params, tokenizer or None) of the latest checkpoint of a training run."""
+    import tempfile
+
+    from jaxlm import optim, train
+    from jaxlm.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(run_dir, async_save=False)
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}; train with python -m jaxlm.train "
+                                f"--run-dir {run_dir}")
+    cfg = manager.restore_config(step)
+    mesh = mesh or sharding.make_mesh("data=1", jax.devices()[:1])
+    target = train.abstract_state(cfg, mesh, optim.make_optimizer(cfg.model, cfg.train))
+    state, _, _ = manager.restore(step, target)
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer = _load_tokenizer(manager.restore_tokenizer(step, directory))
+    manager.close()
+    return cfg.model, state["params"], tokenizer
+
+
+def _load_tokenizer(directory: Optional[str]):
+    if directory is None:
+        return None
+    from jaxlm.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer.load(directory)
+    except (FileNotFoundError, ValueError):
+        pass
+    try:  # a Hugging Face tokenizer.json, if transformers is installed
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception:  # noqa: BLE001: no usable tokenizer -> token ids
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxlm.decode",
+        description="Generate text from a trained run or a Hugging Face folder, streaming tokens; "
+                    "prints time to first token and tokens/s at the end.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-dir", help="training run directory (latest checkpoint + tokenizer)")
+    source.add_argument("--hf", metavar="DIR", help="Hugging Face model folder (safetensors)")
+    parser.add_argument("--prompt", required=True,
+                        help="prompt text (token ids separated by spaces when there is no tokenizer)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eos-id", type=int, default=None,
+                        help="stop at this token (default: the tokenizer's <|endoftext|>, if any)")
+    parser.add_argument("--dtype", default=None, help="--hf: parameter/compute dtype, e.g. bfloat16")
+    parser.add_argument("--attention-impl", default=None, choices=("xla", "cudnn", "pallas"))
+    parser.add_argument("--int8-cache", action="store_true", help="int8 KV cache")
+    return parser
+
+
+def _encode(tokenizer, prompt: str) -> list[int]:
+    if tokenizer is None:
+        try:
+            return [int(t) for t in prompt.split()]
+        except ValueError:
+            raise ValueError("there is no tokenizer: give --prompt as token ids, e.g. "
+                             "--prompt '1 2 3'") from None
+    return list(tokenizer.encode(prompt))
+
+
+def _default_eos(tokenizer) -> Optional[int]:
+    special = getattr(tokenizer, "special_ids", None)
+    if special:
+        return special.get("<|endoftext|>")
+    return getattr(tokenizer, "eos_token_id", None)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.run_dir:
+        cfg, params, tokenizer = load_run(args.run_dir)
+    else:
+        from jaxlm import hf
+
+        cfg, params = hf.load_pretrained(args.hf, dtype=args.dtype)
+        tokenizer = _load_tokenizer(args.hf if os.path.exists(os.path.join(args.hf, "tokenizer.json"))
+                                    else None)
+    if args.attention_impl:
+        cfg = dataclasses.replace(cfg, attention_impl=args.attention_impl)
+    prompt = _encode(tokenizer, args.prompt)
+    eos_id = args.eos_id if args.eos_id is not None else _default_eos(tokenizer)
+    print(args.prompt, end="", flush=True)
+    start, times, ids, printed = time.perf_counter(), [], [], ""
+    for token in stream(cfg, params, prompt, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        seed=args.seed, eos_id=eos_id, quantize_cache=args.int8_cache):
+        times.append(time.perf_counter())
+        ids.append(token)
+        if tokenizer is None:
+            print(f" {token}", end="", flush=True)
+            continue
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+    # The second token compiles the decode step: the rate counts the tokens after it.
+    rate = (len(ids) - 2) / (times[-1] - times[1]) if len(ids) > 2 else float("nan")
+    print(f"\n\n{len(prompt)} prompt tokens, {len(ids)} new tokens; time to first token "
+          f"{times[0] - start:.3f} s (includes compilation), {rate:.1f} tokens/s decoding",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Decoding: cached logits == full forward, sharded == single device, sampling semantics,
+transformers' greedy generate, speculative decoding's exactness, eos/max length, bad input."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import decode, hf, kv_cache, model, sharding
+from jaxlm.config import ModelConfig
+
+CFG = ModelConfig(vocab_size=262, embed_dim=48, num_layers=2, num_heads=6, num_kv_heads=2,
+                  head_dim=8, mlp_dim=136, max_seq_len=64, compute_dtype="float32")
+# A tiny vocabulary and sharp random weights for distribution tests.
+SMALL = dataclasses.replace(CFG, vocab_size=11, embed_dim=24, num_heads=2, num_kv_heads=1,
+                            head_dim=12, mlp_dim=40, num_layers=1, init_std=0.5)
+PROMPTS = [[5, 9, 1, 33, 7], [100, 2], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]]
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _randomize(params, seed=7, scale=0.05):
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
+                                        for x, k in zip(leaves, keys)])
+
+
+def _rel_error(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return _randomize(model.init_params(CFG, jax.random.key(0)), scale=0.3)
+
+
+def _full_logits(cfg, params, tokens):
+    return np.asarray(jax.jit(model.forward, static_argnums=0)(cfg, params, tokens)[0])
+
+
+def _check_cached_equals_full(cfg, params, quantize=False, tol=1e-5):
+    """Ragged prefill, then 1-token steps and a 3-token chunk at per-sequence positions."""
+    lengths = np.array([5, 12, 9])
+    tokens = jax.random.randint(jax.random.key(1), (3, 20), 0, cfg.vocab_size, jnp.int32)
+    full = _full_logits(cfg, params, tokens)
+    rows = np.arange(3)
+    cache = kv_cache.init_cache(cfg, 3, 32, quantize=quantize)
+    padded = jnp.where(jnp.arange(16)[None] < lengths[:, None], tokens[:, :16], 0)
+    last, cache = decode.prefill(cfg, params, padded, cache, jnp.asarray(lengths))
+    assert _rel_error(last, full[rows, lengths - 1]) <= tol
+    for step in range(2):
+        position = lengths + step
+        logits, cache = decode.decode_step(cfg, params, tokens[rows, position][:, None], cache)
+        assert _rel_error(logits[:, 0], full[rows, position]) <= tol
+    position = lengths[:, None] + 2 + np.arange(3)[None]
+    logits, cache = decode.decode_step(cfg, params, tokens[rows[:, None], position], cache)
+    assert _rel_error(logits, full[rows[:, None], position]) <= tol
+    np.testing.assert_array_equal(np.asarray(cache["lengths"]), lengths + 5)
+
+
+@pytest.mark.parametrize("num_kv_heads", [6, 2, 1])  # MHA, GQA, MQA
+def test_cached_prefill_and_decode_equal_full_forward_ragged(num_kv_heads):
+    cfg = dataclasses.replace(CFG, num_kv_heads=num_kv_heads)
+    params = _randomize(model.init_params(cfg, jax.random.key(2)), scale=0.3)
+    _check_cached_equals_full(cfg, params)
+
+
+def test_pallas_decode_path_and_int8_cache(params):
+    _check_cached_equals_full(dataclasses.replace(CFG, attention_impl="pallas", head_dim=16,
+                                                  num_heads=4), _randomize(
+        model.init_params(dataclasses.replace(CFG, head_dim=16, num_heads=4), jax.random.key(3)),
+        scale=0.3))
+    _check_cached_equals_full(CFG, params, quantize=True, tol=2e-2)
+    cache = kv_cache.init_cache(CFG, 2, 32, quantize=True)
+    assert cache["k"].dtype == jnp.int8 and cache["k_scale"].shape == (2, 2, 2, 32)
+
+
+def test_greedy_generate_equals_argmax_of_full_forward(params):
+    out = decode.generate(CFG, params, PROMPTS, max_new_tokens=6, temperature=0.0)
+    assert [len(t) for t in out] == [6, 6, 6]
+    # Teacher forcing: the full forward over prompt + output predicts each output token.
+    sequences = np.zeros((3, 19), np.int32)
+    for b, (prompt, tokens) in enumerate(zip(PROMPTS, out)):
+        sequences[b, :len(prompt) + 6] = prompt + tokens
+    logits = _full_logits(CFG, params, jnp.asarray(sequences))
+    for b, prompt in enumerate(PROMPTS):
+        steps = len(prompt) - 1 + np.arange(6)
+        assert np.argmax(logits[b, steps], -1).tolist() == out[b]
+
+
+def test_sharded_generate_equals_single_device(params):
+    expected = decode.generate(CFG, params, PROMPTS, max_new_tokens=5, temperature=0.0)
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    sharded = jax.device_put(params, model.param_shardings(CFG, mesh))
+    assert decode.generate(CFG, sharded, PROMPTS, max_new_tokens=5, temperature=0.0,
+                           mesh=mesh) == expected
+    cache = decode.init_cache(CFG, 4, 32, mesh)
+    assert cache["k"].sharding.spec == jax.sharding.PartitionSpec(
+        None, ("data", "fsdp"), "tensor", None, None)
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy_and_stream_equals_generate(params):
+    greedy = decode.generate(CFG, params, PROMPTS, max_new_tokens=6, temperature=0.0)
+    assert decode.generate(CFG, params, PROMPTS, max_new_tokens=6, top_k=1, seed=3) == greedy
+    assert decode.generate(CFG, params, PROMPTS, max_new_tokens=6, top_p=1e-6, seed=4) == greedy
+    sampled = decode.generate(CFG, params, PROMPTS[:1], max_new_tokens=4, temperature=1.3, seed=5)
+    streamed = decode.stream(CFG, params, PROMPTS[0], max_new_tokens=4, temperature=1.3, seed=5)
+    assert list(streamed) == sampled[0]
+
+
+def _expected_probs(logits, temperature, top_k=None, top_p=None):
+    z = np.asarray(logits, np.float64) / temperature
+    order = np.argsort(-z)
+    keep = np.zeros(z.shape, bool)
+    keep[order[:top_k or len(z)]] = True
+    if top_p is not None:
+        p = np.exp(z[order] - z.max())
+        p /= p.sum()
+        before = np.cumsum(p) - p
+        keep[order[before >= top_p]] = False
+    probs = np.where(keep, np.exp(z - z.max()), 0.0)
+    return probs / probs.sum()
+
+
+# chi-square with 10 degrees of freedom (11 tokens): P(X > 29.59) = 0.001.
+CHI2_CRITICAL = 29.59
+
+
+def _chi_square(samples, probs):
+    counts = np.bincount(samples, minlength=len(probs))
+    expected = probs * len(samples)
+    assert np.all(counts[probs == 0] == 0), "sampled a token the filters removed"
+    nonzero = probs > 0
+    return float(np.sum((counts[nonzero] - expected[nonzero]) ** 2 / expected[nonzero]))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, None, None), (1.5, 5, None),
+                                                     (1.0, None, 0.8)])
+def test_sampled_frequencies_follow_softmax(temperature, top_k, top_p):
+    logits = jnp.array([1.0, 0.2, -0.5, 2.0, 0.0, 1.2, -1.0, 0.7, 0.3, -0.2, 1.6])
+    sampling = decode.Sampling(temperature, top_k, top_p)
+    samples = decode.sample(jnp.tile(logits, (20000, 1)), jax.random.key(0), sampling)
+    probs = _expected_probs(logits, temperature, top_k, top_p)
+    assert _chi_square(np.asarray(samples), probs) < CHI2_CRITICAL
+    np.testing.assert_allclose(decode.probabilities(logits, sampling), probs, atol=1e-6)
+
+
+def test_greedy_generate_equals_transformers():
+    fixture = json.loads((GOLDEN / "decode" / "llama_greedy.json").read_text())
+    cfg, params = hf.load_pretrained(GOLDEN / "hf" / "llama")
+    out = decode.generate(cfg, params, fixture["prompts"], max_new_tokens=fixture["max_new_tokens"],
+                          temperature=0.0)
+    assert out == fixture["continuations"]
+
+
+def test_eos_and_max_length(params):
+    greedy = decode.generate(CFG, params, PROMPTS, max_new_tokens=6, temperature=0.0)
+    eos = greedy[0][2]
+    out = decode.generate(CFG, params, PROMPTS, max_new_tokens=6, temperature=0.0, eos_id=eos)
+    for tokens, full in zip(out, greedy):
+        expected = full[:full.index(eos) + 1] if eos in full else full
+        assert tokens == expected
+    assert out[0][-1] == eos and len(out[0]) <= 3
+    assert [len(t) for t in decode.generate(CFG, params, PROMPTS, max_new_tokens=1)] == [1, 1, 1]
+    streamed = list(decode.stream(CFG, params, PROMPTS[0], max_new_tokens=6, temperature=0.0,
+                                  eos_id=eos))
+    assert streamed == out[0]
+
+
+@pytest.fixture(scope="module")
+def small_models():
+    target = _randomize(model.init_params(SMALL, jax.random.key(20)), scale=0.3)
+    draft_cfg = dataclasses.replace(SMALL, embed_dim=12, head_dim=6, mlp_dim=20)
+    draft = _randomize(model.init_params(draft_cfg, jax.random.key(21)), scale=0.3)
+    return target, draft_cfg, draft
+
+
+def test_speculative_greedy_equals_target_greedy(params):
+    draft_cfg = dataclasses.replace(CFG, num_layers=1, embed_dim=24, mlp_dim=40)
+    draft = model.init_params(draft_cfg, jax.random.key(9))
+    expected = decode.generate(CFG, params, PROMPTS, max_new_tokens=6, temperature=0.0)
+    out, stats = decode.speculative_generate(CFG, params, draft_cfg, draft, PROMPTS, gamma=3,
+                                             max_new_tokens=6, temperature=0.0)
+    assert out == expected
+    assert 0.0 <= stats["acceptance_rate"] < 1.0 and stats["target_calls"] >= 2
+    # The target drafting for itself accepts everything; eos cuts each sequence like generate.
+    eos = expected[1][4]
+    out, stats = decode.speculative_generate(CFG, params, CFG, params, PROMPTS, gamma=3,
+                                             max_new_tokens=6, temperature=0.0, eos_id=eos)
+    assert out == [t[:t.index(eos) + 1] if eos in t else t for t in expected]
+    assert stats["acceptance_rate"] == 1.0
+
+
+def test_speculative_sampling_matches_target_distribution(small_models):
+    """Tokens 2 and 3 come from draft proposals, rejections and bonus tokens; their marginals
+    must still be the target's, computed exactly from all 11^3 continuations."""
+    target, draft_cfg, draft = small_models
+    prompt, num = [3, 1, 4], 4000
+    out, stats = decode.speculative_generate(SMALL, target, draft_cfg, draft, [prompt] * num,
+                                             gamma=2, max_new_tokens=3, temperature=1.0, seed=1)
+    assert 0.05 < stats["acceptance_rate"] < 0.95
+    samples = np.array(out)
+    vocab = SMALL.vocab_size
+    grid = np.stack(np.meshgrid(*[np.arange(vocab)] * 2, indexing="ij"), -1).reshape(-1, 2)
+    sequences = np.concatenate([np.tile(prompt, (len(grid), 1)), grid], axis=1)
+    log_probs = jax.nn.log_softmax(_full_logits(SMALL, target, jnp.asarray(sequences)), -1)
+    log_probs = np.asarray(log_probs, np.float64)
+    first = np.exp(log_probs[0, len(prompt) - 1])  # [V]
+    second = np.exp(log_probs[::vocab, len(prompt)])  # [V(t1), V]
+    third = np.exp(log_probs[:, len(prompt) + 1]).reshape(vocab, vocab, vocab)
+    joint = first[:, None, None] * second[:, :, None] * third
+    assert _chi_square(samples[:, 1], joint.sum((0, 2))) < CHI2_CRITICAL
+    assert _chi_square(samples[:, 2], joint.sum((0, 1))) < CHI2_CRITICAL
+
+
+@pytest.mark.parametrize("prompts,kwargs,message", [
+    ([[1] * 60], {"max_new_tokens": 5}, "65 > max_seq_len=64"),
+    ([[1, 2], []], {"max_new_tokens": 5}, "prompt 1 is empty"),
+    ([[1, 262]], {"max_new_tokens": 5}, r"token id 262 outside the vocabulary \[0, 262\)"),
+    ([[1, -1]], {"max_new_tokens": 5}, "token id -1 outside"),
+    ([[1]], {"max_new_tokens": 5, "temperature": -0.5}, "temperature must be >= 0"),
+    ([[1]], {"max_new_tokens": 5, "top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+    ([[1]], {"max_new_tokens": 5, "top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ([[1]], {"max_new_tokens": 5, "top_k": 0}, "top_k must be in"),
+    ([[1]], {"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+    ([], {"max_new_tokens": 5}, "non-empty list"),
+])
+def test_bad_requests_raise_clear_errors(params, prompts, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        decode.generate(CFG, params, prompts, **kwargs)

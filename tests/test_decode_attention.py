@@ -1,0 +1,76 @@
+"""pallas_kernels/decode_attention.py (interpret mode) against a float64 numpy reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
+
+
+def _numpy_reference(q, k, v, offsets, window=None):
+    """float64 softmax attention, one (sequence, head, query) at a time."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    batch, q_len, num_heads, head_dim = q.shape
+    group = num_heads // k.shape[1]
+    out = np.zeros_like(q)
+    for b in range(batch):
+        for t in range(q_len):
+            q_pos = offsets[b] + t
+            slots = np.arange(k.shape[2])
+            visible = slots <= q_pos
+            if window is not None:
+                visible &= q_pos - slots < window
+            for n in range(num_heads):
+                keys, values = k[b, n // group][visible], v[b, n // group][visible]
+                scores = keys @ q[b, t, n] / np.sqrt(head_dim)
+                weights = np.exp(scores - scores.max())
+                out[b, t, n] = weights @ values / weights.sum()
+    return out
+
+
+def _inputs(seed, batch, q_len, num_heads, num_kv_heads, kv_len, head_dim):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(keys[0], (batch, q_len, num_heads, head_dim), jnp.float32)
+    k = jax.random.normal(keys[1], (batch, num_kv_heads, kv_len, head_dim), jnp.float32)
+    v = jax.random.normal(keys[2], (batch, num_kv_heads, kv_len, head_dim), jnp.float32)
+    return q, k, v
+
+
+def _rel_error(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+# (heads per kv head G, query tokens T, sliding window); S = 45 is not a block multiple.
+@pytest.mark.parametrize("group,q_len,window", [(1, 1, None), (2, 5, None), (8, 3, 9)])
+def test_decode_attention_matches_float64(group, q_len, window):
+    num_kv_heads = 2
+    q, k, v = _inputs(group, 3, q_len, group * num_kv_heads, num_kv_heads, 45, 16)
+    offsets = np.array([0, 17, 45 - q_len])  # ragged: each sequence has its own length
+    out = decode_attention(q, k, v, jnp.asarray(offsets), sliding_window=window, interpret=True)
+    expected = _numpy_reference(q, k, v, offsets, window)
+    assert out.shape == q.shape
+    assert _rel_error(out, expected) <= 1e-5
+    reference = decode_attention_reference(q, k, v, jnp.asarray(offsets), sliding_window=window)
+    assert _rel_error(reference, expected) <= 1e-5
+    # Slots past a sequence's last query are never read: garbage there changes nothing.
+    k_garbage = k.at[1, :, 17 + q_len:].set(1e4)
+    again = decode_attention(q, k_garbage, v, jnp.asarray(offsets), sliding_window=window,
+                             interpret=True)
+    np.testing.assert_array_equal(np.asarray(again[1]), np.asarray(out[1]))
+
+
+def test_decode_attention_int8_cache_and_explicit_splits():
+    q, k, v = _inputs(11, 2, 2, 4, 2, 64, 32)
+    scale_k = jnp.max(jnp.abs(k), axis=-1) / 127
+    scale_v = jnp.max(jnp.abs(v), axis=-1) / 127
+    k8 = jnp.round(k / scale_k[..., None]).astype(jnp.int8)
+    v8 = jnp.round(v / scale_v[..., None]).astype(jnp.int8)
+    offsets = jnp.array([30, 62])
+    out = decode_attention(q, k8, v8, offsets, k_scale=scale_k, v_scale=scale_v, splits=4,
+                           block_k=16, interpret=True)
+    dequantized = _numpy_reference(q, k8 * scale_k[..., None], v8 * scale_v[..., None],
+                                   np.asarray(offsets))
+    assert _rel_error(out, dequantized) <= 1e-5
+    assert _rel_error(out, _numpy_reference(q, k, v, np.asarray(offsets))) < 2e-2

@@ -1,0 +1,157 @@
+"""Decoding speed: batch-1 tokens/s against the memory roofline, throughput at batch 1/8/64, and
+the decode-attention kernel's bandwidth against cuDNN and XLA single-query attention.
+
+    python tools/bench_decode.py --config 125m                 # one preset, bf16, on the GPU
+    python tools/bench_decode.py --config 1b --baseline-hf     # + transformers generate (torch)
+    python tools/bench_decode.py --quick                       # 125m and 1b, short, < 4 minutes
+    python tools/bench_decode.py --config tiny                 # CPU smoke check (tiny shapes)
+
+Shapes: prompts of 512 random tokens, 256 new tokens, greedy, no eos (tiny: 32 + 16). Each
+generate runs once to compile, then is timed. Batch-1 decode time per token is
+(t(256 new) - t(1 new)) / 255, so prefill is not counted; the roofline is the bytes one step must
+read (bf16 weights + the KV cache of the mean context, jaxlm.accounting) over a copy bandwidth
+measured here (read + write of a large array). Results print as one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import accounting, attention, decode, model
+from jaxlm.config import load_config
+
+
+def timed(fn, repeats: int = 1) -> float:
+    fn()  # compile
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def copy_bandwidth(nbytes: int) -> float:
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    copy = jax.jit(lambda a: a * 1.0001)
+    seconds = timed(lambda: copy(x).block_until_ready(), repeats=5)
+    return 2 * nbytes / seconds
+
+
+def bench_generate(cfg, params, batch: int, prompt_len: int, new_tokens: int) -> float:
+    prompts = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
+    return timed(lambda: decode.generate(cfg, params, prompts, max_new_tokens=new_tokens,
+                                         temperature=0.0))
+
+
+def bench_model(name: str, args, bandwidth: float) -> None:
+    cfg = load_config(name).model
+    tiny = name == "tiny"
+    # The tiny preset's head_dim 8 is below the Pallas kernels' minimum of 16.
+    impl = args.attention_impl or ("xla" if tiny else "pallas")
+    cfg = dataclasses.replace(cfg, param_dtype="bfloat16", compute_dtype="bfloat16",
+                              attention_impl=impl, max_seq_len=max(cfg.max_seq_len, 1024))
+    prompt_len, new_tokens = (32, 16) if tiny else (512, 64 if args.quick else 256)
+    params = model.init_params(cfg, jax.random.key(0))
+    one = bench_generate(cfg, params, 1, prompt_len, 1)
+    full = bench_generate(cfg, params, 1, prompt_len, new_tokens)
+    step = (full - one) / (new_tokens - 1)
+    context = prompt_len + new_tokens // 2
+    step_bytes = accounting.decode_step_bytes(cfg, 1, context)
+    print(json.dumps({"model": name, "batch": 1, "decode_tokens_per_s": round(1 / step, 1),
+                      "step_ms": round(step * 1e3, 3), "step_bytes": step_bytes,
+                      "roofline_fraction": round(step_bytes / bandwidth / step, 3),
+                      "attention_impl": cfg.attention_impl}), flush=True)
+    for batch in ((1, 2) if tiny else (1, 8) if args.quick else (1, 8, 64)):
+        seconds = bench_generate(cfg, params, batch, prompt_len, new_tokens)
+        print(json.dumps({"model": name, "batch": batch, "prompt": prompt_len, "new": new_tokens,
+                          "throughput_tokens_per_s": round(batch * new_tokens / seconds, 1),
+                          "seconds": round(seconds, 3)}), flush=True)
+    if args.baseline_hf and not tiny:
+        bench_hf(cfg, name, prompt_len, new_tokens, args.quick)
+
+
+def bench_hf(cfg, name: str, prompt_len: int, new_tokens: int, quick: bool) -> None:
+    """transformers' generate with a static cache, bf16, on the same shapes (needs CUDA torch)."""
+    import torch
+    import transformers
+
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.resolved_head_dim, intermediate_size=cfg.mlp_dim,
+        max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings)
+    hf_model = transformers.LlamaForCausalLM(hf_cfg).to("cuda", torch.bfloat16).eval()
+    for batch in (1, 8) if quick else (1, 8, 64):
+        ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device="cuda")
+
+        def run():
+            with torch.no_grad():
+                hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  cache_implementation="static", pad_token_id=0)
+            torch.cuda.synchronize()
+
+        seconds = timed(run)
+        print(json.dumps({"model": name, "baseline": "transformers", "batch": batch,
+                          "throughput_tokens_per_s": round(batch * new_tokens / seconds, 1),
+                          "transformers": transformers.__version__}), flush=True)
+
+
+def bench_kernel(tiny: bool, bandwidth: float) -> None:
+    """One layer of single-query attention over a bf16 cache: Llama 3.2 1B heads (32 q, 8 kv,
+    head_dim 64), batch 8, 4096 cached tokens."""
+    batch, heads, kv_heads, head_dim, length = (2, 6, 2, 16, 64) if tiny else (8, 32, 8, 64, 4096)
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (batch, 1, heads, head_dim), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (batch, kv_heads, length, head_dim), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (batch, kv_heads, length, head_dim), jnp.bfloat16)
+    offsets = jnp.full((batch,), length - 1, jnp.int32)
+    cache_bytes = 2 * k.size * k.dtype.itemsize
+    candidates = {
+        "pallas_decode": jax.jit(lambda q, k, v: attention._pallas_cached(q, k, v, offsets, None)),
+        "xla": jax.jit(lambda q, k, v: attention.attention_cached_xla(q, k, v, offsets)),
+    }
+    if jax.default_backend() == "gpu":
+        # cuDNN wants [B, S, K, H]: transposed once outside the timed call (its best case).
+        k_t, v_t = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+        candidates["cudnn"] = lambda q, k, v: cudnn(q, k_t, v_t)
+    for label, fn in candidates.items():
+        try:
+            seconds = timed(lambda: fn(q, k, v).block_until_ready(), repeats=1 if tiny else 50)
+        except Exception as error:  # noqa: BLE001: report and go on
+            print(json.dumps({"kernel": label, "error": str(error)[:200]}), flush=True)
+            continue
+        print(json.dumps({"kernel": label, "shape": [batch, heads, kv_heads, length, head_dim],
+                          "us": round(seconds * 1e6, 1),
+                          "GB_per_s": round(cache_bytes / seconds / 1e9, 1),
+                          "fraction_of_copy_bandwidth": round(cache_bytes / seconds / bandwidth, 3)}),
+              flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action="append", help="preset(s) (default 125m and 1b)")
+    parser.add_argument("--quick", action="store_true", help="64 new tokens, batches 1 and 8")
+    parser.add_argument("--baseline-hf", action="store_true", help="also transformers generate")
+    parser.add_argument("--attention-impl", default=None, choices=("xla", "cudnn", "pallas"),
+                        help="model attention (default pallas; xla for tiny)")
+    args = parser.parse_args()
+    names = args.config or ["125m", "1b"]
+    tiny = names == ["tiny"]
+    bandwidth = copy_bandwidth(16 << 20 if tiny else 1 << 30)
+    print(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                      "copy_GB_per_s": round(bandwidth / 1e9, 1)}), flush=True)
+    bench_kernel(tiny, bandwidth)
+    for name in names:
+        bench_model(name, args, bandwidth)
+
+
+if __name__ == "__main__":
+    main()
