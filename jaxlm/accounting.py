@@ -43,6 +43,9 @@ from jaxlm.config import Config, ConfigError, MeshConfig, ModelConfig, load_conf
 
 REMAT_POLICIES = ("none", "full", "save_dots")
 MATMUL_WEIGHTS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
+# Under remat "full", the forward matmuls the backward runs again (not o/down: see below).
+_RECOMPUTED = ("attn.q", "attn.k", "attn.v", "mlp.gate", "mlp.up", "moe.gate", "moe.up",
+               "moe.shared_gate", "moe.shared_up", "moe.router")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,26 +86,51 @@ def _flat_specs(cfg: ModelConfig) -> dict[str, model.ParamSpec]:
 
 
 def _component(name: str) -> str:
-    if name == "embed":
-        return "embedding"
-    if name == "lm_head":
-        return "lm_head"
-    if name.startswith("blocks.attn."):
+    """The component of a flat parameter name; layer stacks are `blocks` and `moe_blocks`."""
+    if name in ("embed", "lm_head"):
+        return "embedding" if name == "embed" else "lm_head"
+    stack, _, rest = name.partition(".")
+    if stack not in ("blocks", "moe_blocks"):
+        return "norms"  # final_norm
+    if rest.startswith("attn."):
         return "attention"
-    if name.startswith("blocks.mlp."):
+    if rest.startswith("mlp."):
         return "mlp"
-    return "norms"  # attn_norm, mlp_norm (per layer) and final_norm
+    if rest.startswith("moe.router"):
+        return "router"
+    if rest.startswith("moe.shared_"):
+        return "shared_experts"
+    if rest.startswith("moe."):
+        return "experts"
+    return "norms"  # attn_norm, mlp_norm (per layer)
+
+
+def _active_fraction(cfg: ModelConfig, name: str) -> float:
+    """The share of a parameter one token uses: top_k / num_experts for routed expert weights."""
+    return cfg.top_k / cfg.num_experts if _component(name) == "experts" else 1.0
 
 
 def count_params_by_component(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts of embedding, attention, mlp, norms, lm_head (0 when tied), all layers.
+    """Parameter counts of embedding, attention, mlp, norms, lm_head (0 when tied), all layers;
+    for MoE models also the routed experts, the shared experts and the routers.
 
     Attention includes q/k/v biases and q/k norms when the config has them.
     """
     counts = {"embedding": 0, "attention": 0, "mlp": 0, "norms": 0, "lm_head": 0}
+    if cfg.num_experts:
+        counts.update(experts=0, shared_experts=0, router=0)
     for name, spec in _flat_specs(cfg).items():
         counts[_component(name)] += math.prod(spec.shape)
     return counts
+
+
+def count_active_params(cfg: ModelConfig) -> int:
+    """Parameters one token uses: all but the routed experts, of which top_k of num_experts.
+
+    Equals `count_params` for a dense model.
+    """
+    return round(sum(math.prod(spec.shape) * _active_fraction(cfg, name)
+                     for name, spec in _flat_specs(cfg).items()))
 
 
 def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
@@ -114,11 +142,21 @@ def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
     return sum(counts.values()) - (0 if include_embedding else counts["embedding"])
 
 
+def _is_matmul_weight(name: str) -> bool:
+    last = name.split(".")[-1]
+    return last in MATMUL_WEIGHTS or last.startswith("shared_") or last == "router"
+
+
 def matmul_params(cfg: ModelConfig) -> int:
-    """N of the 6N rule: weights used in matmuls, per token (layers' projections + lm head)."""
-    layers = sum(math.prod(spec.shape) for name, spec in _flat_specs(cfg).items()
-                 if name.split(".")[-1] in MATMUL_WEIGHTS and name != "lm_head")
-    return layers + cfg.embed_dim * cfg.vocab_size
+    """N of the 6N rule: weights used in matmuls per token (layers' projections + lm head).
+
+    For MoE models only the active share of the routed experts counts (top_k of num_experts),
+    plus the shared experts and the router: MFU of an MoE model is measured on active FLOPs.
+    """
+    layers = sum(math.prod(spec.shape) * _active_fraction(cfg, name)
+                 for name, spec in _flat_specs(cfg).items()
+                 if _is_matmul_weight(name) and name != "lm_head" and name != "embed")
+    return round(layers) + cfg.embed_dim * cfg.vocab_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,9 +200,9 @@ def recompute_flops_per_token(cfg: ModelConfig, seq_len: int, remat: str) -> flo
         return 0.0
     if remat == "save_dots":
         return float(attention_forward)
-    specs = _flat_specs(cfg)
-    recomputed = sum(math.prod(specs[f"blocks.{name}"].shape) for name in
-                     ("attn.q", "attn.k", "attn.v", "mlp.gate", "mlp.up"))
+    recomputed = sum(math.prod(spec.shape) * _active_fraction(cfg, name)
+                     for name, spec in _flat_specs(cfg).items()
+                     if name.split(".", 1)[-1] in _RECOMPUTED)
     return 2.0 * recomputed + attention_forward
 
 
@@ -431,6 +469,7 @@ def _params_report(cfg: ModelConfig) -> dict:
     per_layer = {name: counts[name] // cfg.num_layers for name in ("attention", "mlp")}
     per_layer["norms"] = 2 * cfg.embed_dim
     return {"by_component": counts, "per_layer": per_layer, "total": count_params(cfg),
+            "active": count_active_params(cfg),
             "non_embedding": count_params(cfg, include_embedding=False),
             "matmul_params_N": matmul_params(cfg), "init_params_total": count_params_from_init(cfg)}
 
@@ -526,8 +565,10 @@ def _format_params(report: dict) -> list[str]:
     lines.append(f"  total {_count(params['total'])} (init_params: {_count(params['init_params_total'])}, "
                  f"{'agrees' if params['total'] == params['init_params_total'] else 'DIFFERS'}); "
                  f"without embedding {_count(params['non_embedding'])}")
+    if params["active"] != params["total"]:
+        lines.append(f"  active per token {_count(params['active'])} (top_k of num_experts routed experts)")
     lines.append(f"  matmul params N = layers' projections + lm head = {_count(params['matmul_params_N'])}"
-                 " (embedding lookup is a gather: 0 FLOPs)")
+                 " (embedding lookup is a gather: 0 FLOPs; MoE: active experts only)")
     return lines
 
 

@@ -165,3 +165,23 @@ def test_cli_bad_input_is_a_clear_error(argv, message, capsys):
         accounting.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_moe_total_and_active_parameters_by_hand():
+    """moe_tiny: 2 MoE layers of 8 experts (gate, up, down of 48 x 40), top 2, one shared expert."""
+    cfg = load_config("moe_tiny").model
+    per_expert = 3 * 48 * 40
+    routed = 2 * 8 * per_expert
+    shapes = jax.eval_shape(lambda key: model.init_params(cfg, key), jax.random.key(0))
+    total = accounting.count_params(cfg)
+    assert total == model.count_params(shapes)
+    counts = accounting.count_params_by_component(cfg)
+    assert counts["experts"] == routed and counts["shared_experts"] == 2 * per_expert
+    assert sum(counts.values()) == total
+    active = accounting.count_active_params(cfg)
+    assert active == total - routed + 2 * 2 * per_expert
+    # N of 6N: the active weights minus what no matmul uses (embedding gather, norms, router bias).
+    router_bias = 2 * 8
+    assert accounting.matmul_params(cfg) == active - 512 * 48 - counts["norms"] - router_bias
+    dense = load_config("tiny").model
+    assert accounting.count_active_params(dense) == accounting.count_params(dense)
