@@ -190,3 +190,18 @@ def test_cli_without_data_trains_on_the_default_corpus(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "run" / train.METRICS_FILE)]
     assert [r["step"] for r in records] == [1, 2, 3] and "eval_loss" in records[-1]
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "3")
+    # The same run directory feeds the plot and decoding CLIs (README's next steps).
+    plot = subprocess.run([sys.executable, "-m", "jaxlm.plot", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)
+    assert plot.returncode == 0, plot.stderr[-3000:]
+    pngs = sorted(p for p in os.listdir(tmp_path / "run") if p.endswith(".png"))
+    assert pngs, os.listdir(tmp_path / "run")
+    for name in pngs:
+        with open(tmp_path / "run" / name, "rb") as file:
+            assert file.read(8) == b"\x89PNG\r\n\x1a\n"
+    decode = subprocess.run([sys.executable, "-m", "jaxlm.decode", "--run-dir", str(tmp_path / "run"),
+                             "--prompt", "def main(", "--max-new-tokens", "5", "--temperature", "0"],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "XLA_FLAGS": ""})
+    assert decode.returncode == 0, decode.stderr[-3000:]
+    assert "tokens/s" in decode.stdout + decode.stderr
