@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxlm import convert, hf, model, sharding
+from jaxlm import convert, hf, model, safetensors_io, sharding
 
 FIXTURES = Path(__file__).parent / "golden" / "hf"
 NAMES = ["llama", "mistral", "qwen2", "qwen3"]
@@ -156,7 +156,7 @@ def test_bfloat16_checkpoint(tmp_path):
     assert upcast_cfg.param_dtype == "float32"
     assert_trees_identical(upcast, jax.tree.map(lambda x: x.astype(np.float32), expected))
     hf.save_pretrained(cfg, params, tmp_path / "saved")
-    _, header = hf.read_safetensors_header(tmp_path / "saved" / "model.safetensors")
+    _, header = safetensors_io.read_safetensors_header(tmp_path / "saved" / "model.safetensors")
     assert header["model.norm.weight"]["dtype"] == "BF16"
     assert_trees_identical(hf.load_pretrained(tmp_path / "saved")[1], params)
 
