@@ -70,6 +70,12 @@ def packed_segments(batch, seq, seed=0):
     return jnp.asarray(np.stack(rows), jnp.int32)
 
 
+def packed_causal_mask(segment_ids):
+    """The explicit [B, 1, T, T] mask of causal attention inside each packed document."""
+    positions = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+    return make_mask(positions, positions, segment_ids, segment_ids)[:, None]
+
+
 def attention_fn(impl, causal, segment_ids, config=None):
     """(q, k, v) -> out for one implementation; segment ids close over as constants."""
     if impl == "ours":
@@ -79,8 +85,7 @@ def attention_fn(impl, causal, segment_ids, config=None):
         if segment_ids is None:
             return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                                 implementation="cudnn")
-        positions = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
-        mask = make_mask(positions, positions, segment_ids, segment_ids)[:, None]
+        mask = packed_causal_mask(segment_ids)
         if not causal:
             raise ValueError("packed documents are benchmarked causal only")
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask,
@@ -95,8 +100,7 @@ def attention_fn(impl, causal, segment_ids, config=None):
         if segment_ids is None:
             return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                                 implementation="xla")
-        positions = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
-        mask = make_mask(positions, positions, segment_ids, segment_ids)[:, None]
+        mask = packed_causal_mask(segment_ids)
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask,
                                                             implementation="xla")
     raise ValueError(f"unknown implementation {impl!r}")
