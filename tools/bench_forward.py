@@ -25,15 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import accounting, config, model
-
-def peak_flops(device) -> float:
-    kind = device.device_kind.lower()
-    for name, spec in accounting.DEVICES.items():
-        if name in kind:
-            return spec.peak_flops
-    raise SystemExit(f"no peak FLOP/s known for device {device.device_kind!r}; known: {list(accounting.DEVICES)}")
-
+from jaxlm import accounting, config, model, train
 
 def loss_fn(cfg, params, tokens):
     logits, _ = model.forward(cfg, params, tokens[:, :-1])
@@ -81,7 +73,10 @@ def main(argv=None):
     args, overrides = parser.parse_known_args(argv)
     base = config.load_config(args.config, overrides).model
     device = jax.devices()[0]
-    peak = peak_flops(device)
+    peak = train.device_peak_flops()
+    if peak is None:
+        raise SystemExit(f"no peak FLOP/s known for device {device.device_kind!r}; "
+                         f"known: {list(accounting.DEVICES)}")
     key = jax.random.key(0)
     rows = []
     for impl in args.impls.split(","):
