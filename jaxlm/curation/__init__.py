@@ -1,0 +1,1 @@
+"""Data curation: WARC/WET extraction, language ID, PII masking, quality filters and deduplication."""
