@@ -193,7 +193,7 @@ def make_record(url: str, payload: bytes, *, record_type: str = "response", char
                 record_id: str | None = None) -> bytes:
     """The bytes of one WARC record: an HTTP 200 HTML response, or a WET `conversion` of text."""
     record = WarcRecord()
-    record_urn = f"urn:uuid:{record_id or uuid.uuid5(uuid.NAMESPACE_URL, url)}".encode()
+    record_urn = f"uuid:{record_id or uuid.uuid5(uuid.NAMESPACE_URL, url)}".encode()  # fastwarc adds "urn:"
     if record_type == "response":
         content_type = "text/html" + (f"; charset={charset}" if charset else "")
         payload = f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n\r\n".encode() + payload
