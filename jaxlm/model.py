@@ -14,8 +14,10 @@ q and k over head_dim before RoPE (Qwen3), Mistral's sliding window, Llama 3 RoP
 
 Parameters are declared once in `param_specs` with shape, logical dims and initializer. Layers
 are stacked on a leading `layers` dim and run with `jax.lax.scan`, so compile time does not grow
-with depth. One `forward` serves training, prefill and cached decoding: a cache argument is what
-makes it a decoding step. Activation shardings are constrained at block boundaries by logical
+with depth (with a KV cache the scan is unrolled, `unroll_cached_layers`: a decoding step is
+bound by kernel launches and a GPU loop's per-iteration sync, not by compile time). One
+`forward` serves training, prefill and cached decoding: a cache argument is what makes it a
+decoding step. Activation shardings are constrained at block boundaries by logical
 name, against the mesh set with `jax.set_mesh` (none: nothing is constrained).
 
 Deliberate simplifications: no dropout; no biases except Qwen2's q/k/v bias.
@@ -256,9 +258,11 @@ def _moe_layers(cfg: ModelConfig, ctx: dict, x: jax.Array, params: dict, cache: 
     moe_block = _remat(functools.partial(_moe_block, cfg, ctx), cfg.remat)
     dense = _cast_weights(params["blocks"], dtype) if dense_ids else None
     carry = (x, cache)
+    unroll = cache is not None and cfg.unroll_cached_layers
 
     def scan_dense(carry, p, ids):
-        return jax.lax.scan(lambda c, xs: _layer_step(dense_block, c, *xs), carry, (p, ids))[0]
+        return jax.lax.scan(lambda c, xs: _layer_step(dense_block, c, *xs), carry, (p, ids),
+                            unroll=unroll)[0]
 
     if first:
         carry = scan_dense(carry, jax.tree.map(lambda w: w[:first], dense),
@@ -276,7 +280,7 @@ def _moe_layers(cfg: ModelConfig, ctx: dict, x: jax.Array, params: dict, cache: 
 
     moe_params = _cast_weights(params["moe_blocks"], dtype)
     xs = (rest, rest_ids, moe_params, jnp.asarray(moe_ids, jnp.int32))
-    (x, cache), aux = jax.lax.scan(group, carry, xs)
+    (x, cache), aux = jax.lax.scan(group, carry, xs, unroll=unroll)
     return x, cache, aux
 
 
@@ -383,7 +387,8 @@ def forward_with_aux(cfg: ModelConfig, params: dict, tokens: jax.Array, *,
 
         blocks = _cast_weights(params["blocks"], compute_dtype)
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, cache), _ = jax.lax.scan(cached_block, (x, cache), (blocks, layer_ids))
+        (x, cache), _ = jax.lax.scan(cached_block, (x, cache), (blocks, layer_ids),
+                                     unroll=cfg.unroll_cached_layers)
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     if cfg.tie_embeddings:
         logits = jnp.einsum("btd,vd->btv", x, params["embed"].astype(compute_dtype))

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import statistics
 import time
 
 import jax
@@ -29,11 +31,14 @@ from jaxlm.config import load_config
 
 
 def timed(fn, repeats: int = 1) -> float:
-    fn()  # compile
-    start = time.perf_counter()
+    """Median seconds of `repeats` calls after one call that compiles."""
+    fn()
+    times = []
     for _ in range(repeats):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / repeats
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def copy_bandwidth(nbytes: int) -> float:
@@ -43,10 +48,24 @@ def copy_bandwidth(nbytes: int) -> float:
     return 2 * nbytes / seconds
 
 
-def bench_generate(cfg, params, batch: int, prompt_len: int, new_tokens: int) -> float:
+def bench_generate(cfg, params, batch: int, prompt_len: int, new_tokens: int,
+                   repeats: int = 1) -> float:
     prompts = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
     return timed(lambda: decode.generate(cfg, params, prompts, max_new_tokens=new_tokens,
-                                         temperature=0.0))
+                                         temperature=0.0), repeats)
+
+
+def bench_step(name: str, cfg, params, prompt_len: int, new_tokens: int, bandwidth: float) -> None:
+    """Batch-1 time per decoded token, prefill excluded: (t(n new) - t(1 new)) / (n - 1)."""
+    one = bench_generate(cfg, params, 1, prompt_len, 1, repeats=3)
+    full = bench_generate(cfg, params, 1, prompt_len, new_tokens, repeats=3)
+    step = (full - one) / (new_tokens - 1)
+    step_bytes = accounting.decode_step_bytes(cfg, 1, prompt_len + new_tokens // 2)
+    print(json.dumps({"model": name, "batch": 1, "decode_tokens_per_s": round(1 / step, 1),
+                      "step_ms": round(step * 1e3, 3), "step_bytes": step_bytes,
+                      "roofline_fraction": round(step_bytes / bandwidth / step, 3),
+                      "attention_impl": cfg.attention_impl,
+                      "unroll_cached_layers": cfg.unroll_cached_layers}), flush=True)
 
 
 def bench_model(name: str, args, bandwidth: float) -> None:
@@ -58,15 +77,10 @@ def bench_model(name: str, args, bandwidth: float) -> None:
                               attention_impl=impl, max_seq_len=max(cfg.max_seq_len, 1024))
     prompt_len, new_tokens = (32, 16) if tiny else (512, 64 if args.quick else 256)
     params = model.init_params(cfg, jax.random.key(0))
-    one = bench_generate(cfg, params, 1, prompt_len, 1)
-    full = bench_generate(cfg, params, 1, prompt_len, new_tokens)
-    step = (full - one) / (new_tokens - 1)
-    context = prompt_len + new_tokens // 2
-    step_bytes = accounting.decode_step_bytes(cfg, 1, context)
-    print(json.dumps({"model": name, "batch": 1, "decode_tokens_per_s": round(1 / step, 1),
-                      "step_ms": round(step * 1e3, 3), "step_bytes": step_bytes,
-                      "roofline_fraction": round(step_bytes / bandwidth / step, 3),
-                      "attention_impl": cfg.attention_impl}), flush=True)
+    bench_step(name, cfg, params, prompt_len, new_tokens, bandwidth)
+    if args.compare_scan:
+        bench_step(name, dataclasses.replace(cfg, unroll_cached_layers=False), params, prompt_len,
+                   new_tokens, bandwidth)
     for batch in ((1, 2) if tiny else (1, 8) if args.quick else (1, 8, 64)):
         seconds = bench_generate(cfg, params, batch, prompt_len, new_tokens)
         print(json.dumps({"model": name, "batch": batch, "prompt": prompt_len, "new": new_tokens,
@@ -113,21 +127,26 @@ def bench_kernel(tiny: bool, bandwidth: float) -> None:
     v = jax.random.normal(keys[2], (batch, kv_heads, length, head_dim), jnp.bfloat16)
     offsets = jnp.full((batch,), length - 1, jnp.int32)
     cache_bytes = 2 * k.size * k.dtype.itemsize
+    calls = 2 if tiny else 20
     candidates = {
-        "pallas_decode": jax.jit(lambda q, k, v: attention._pallas_cached(q, k, v, offsets, None)),
-        "xla": jax.jit(lambda q, k, v: attention.attention_cached_xla(q, k, v, offsets)),
+        "pallas_decode": lambda q, k, v: attention._pallas_cached(q, k, v, offsets, None),
+        "xla": lambda q, k, v: attention.attention_cached_xla(q, k, v, offsets),
     }
+    layouts = {"cache": (k, v)}
     if jax.default_backend() == "gpu":
         # cuDNN wants [B, S, K, H]: transposed once outside the timed call (its best case).
-        k_t, v_t = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
-        candidates["cudnn"] = lambda q, k, v: cudnn(q, k_t, v_t)
+        layouts["cudnn"] = (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
+        candidates["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v,
+                                                                           implementation="cudnn")
     for label, fn in candidates.items():
+        timed_fn = jax.jit(functools.partial(_repeat, fn, calls))
+        args = (q, *layouts["cudnn" if label == "cudnn" else "cache"])
         try:
-            seconds = timed(lambda: fn(q, k, v).block_until_ready(), repeats=1 if tiny else 50)
+            seconds = timed(lambda: timed_fn(*args).block_until_ready(), repeats=1 if tiny else 10)
         except Exception as error:  # noqa: BLE001: report and go on
             print(json.dumps({"kernel": label, "error": str(error)[:200]}), flush=True)
             continue
+        seconds /= calls
         print(json.dumps({"kernel": label, "shape": [batch, heads, kv_heads, length, head_dim],
                           "us": round(seconds * 1e6, 1),
                           "GB_per_s": round(cache_bytes / seconds / 1e9, 1),
@@ -135,10 +154,21 @@ def bench_kernel(tiny: bool, bandwidth: float) -> None:
               flush=True)
 
 
+def _repeat(fn, calls: int, q, k, v):
+    """`calls` attention calls in one program, each query depending on the previous output (so
+    no two calls can share a read of the cache): the per-call time excludes the host's dispatch,
+    which takes longer than reading a 67 MB cache."""
+    for _ in range(calls):
+        q = q + fn(q, k, v).astype(q.dtype) * 1e-3
+    return q
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", help="preset(s) (default 125m and 1b)")
     parser.add_argument("--quick", action="store_true", help="64 new tokens, batches 1 and 8")
+    parser.add_argument("--compare-scan", action="store_true",
+                        help="also time batch-1 decoding with the layer loop not unrolled")
     parser.add_argument("--baseline-hf", action="store_true", help="also transformers generate")
     parser.add_argument("--attention-impl", default=None, choices=("xla", "cudnn", "pallas"),
                         help="model attention (default pallas; xla for tiny)")

@@ -11,7 +11,6 @@ unsort) costs. Prints one line per variant and the ratio.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import jax
@@ -42,7 +41,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    cfg = ModelConfig(embed_dim=args.embed, num_experts=args.experts, top_k=args.top_k,
+    # Attention shapes do not matter here; heads of 64 keep any embed width valid.
+    cfg = ModelConfig(embed_dim=args.embed, num_heads=max(args.embed // 64, 1), num_kv_heads=1,
+                      head_dim=64, num_experts=args.experts, top_k=args.top_k,
                       expert_mlp_dim=args.expert_mlp, mlp_dim=args.expert_mlp,
                       moe_dispatch=args.dispatch, compute_dtype=args.dtype)
     dtype = jnp.dtype(args.dtype)

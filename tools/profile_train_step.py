@@ -52,6 +52,29 @@ def kernel_events(trace: dict) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
 
 
+def summarize_trace(out_dir: str, repeats: int, top: int, unit: str) -> None:
+    """Print kernel time per `unit` (the trace holds `repeats` of them) by category and name."""
+    files = glob.glob(os.path.join(out_dir, "**", "*trace.json.gz"), recursive=True)
+    print("trace files:", files)
+    events = []
+    for file in files:  # the Perfetto and the TensorBoard trace: keep the one with more GPU events
+        with gzip.open(file, "rt") as handle:
+            found = kernel_events(json.load(handle))
+        events = found if len(found) > len(events) else events
+    by_name: dict[str, float] = collections.Counter()
+    by_category: dict[str, float] = collections.Counter()
+    for event in events:
+        by_name[event["name"]] += event["dur"] / 1e3 / repeats
+        by_category[category(event["name"])] += event["dur"] / 1e3 / repeats
+    total = sum(by_category.values()) or float("nan")
+    print(f"kernels: {total:.3f} ms and {len(events) / repeats:.0f} launches per {unit}")
+    for name, ms in sorted(by_category.items(), key=lambda x: -x[1]):
+        print(f"  {name:30s} {ms:8.3f} ms  {ms / total:6.1%}")
+    print(f"top {top} kernels (ms per {unit}):")
+    for name, ms in sorted(by_name.items(), key=lambda x: -x[1])[:top]:
+        print(f"  {ms:8.3f}  {name[:110]}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="1b")
@@ -85,25 +108,8 @@ def main(argv=None) -> int:
                 state, metrics = step_fn(state, device_batch)
             jax.block_until_ready(metrics["loss"])
         step_ms = (time.perf_counter() - start) / args.steps * 1e3
-    files = glob.glob(os.path.join(args.out, "**", "*trace.json.gz"), recursive=True)
-    print("trace files:", files)
-    events = []
-    for file in files:  # the Perfetto and the TensorBoard trace: keep the one with more GPU events
-        with gzip.open(file, "rt") as handle:
-            found = kernel_events(json.load(handle))
-        events = found if len(found) > len(events) else events
-    by_name: dict[str, float] = collections.Counter()
-    by_category: dict[str, float] = collections.Counter()
-    for event in events:
-        by_name[event["name"]] += event["dur"] / 1e3 / args.steps
-        by_category[category(event["name"])] += event["dur"] / 1e3 / args.steps
-    total = sum(by_category.values()) or float("nan")
-    print(f"{jax.devices()[0].device_kind}: step {step_ms:.1f} ms (traced, host clock); kernels sum {total:.1f} ms/step")
-    for name, ms in sorted(by_category.items(), key=lambda x: -x[1]):
-        print(f"  {name:30s} {ms:8.2f} ms  {ms / total:6.1%}")
-    print(f"top {args.top} kernels (ms per step):")
-    for name, ms in sorted(by_name.items(), key=lambda x: -x[1])[:args.top]:
-        print(f"  {ms:8.2f}  {name[:110]}")
+    print(f"{jax.devices()[0].device_kind}: step {step_ms:.1f} ms (traced, host clock)")
+    summarize_trace(args.out, args.steps, args.top, "step")
     return 0
 
 
