@@ -47,7 +47,7 @@ def test_normalization_folds_case_accents_punctuation_and_space():
 
 
 def _sets_with_jaccard(rng, similarity, size=200):
-    """Two random sets of 64-bit values with Jaccard exactly round(...)/size-ish."""
+    """Two random sets of `size` 64-bit values sharing enough of them for a Jaccard near `similarity`."""
     common = int(round(2 * size * similarity / (1 + similarity)))
     values = rng.integers(0, 2**63, 2 * size, dtype=np.uint64)
     first = np.unique(values[:size])
@@ -110,7 +110,7 @@ def test_line_dedup_removes_every_copy_of_a_repeated_line(tmp_path):
     for name, text in documents.items():
         (tmp_path / name).write_text(text)
     outputs = exact_dedup.line_dedup_files([str(tmp_path / name) for name in documents], str(tmp_path / "out"))
-    results = [open(path).read() for path in outputs]
+    results = [exact_dedup.read_text(path) for path in outputs]
     assert results == ["unique a1\nunique a2", "unique b1", "unique c1\nunique c2"]
 
 

@@ -56,7 +56,12 @@ def build_inputs(directory) -> list[str]:
 
 def _outputs(out: str) -> dict:
     directory = os.path.join(out, "text")
-    return {name: open(os.path.join(directory, name), encoding="utf-8").read() for name in sorted(os.listdir(directory))}
+    return {name: _read(os.path.join(directory, name)) for name in sorted(os.listdir(directory))}
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as file:
+        return file.read()
 
 
 def test_cli_filters_masks_deduplicates_and_resumes(tmp_path):
@@ -65,7 +70,7 @@ def test_cli_filters_masks_deduplicates_and_resumes(tmp_path):
     arguments = ["--input", *inputs, "--out", out, "--num-workers", "1", "--no-progress",
                  "--num-hashes", "64", "--num-bands", "16", "--jaccard-threshold", "0.7"]
     assert curate.main(arguments) == 0
-    report = json.load(open(os.path.join(out, "report.json")))
+    report = json.loads(_read(os.path.join(out, "report.json")))
     assert report["records"]["records"] == 11 and report["records"]["corrupt_records"] == 1
     stages = {stage["stage"]: stage for stage in report["stages"]}
     assert stages["read"]["documents_in"] == 10 and stages["read"]["documents_out"] == 10
@@ -89,7 +94,7 @@ def test_cli_filters_masks_deduplicates_and_resumes(tmp_path):
     stamp = os.path.getmtime(untouched[0])
     assert curate.main(arguments) == 0
     assert _outputs(out) == before and os.path.getmtime(untouched[0]) == stamp
-    assert json.load(open(os.path.join(out, "report.json"))) == report
+    assert json.loads(_read(os.path.join(out, "report.json"))) == report
 
 
 def test_cli_rejects_bad_input_with_a_clear_error(tmp_path, capsys):

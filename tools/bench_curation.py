@@ -135,9 +135,9 @@ def datatrove_minhash(work: str, texts: list[str], config: minhash.MinHashConfig
     shutil.rmtree(folder, ignore_errors=True)
     documents = [Document(text=text, id=str(index)) for index, text in enumerate(texts)]
     steps = [
-        [documents, MinhashDedupSignature(os.path.join(folder, "signatures"), dt_config, WhitespaceTokenizer())],
-        [MinhashDedupBuckets(os.path.join(folder, "signatures"), os.path.join(folder, "buckets"), dt_config)],
-        [MinhashDedupCluster(os.path.join(folder, "buckets"), os.path.join(folder, "remove_ids"), dt_config)],
+        [documents, MinhashDedupSignature(os.path.join(folder, "signatures"), config=dt_config, language=WhitespaceTokenizer())],
+        [MinhashDedupBuckets(os.path.join(folder, "signatures"), os.path.join(folder, "buckets"), config=dt_config)],
+        [MinhashDedupCluster(os.path.join(folder, "buckets"), os.path.join(folder, "remove_ids"), config=dt_config)],
     ]
     total = 0.0
     for number, pipeline in enumerate(steps):
