@@ -24,6 +24,7 @@ RematPolicy = Literal["none", "full", "save_dots"]
 DataLayout = Literal["windows", "documents"]
 RouterType = Literal["softmax", "sigmoid"]
 MoeDispatch = Literal["dropless", "capacity"]
+Parameterization = Literal["standard", "mup"]
 
 
 class ConfigError(ValueError):
@@ -86,6 +87,11 @@ class ModelConfig:
     moe_balance_loss: float = 0.0  # coefficient of the Switch load-balancing loss
     moe_z_loss: float = 0.0  # coefficient of the ST-MoE router z-loss
     moe_bias_update_rate: float = 0.0  # > 0: auxiliary-loss-free balancing by bias updates
+    # muP (jaxlm/mup.py): init scales, 1/head_dim attention, logits x mup_output_multiplier /
+    # (embed_dim / mup_base_width) and per-matrix Adam learning rates relative to the base width.
+    parameterization: Parameterization = "standard"
+    mup_base_width: int = 256
+    mup_output_multiplier: float = 1.0
 
     @property
     def resolved_head_dim(self) -> int:
@@ -110,6 +116,16 @@ class ModelConfig:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.resolved_head_dim}")
         if self.num_experts:
             self._check_moe()
+        if self.parameterization == "mup":
+            self._check_mup()
+
+    def _check_mup(self):
+        if self.mup_base_width <= 0 or self.mup_output_multiplier <= 0:
+            raise ConfigError(f"model.mup_base_width={self.mup_base_width} and model.mup_output_multiplier="
+                              f"{self.mup_output_multiplier} must be positive")
+        if self.tie_embeddings:
+            raise ConfigError("model.parameterization=mup needs model.tie_embeddings=false: muP scales the "
+                              "embedding and the output layer differently")
 
     def _check_moe(self):
         if not 1 <= self.top_k <= self.num_experts:

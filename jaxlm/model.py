@@ -37,6 +37,7 @@ from jax.sharding import Mesh
 from jaxlm import attention as attention_lib
 from jaxlm import kv_cache
 from jaxlm import moe
+from jaxlm import mup
 from jaxlm import sharding
 from jaxlm.config import ModelConfig
 from jaxlm.layers import apply_rope, rms_norm, rope_inverse_frequencies, swiglu
@@ -93,6 +94,8 @@ def param_specs(cfg: ModelConfig) -> dict:
         _split_moe_stacks(cfg, specs, out_std)
     if not cfg.tie_embeddings:
         specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"), "normal", std)
+    if cfg.parameterization == "mup":
+        specs = mup.scale_init(cfg, specs)
     return specs
 
 
@@ -197,6 +200,8 @@ def _attention_block(cfg: ModelConfig, p: dict, x: jax.Array, ctx: dict,
         q, k = rms_norm(q, p["q_norm"], cfg.norm_eps), rms_norm(k, p["k_norm"], cfg.norm_eps)
     q = apply_rope(q, ctx["positions"], ctx["inverse_frequencies"])
     k = apply_rope(k, ctx["positions"], ctx["inverse_frequencies"])
+    if cfg.parameterization == "mup":
+        q = q * jnp.asarray(mup.query_scale(cfg), q.dtype)  # scores / head_dim (mup.py)
     if layer_cache is not None:
         # layer_cache = (the whole stacked cache, this layer's index): written in place.
         cache, layer = layer_cache
@@ -394,7 +399,10 @@ def forward_with_aux(cfg: ModelConfig, params: dict, tokens: jax.Array, *,
         logits = jnp.einsum("btd,vd->btv", x, params["embed"].astype(compute_dtype))
     else:
         logits = jnp.einsum("btd,dv->btv", x, params["lm_head"].astype(compute_dtype))
-    logits = _constrain(logits.astype(jnp.float32), LOGITS_AXES)
+    logits = logits.astype(jnp.float32)
+    if cfg.parameterization == "mup":
+        logits = logits * mup.output_scale(cfg)
+    logits = _constrain(logits, LOGITS_AXES)
     if cache is None:
         return logits, None, aux
     return logits, kv_cache.set_lengths(cache, cache["lengths"] + length), aux

@@ -16,6 +16,8 @@ Conventions:
   or zeros (RMSNorm scales, q/k/v biases): shrinking a norm scale towards 0 is not a prior on
   small weights but a change of the function. The mask comes from `model.param_specs`, so a new
   parameter kind is classified where it is declared.
+- muP (`model.parameterization=mup`): each update is then multiplied by its parameter's factor
+  from `mup.learning_rate_multipliers` (1/width multiplier for hidden matrices).
 - Optimizer state and params are float32 (the master copy); the forward pass casts to
   `compute_dtype`.
 """
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlm import model
+from jaxlm import model, mup
 from jaxlm.config import ModelConfig, TrainConfig
 
 
@@ -54,6 +56,8 @@ def make_optimizer(cfg: ModelConfig, train: TrainConfig) -> optax.GradientTransf
     """Clip by global norm, then AdamW with the schedule and decay mask of this module."""
     adamw = optax.adamw(lambda step: learning_rate(train, step), b1=train.beta1, b2=train.beta2,
                         eps=train.eps, weight_decay=train.weight_decay, mask=decay_mask(cfg))
+    if cfg.parameterization == "mup":
+        adamw = optax.chain(adamw, mup.scale_updates(mup.learning_rate_multipliers(cfg, model.param_specs(cfg))))
     if train.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(train.clip_norm), adamw)
     return adamw
