@@ -219,48 +219,73 @@ def _new_cache(cfg: ModelConfig, batch: int, cache_len: int, quantize: bool) -> 
         for name, x in cache.items()}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _token_log_prob(logits: jax.Array, token: jax.Array) -> jax.Array:
+    """log softmax(logits)[token] per row: the model's own log-prob (temperature 1, unfiltered)."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), static_argnames="with_log_probs")
 def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, params, tokens,
-                   lengths, key):
-    """Prefill, then decode until every sequence is done; [B, max_new_tokens] with PAD after."""
+                   lengths, key, with_log_probs=False):
+    """Prefill, then decode until every sequence is done; [B, max_new_tokens] with PAD after.
+
+    with_log_probs: also [B, max_new_tokens] float32 log-probs of the emitted tokens (0 after).
+    """
+    params = model.unstack_layers(params)  # one copy per call, none per step
     cache = _new_cache(cfg, tokens.shape[0], cache_len, quantize)
     logits, cache = _prefill(cfg, params, tokens, cache, lengths)
     token = sample(logits, jax.random.fold_in(key, 0), sampling)
     out = jnp.full((tokens.shape[0], max_new_tokens), PAD, jnp.int32).at[:, 0].set(token)
+    log_probs = jnp.zeros(out.shape, jnp.float32)
+    if with_log_probs:
+        log_probs = log_probs.at[:, 0].set(_token_log_prob(logits, token))
 
     def cond(state):
-        step, _, done, _, _ = state
+        step, _, done, _, _, _ = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        step, token, done, out, cache = state
+        step, token, done, out, log_probs, cache = state
         logits, cache = model.forward(cfg, params, token[:, None], cache=cache)
         token = sample(logits[:, 0], jax.random.fold_in(key, step), sampling)
         out = out.at[:, step].set(jnp.where(done, PAD, token))
+        if with_log_probs:
+            log_probs = log_probs.at[:, step].set(
+                jnp.where(done, 0.0, _token_log_prob(logits[:, 0], token)))
         done = done | _is_eos(token, eos_id)
-        return step + 1, token, done, out, cache
+        return step + 1, token, done, out, log_probs, cache
 
-    state = (jnp.int32(1), token, _is_eos(token, eos_id), out, cache)
-    return jax.lax.while_loop(cond, body, state)[3]
+    state = (jnp.int32(1), token, _is_eos(token, eos_id), out, log_probs, cache)
+    state = jax.lax.while_loop(cond, body, state)
+    return (state[3], state[4]) if with_log_probs else state[3]
 
 
 def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, seed: int = 0, eos_id: Optional[int] = None,
-             mesh: Optional[Mesh] = None, quantize_cache: bool = False) -> list[list[int]]:
+             mesh: Optional[Mesh] = None, quantize_cache: bool = False,
+             return_log_probs: bool = False):
     """The new tokens of each prompt (up to max_new_tokens, ending at eos_id when it comes).
 
     temperature 0 is greedy. mesh: params sharded on it (model.param_shardings); the cache is
     created sharded and the batch is padded to a multiple of data x fsdp. quantize_cache: int8.
+    return_log_probs: return (tokens, log_probs), log_probs[i][j] = log p(tokens[i][j]) under the
+    model itself (log_softmax of the raw logits: temperature, top-k and top-p not applied), the
+    quantity an RL trainer recomputes (jaxlm/align).
     """
     sampling = Sampling(float(temperature), top_k, top_p)
     check_request(cfg, prompts, max_new_tokens, sampling, eos_id)
     tokens, lengths, cache_len = _batch(prompts, mesh, 0, max_new_tokens)
     with _maybe_mesh(mesh):
         out = _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize_cache,
-                             params, tokens, lengths, jax.random.key(seed))
-    out = np.asarray(out)
-    return [_trim(out[i], max_new_tokens, max_new_tokens, eos_id) for i in range(len(prompts))]
+                             params, tokens, lengths, jax.random.key(seed),
+                             with_log_probs=return_log_probs)
+    out, log_probs = (np.asarray(out[0]), np.asarray(out[1])) if return_log_probs else (np.asarray(out), None)
+    results = [_trim(out[i], max_new_tokens, max_new_tokens, eos_id) for i in range(len(prompts))]
+    if not return_log_probs:
+        return results
+    return results, [[float(x) for x in log_probs[i, :len(row)]] for i, row in enumerate(results)]
 
 
 def _maybe_mesh(mesh: Optional[Mesh]):

@@ -183,18 +183,25 @@ def router_record(router: dict) -> dict:
 
 
 @functools.lru_cache(maxsize=32)
-def make_train_step(cfg: Config, mesh: Mesh) -> Callable:
-    """The jitted `(state, batch) -> (state, metrics)`; cached per (config, mesh)."""
+def make_train_step(cfg: Config, mesh: Mesh, loss_fn: Optional[Callable] = None) -> Callable:
+    """The jitted `(state, batch) -> (state, metrics)`; cached per (config, mesh, loss_fn).
+
+    loss_fn(model_cfg, params, microbatch) -> terms like `loss.loss_terms` ("ce_sum", "z_sum",
+    optional "router"), plus optional "sums": scalars summed over microbatches and returned as
+    metrics["sums"]. Default: `loss.loss_terms` with train.z_loss. Either way the objective is
+    (ce_sum + z_sum) / sum(batch["loss_mask"]) (post-training losses: jaxlm/align).
+    """
     tx = optim.make_optimizer(cfg.model, cfg.train)
     shardings = state_shardings(cfg, mesh, tx)
     replicated = NamedSharding(mesh, PartitionSpec())
+    terms_fn = loss_fn or (lambda model_cfg, p, micro: loss.loss_terms(model_cfg, p, micro, cfg.train.z_loss))
 
     def train_step(state, batch):
         params = state["params"]
         count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
         def objective(p, micro):
-            terms = loss.loss_terms(cfg.model, p, micro, cfg.train.z_loss)
+            terms = terms_fn(cfg.model, p, micro)
             return (terms["ce_sum"] + terms["z_sum"]) / count, terms
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -204,14 +211,18 @@ def make_train_step(cfg: Config, mesh: Mesh) -> Callable:
             grads = jax.lax.with_sharding_constraint(grads, shardings["params"])
             summed = jax.tree.map(jnp.add, carry[0], grads)
             router = jax.tree.map(jnp.add, carry[3], terms.get("router", {}))
-            return (summed, carry[1] + terms["ce_sum"], carry[2] + terms["z_sum"], router), None
+            sums = jax.tree.map(jnp.add, carry[4], terms.get("sums", {}))
+            return (summed, carry[1] + terms["ce_sum"], carry[2] + terms["z_sum"], router, sums), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        carry = (zeros, jnp.float32(0), jnp.float32(0), router_zeros(cfg.model))
+        first = jax.tree.map(lambda x: x[0], batch)
+        sums_shape = jax.eval_shape(functools.partial(terms_fn, cfg.model), params, first).get("sums", {})
+        carry = (zeros, jnp.float32(0), jnp.float32(0), router_zeros(cfg.model),
+                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
         if cfg.train.grad_accum == 1:
-            (grads, ce_sum, z_sum, router), _ = accumulate(carry, jax.tree.map(lambda x: x[0], batch))
+            (grads, ce_sum, z_sum, router, sums), _ = accumulate(carry, first)
         else:
-            (grads, ce_sum, z_sum, router), _ = jax.lax.scan(accumulate, carry, batch)
+            (grads, ce_sum, z_sum, router, sums), _ = jax.lax.scan(accumulate, carry, batch)
         router = jax.tree.map(lambda x: x / cfg.train.grad_accum, router)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -228,7 +239,7 @@ def make_train_step(cfg: Config, mesh: Mesh) -> Callable:
         kept["step"] = new_state["step"]
         metrics = {"loss": total, "cross_entropy": ce_sum / count, "grad_norm": grad_norm,
                    "lr": optim.learning_rate(cfg.train, state["step"]), "finite": finite,
-                   "router": router}
+                   "router": router, "sums": sums}
         return kept, metrics
 
     data = batch_sharding(mesh)

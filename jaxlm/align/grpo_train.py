@@ -1,0 +1,314 @@
+"""The GRPO loop: rollouts through `jaxlm.decode`, rewards, one jitted sharded update per epoch.
+
+    python -m jaxlm.grpo                                  # arithmetic on CPU, a few minutes
+    python -m jaxlm.grpo --data gsm8k_train.jsonl --test-data gsm8k_test.jsonl \\
+        --init runs/125m-sft --run-dir runs/125m-grpo --max_new_tokens=256 --group_size=8
+
+One GRPO step:
+1. sample `prompts_per_step` training problems; G = `group_size` rollouts of each (rollout.py),
+   from the train state's params as they are (no copy between trainer and sampler);
+2. rewards and group-normalized advantages on the host, over the whole rollout batch (grpo.py);
+3. old-policy log-probs (needed by grpo_clip and by several epochs) and reference log-probs (for
+   the KL penalty) with one forward each, before any update;
+4. `epochs_per_rollout` optimizer steps on the same rollouts: `train.make_train_step` with the
+   GRPO loss, `grad_accum` microbatches, the state donated. With one epoch and old log-probs equal
+   to the current ones this is on-policy; later epochs are off-policy and the clip matters.
+
+The reference policy is the starting params (a separate pytree). Every step appends a record to
+`<run-dir>/metrics.jsonl` (reward, format and answer reward, accuracy, entropy, clip fraction,
+response length, KL, rollout and update seconds); held-out greedy accuracy every `eval_every`
+steps. With no --init/--hf the policy is the cached arithmetic SFT model (tasks.py, configs/
+align_tiny.py), trained first if the cache lacks it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jaxlm import sharding, train
+from jaxlm.align import common, evaluate, grpo, rollout, sft, tasks
+from jaxlm.config import Config, ConfigError, TrainConfig, apply_overrides, load_preset, to_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoConfig:
+    """GRPO settings; the defaults are the CPU arithmetic run (docs/_notes_alignment.md)."""
+
+    steps: int = 40
+    prompts_per_step: int = 32
+    group_size: int = 8
+    temperature: float = 1.0
+    top_p: Optional[float] = None
+    max_new_tokens: int = 6
+    loss_type: grpo.LossType = "grpo_clip"
+    aggregation: grpo.Aggregation = "sequence"
+    normalize_by_std: bool = True
+    advantage_eps: float = 1e-6
+    cliprange: float = 0.2
+    kl_coef: float = 0.0
+    epochs_per_rollout: int = 1
+    lr: float = 3e-5  # Adam's first steps move every weight by ~lr: 1e-3 and 2e-4 wrecked the tiny policy
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+    eval_every: int = 10
+    eval_examples: int = 500
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs_per_rollout",
+                     "grad_accum", "eval_every", "eval_examples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def train_config(self) -> TrainConfig:
+        """The optimizer settings as the train step reads them (constant lr after warmup)."""
+        return TrainConfig(steps=self.steps * self.epochs_per_rollout, batch_size=self.prompts_per_step * self.group_size,
+                           seq_len=self.max_new_tokens, grad_accum=self.grad_accum, lr=self.lr, min_lr_ratio=1.0,
+                           warmup_steps=self.warmup_steps, weight_decay=self.weight_decay,
+                           clip_norm=self.clip_norm, seed=self.seed)
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def rollout_batch(rollouts: list, advantages: np.ndarray, raw_rewards: np.ndarray, config: GrpoConfig) -> dict:
+    """Host arrays [N, T] for the update (T rounded up to 8 so steps reuse one program)."""
+    longest = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
+    packed = common.pack_prompt_and_response_ids([r.prompt_ids for r in rollouts],
+                                                  [r.response_ids for r in rollouts], _round_up(longest, 8) + 1)
+    mask = packed["response_mask"]
+    weights = grpo.token_weights(mask, config.aggregation, config.max_new_tokens) * mask.sum()
+    ones = np.ones_like(mask)
+    return {"inputs": packed["input_ids"], "targets": packed["labels"], "loss_mask": mask,
+            "token_weights": weights.astype(np.float32), "advantages": advantages[:, None] * ones,
+            "raw_rewards": raw_rewards[:, None] * ones, "old_log_probs": np.zeros_like(mask),
+            "ref_log_probs": np.zeros_like(mask)}
+
+
+def rollout_log_probs(rollouts: list, shape: tuple) -> np.ndarray:
+    """The sampler's log-probs laid out like the labels of `rollout_batch` (0 off the response)."""
+    out = np.zeros(shape, np.float32)
+    for i, r in enumerate(rollouts):
+        start = len(r.prompt_ids) - 1
+        out[i, start:start + len(r.log_probs)] = r.log_probs
+    return out
+
+
+class GrpoTrainer:
+    """Policy state, reference params, task data and the compiled update of one GRPO run."""
+
+    def __init__(self, model_cfg, params: dict, tokenizer, task: tasks.Task, train_examples: list,
+                 config: GrpoConfig, mesh, run_dir: Optional[str] = None):
+        self.config, self.mesh, self.tokenizer, self.task, self.run_dir = config, mesh, tokenizer, task, run_dir
+        self.examples = train_examples
+        self.cfg = common.policy_config(model_cfg, mesh, config.train_config())
+        self.state = common.state_from_params(self.cfg, mesh, params)
+        self.reference = params if config.kl_coef else None
+        self.loss_fn = grpo.GrpoLoss(config.loss_type, config.cliprange, config.kl_coef)
+        self.step_fn = train.make_train_step(self.cfg, mesh, self.loss_fn)
+        self.rng = random.Random(config.seed)
+        self.step = 0
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        if (config.prompts_per_step * config.group_size) % (config.grad_accum * shards):
+            raise ConfigError(f"prompts_per_step x group_size = {config.prompts_per_step * config.group_size} "
+                              f"must be divisible by grad_accum x data x fsdp = {config.grad_accum * shards}")
+
+    @property
+    def params(self) -> dict:
+        return self.state["params"]
+
+    def sample(self) -> tuple[list, list]:
+        """Rollouts of this step's prompts (group_size consecutive samples each) and their answers."""
+        problems = [self.rng.choice(self.examples) for _ in range(self.config.prompts_per_step)]
+        repeated = [p for p in problems for _ in range(self.config.group_size)]
+        rollouts = rollout.sample_responses(
+            self.cfg.model, self.params, self.tokenizer, [p.prompt for p in repeated],
+            max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
+            top_p=self.config.top_p, seed=self.config.seed * 100_003 + self.step, stop=self.task.stop,
+            mesh=self.mesh)
+        return rollouts, [p.answer for p in repeated]
+
+    def _log_probs(self, params: dict, batch: dict) -> np.ndarray:
+        with jax.set_mesh(self.mesh):
+            out = common.response_log_probs_jit(self.cfg.model, params, batch["inputs"], batch["targets"])
+        return np.asarray(out) * batch["loss_mask"]
+
+    def grpo_step(self) -> dict:
+        """One rollout batch and its `epochs_per_rollout` updates; returns the step's record."""
+        config, start = self.config, time.perf_counter()
+        rollouts, answers = self.sample()
+        rollout_seconds = time.perf_counter() - start
+        advantages, raw_rewards, reward_stats = grpo.compute_group_normalized_rewards(
+            self.task.reward_fn, [r.text for r in rollouts], answers, config.group_size,
+            config.advantage_eps, config.normalize_by_std)
+        batch = rollout_batch(rollouts, advantages, raw_rewards, config)
+        record = {"step": self.step + 1, **reward_stats}
+        if config.loss_type == "grpo_clip" or config.epochs_per_rollout > 1:
+            batch["old_log_probs"] = self._log_probs(self.params, batch)
+            gap = np.abs(batch["old_log_probs"] - rollout_log_probs(rollouts, batch["loss_mask"].shape))
+            record["rollout_log_prob_gap"] = float(gap.max())
+        if self.reference is not None:
+            batch["ref_log_probs"] = self._log_probs(self.reference, batch)
+        update_start = time.perf_counter()
+        for _ in range(config.epochs_per_rollout):
+            self.state, metrics = common.run_update(self.step_fn, self.state, batch, self.mesh, config.grad_accum)
+        self.step += 1
+        tokens = float(batch["loss_mask"].sum())
+        sums = metrics["sums"]
+        record.update(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]),
+                      entropy=float(sums["entropy"]) / tokens, clip_fraction=float(sums["clipped"]) / tokens,
+                      response_length=tokens / len(rollouts), rollout_seconds=rollout_seconds,
+                      update_seconds=time.perf_counter() - update_start, rollout_tokens=tokens)
+        if config.kl_coef:
+            record["kl"] = float(sums["kl"]) / tokens
+        return record
+
+    def evaluate(self, examples: list) -> dict:
+        return evaluate.evaluate_task(self.cfg.model, self.params, self.tokenizer, examples, self.task,
+                                      max_new_tokens=self.config.max_new_tokens, mesh=self.mesh,
+                                      batch_size=256)
+
+    def train(self, test_examples: list, progress: bool = True) -> list[dict]:
+        """`steps` GRPO steps with held-out evaluation at the start, every eval_every, and the end."""
+        records = []
+        before = self.evaluate(test_examples)
+        self._log({"step": 0, "eval_accuracy": before["accuracy"], "eval_ci95": before["accuracy_ci95"],
+                   "eval_format_rate": before["format_rate"]}, records)
+        bar = tqdm(range(self.config.steps), desc="grpo", disable=not progress, dynamic_ncols=True)
+        for _ in bar:
+            record = self.grpo_step()
+            if self.step % self.config.eval_every == 0 or self.step == self.config.steps:
+                result = self.evaluate(test_examples)
+                record.update(eval_accuracy=result["accuracy"], eval_ci95=result["accuracy_ci95"],
+                              eval_format_rate=result["format_rate"])
+            self._log(record, records)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", acc=record.get("eval_accuracy", ""))
+        if self.run_dir:
+            common.save_policy(self.run_dir, self.step, self.state, self.cfg, self.tokenizer)
+        return records
+
+    def _log(self, record: dict, records: list) -> None:
+        records.append(record)
+        if self.run_dir:
+            common.append_metrics(self.run_dir, record)
+
+
+# ---------------------------------------------------------------------------------------------
+# The default policy: a tiny model SFT-ed on arithmetic, cached
+
+
+def default_sft_config(mesh) -> Config:
+    cfg = load_preset("align_tiny")
+    return common.policy_config(cfg.model, mesh, cfg.train)
+
+
+def arithmetic_policy(cache_dir: str, mesh, progress: bool = True):
+    """(model config, params, tokenizer) of the arithmetic SFT policy; trained once, then cached."""
+    cfg = default_sft_config(mesh)
+    key = hashlib.sha256(json.dumps({"model": to_dict(cfg.model), "train": to_dict(cfg.train)},
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    run_dir = os.path.join(cache_dir, f"align-arithmetic-sft-{key}")
+    if not os.path.isfile(os.path.join(run_dir, "done")):
+        shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted earlier attempt
+        print(f"training the starting policy (SFT of align_tiny on arithmetic), cached in {run_dir}")
+        tokenizer = tasks.byte_tokenizer()
+        pairs = sft.tokenize_examples(tasks.arithmetic_examples(20000, "train"), tokenizer)
+        sft.run_sft(cfg, mesh, sft.fresh_params(cfg, mesh), pairs, run_dir=run_dir, tokenizer=tokenizer,
+                    progress=progress)
+        open(os.path.join(run_dir, "done"), "w").close()
+    return common.load_policy(run_dir, mesh=mesh)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser():
+    import argparse
+
+    keys = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(GrpoConfig))
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxlm.grpo", allow_abbrev=False,
+        description="GRPO with verifiable rewards (jaxlm/align/grpo_train.py). With no arguments: "
+                    "the arithmetic task from a cached tiny SFT policy, on CPU in a few minutes.",
+        epilog=f"GRPO settings are --KEY=VALUE overrides; keys and defaults: {keys}")
+    common.add_policy_arguments(parser)  # default: the cached arithmetic SFT model
+    parser.add_argument("--data", help="GSM8K-format JSONL of training questions (default: arithmetic)")
+    parser.add_argument("--test-data", help="GSM8K-format JSONL of held-out questions (with --data)")
+    parser.add_argument("--template", default="plain", choices=("plain", "r1"), help="GSM8K prompt format")
+    parser.add_argument("--run-dir", default="runs/grpo", help="metrics.jsonl, summary.json, checkpoint")
+    parser.add_argument("--cache-dir", default=None, help="where the default SFT policy is cached "
+                        "(default: $XDG_CACHE_HOME/jaxlm or ~/.cache/jaxlm)")
+    return parser
+
+
+def _task_data(args, config: GrpoConfig):
+    if args.data is None:
+        train_examples = tasks.arithmetic_examples(20000, "train", seed=config.seed + 1)
+        return tasks.ARITHMETIC, train_examples, tasks.arithmetic_examples(config.eval_examples, "test")
+    if args.test_data is None:
+        raise ConfigError("--data needs --test-data (held-out questions for the accuracy)")
+    return (tasks.gsm8k_task(args.template), tasks.load_gsm8k(args.data, args.template),
+            tasks.load_gsm8k(args.test_data, args.template, limit=config.eval_examples))
+
+
+def run(args, overrides: list[str]) -> dict:
+    config = apply_overrides(GrpoConfig(), overrides)
+    mesh = sharding.make_mesh(args.mesh)
+    if args.init or args.hf:
+        model_cfg, params, tokenizer = common.load_policy(args.init, args.hf, mesh)
+        tokenizer = common.require_tokenizer(tokenizer, args.init or args.hf)
+    else:
+        if args.data:
+            raise ConfigError("--data (GSM8K) needs a starting policy: --init RUN_DIR or --hf DIR")
+        cache_dir = args.cache_dir or train.default_cache_dir(dict(os.environ))
+        model_cfg, params, tokenizer = arithmetic_policy(cache_dir, mesh, progress=not args.no_progress)
+    task, train_examples, test_examples = _task_data(args, config)
+    os.makedirs(args.run_dir, exist_ok=True)
+    if os.path.exists(os.path.join(args.run_dir, common.METRICS_FILE)):
+        os.remove(os.path.join(args.run_dir, common.METRICS_FILE))
+    trainer = GrpoTrainer(model_cfg, params, tokenizer, task, train_examples, config, mesh, args.run_dir)
+    start = time.perf_counter()
+    records = trainer.train(test_examples, progress=not args.no_progress)
+    steps = [r for r in records if r["step"] > 0]
+    summary = {"task": task.name, "config": dataclasses.asdict(config), "held_out_examples": len(test_examples),
+               "accuracy_before": records[0]["eval_accuracy"], "ci95_before": records[0]["eval_ci95"],
+               "accuracy_after": records[-1]["eval_accuracy"], "ci95_after": records[-1]["eval_ci95"],
+               "seconds": time.perf_counter() - start,
+               "rollout_seconds": sum(r["rollout_seconds"] for r in steps),
+               "update_seconds": sum(r["update_seconds"] for r in steps),
+               "rollout_tokens": sum(r["rollout_tokens"] for r in steps)}
+    with open(os.path.join(args.run_dir, "summary.json"), "w", encoding="utf-8") as file:
+        json.dump(summary, file, indent=1)
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args, overrides = build_parser().parse_known_args(argv)
+    try:
+        summary = run(args, overrides)
+    except (ConfigError, ValueError, FileNotFoundError, sharding.MeshError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    low, high = summary["ci95_before"]
+    low2, high2 = summary["ci95_after"]
+    print(f"held-out accuracy ({summary['held_out_examples']} problems, greedy): "
+          f"{summary['accuracy_before']:.3f} [{low:.3f}, {high:.3f}] -> {summary['accuracy_after']:.3f} "
+          f"[{low2:.3f}, {high2:.3f}] in {summary['seconds']:.0f} s (rollouts {summary['rollout_seconds']:.0f} s, "
+          f"updates {summary['update_seconds']:.0f} s); metrics in {args.run_dir}")
+    return 0
