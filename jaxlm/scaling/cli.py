@@ -41,7 +41,7 @@ def _format(interval: dict, digits: int = 3) -> str:
 
 
 def format_report(report: dict) -> str:
-    lines = []
+    lines = [f"{method} fit failed: {error}" for method, error in report.get("errors", {}).items()]
     for method, result in report["methods"].items():
         title = "approach 2, IsoFLOP parabolas" if method == "isoflop" else "approach 3, parametric L(N, D)"
         lines.append(f"{title} ({result['confidence']:.0%} intervals, {result['num_samples']} bootstrap samples)")
@@ -59,9 +59,16 @@ def fit_report(runs, budgets: Sequence[float], methods: Sequence[str] = METHODS,
                confidence: float = 0.9, seed: int = 0, plots_dir: Optional[str] = None) -> dict:
     """Fits, bootstrap intervals at `budgets` and (with `plots_dir`) fit.json and the PNGs."""
     table = to_table(runs)
-    results = {method: bootstrap(table, method, num_samples, confidence, seed, progress=True)
-               for method in methods}
-    report = {"num_runs": len(table), "budgets_of_runs": [float(c) for c in table.budgets()], "methods": {}}
+    report = {"num_runs": len(table), "budgets_of_runs": [float(c) for c in table.budgets()], "methods": {},
+              "errors": {}}
+    results = {}
+    for method in methods:
+        try:
+            results[method] = bootstrap(table, method, num_samples, confidence, seed, progress=True)
+        except ScalingError as error:  # one approach failing must not hide the other
+            report["errors"][method] = str(error)
+    if not results:
+        raise ScalingError("; ".join(f"{method}: {error}" for method, error in report["errors"].items()))
     for method, result in results.items():
         report["methods"][method] = result.predictions(budgets)
         if isinstance(result.fit, ParametricFit):
@@ -77,10 +84,9 @@ def fit_report(runs, budgets: Sequence[float], methods: Sequence[str] = METHODS,
 
 
 def write_plots(table, results: dict, budgets: Sequence[float], out_dir: str) -> list[str]:
-    paths = []
+    paths = [plots.plot_isoflop_curves(table, results["isoflop"].fit if "isoflop" in results else None,
+                                       os.path.join(out_dir, "isoflop_curves.png"))]
     if "isoflop" in results:
-        paths.append(plots.plot_isoflop_curves(table, results["isoflop"].fit,
-                                               os.path.join(out_dir, "isoflop_curves.png")))
         paths.append(plots.plot_optimal_allocation(results["isoflop"], os.path.join(out_dir, "optimal_allocation.png"),
                                                    budgets, results.get("parametric")))
     if "parametric" in results:

@@ -39,15 +39,20 @@ def _save(plt, figure, path: str) -> str:
     return path
 
 
-def plot_isoflop_curves(runs, fit: IsoFlopFit, path: str) -> str:
+def plot_isoflop_curves(runs, fit: Optional[IsoFlopFit], path: str) -> str:
+    """The runs' losses per budget; with a fit also its parabolas and vertices."""
     plt = _pyplot()
     table = to_table(runs)
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    colors = plt.cm.viridis(np.linspace(0, 0.9, len(fit.minima)))
-    for minimum, color in zip(fit.minima, colors):
-        rows = table.compute == minimum.compute
-        x = np.log(table.parameters[rows])
-        axes.scatter(np.exp(x), table.loss[rows], color=color, s=14, label=f"C = {minimum.compute:.0e}")
+    budgets = table.budgets()
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(budgets)))
+    for compute, color in zip(budgets, colors):
+        rows = table.compute == compute
+        order = np.argsort(table.parameters[rows])
+        axes.plot(table.parameters[rows][order], table.loss[rows][order], color=color, marker="o", ms=4,
+                  lw=0.5 if fit else 1, label=f"C = {compute:.0e}")
+    for minimum, color in zip(fit.minima if fit else (), colors):
+        x = np.log(table.parameters[table.compute == minimum.compute])
         grid = np.linspace(x.min(), x.max(), 100)
         p0, p1, p2 = minimum.coefficients
         axes.plot(np.exp(grid), p0 + p1 * grid + p2 * grid**2, color=color, lw=1)
@@ -55,7 +60,7 @@ def plot_isoflop_curves(runs, fit: IsoFlopFit, path: str) -> str:
     axes.set_xscale("log")
     axes.set_xlabel("parameters N")
     axes.set_ylabel("final loss")
-    axes.set_title("IsoFLOP profiles: parabolas in ln N, vertices starred")
+    axes.set_title("IsoFLOP profiles: parabolas in ln N, vertices starred" if fit else "IsoFLOP profiles (no fit)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, ncol=2)
     return _save(plt, figure, path)
