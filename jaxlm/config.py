@@ -69,9 +69,6 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     attention_impl: AttentionImpl = "xla"
     remat: RematPolicy = "none"
-    # With a KV cache (prefill, decode), run the layers as straight-line code instead of a loop:
-    # a decode step is launch-bound, and a GPU loop adds a device-to-host sync per iteration.
-    unroll_cached_layers: bool = True
     # Mixture-of-Experts (jaxlm/moe.py); num_experts=0 is a dense model and ignores the rest.
     num_experts: int = 0
     top_k: int = 2

@@ -133,11 +133,16 @@ def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: dict,
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
 def decode_step(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: dict
                 ) -> tuple[jax.Array, dict]:
-    """Append tokens [B, T] (T = 1 for a decode step) -> logits [B, T, V] and the cache."""
+    """Append tokens [B, T] (T = 1 for a decode step) -> logits [B, T, V] and the cache.
+
+    In a loop, pass `model.unstack_layers(params)` (made once): stacked layers cost a copy of
+    every layer's weights per step on GPU.
+    """
     return model.forward(cfg, params, tokens, cache=cache)
 
 
 _sample = jax.jit(sample, static_argnums=2)
+_unstack = jax.jit(model.unstack_layers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +309,7 @@ def stream(cfg: ModelConfig, params: dict, prompt: Sequence[int], *, max_new_tok
     tokens, lengths, cache_len = _batch([prompt], None, 0, max_new_tokens)
     cache = init_cache(cfg, 1, cache_len, quantize=quantize_cache)
     key = jax.random.key(seed)
+    params = _unstack(params)  # per-layer arrays: no slice copies in each step
     logits, cache = prefill(cfg, params, tokens, cache, lengths)
     for step in range(max_new_tokens):
         if step:
@@ -346,6 +352,8 @@ def _verify(p, q, drafted, key):
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _speculative_loop(target_cfg, draft_cfg, sampling, gamma, max_new_tokens, eos_id, cache_len,
                       target_params, draft_params, tokens, lengths, key):
+    target_params = model.unstack_layers(target_params)
+    draft_params = model.unstack_layers(draft_params)
     target_cache = _new_cache(target_cfg, tokens.shape[0], cache_len, False)
     draft_cache = _new_cache(draft_cfg, tokens.shape[0], cache_len, False)
     logits, target_cache = _prefill(target_cfg, target_params, tokens, target_cache, lengths)

@@ -37,14 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.attention import make_mask
-from pallas_kernels.flash_attention import (FlashConfig, KernelBlocks, default_config,
-                                            flash_attention)
+from pallas_kernels.flash_attention import KernelBlocks, default_config, flash_attention
 
 EMBED = 2048
 MIN_TOKENS = 32768
-SWEEP_FORWARD = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4)]
-SWEEP_DKV = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)]
-SWEEP_DQ = [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)]
+SWEEP_FORWARD = [(128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 2)]
+# The backward's two kernels are swept one at a time, the other kept at its default.
+SWEEP_DKV = [(64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2)]
+SWEEP_DQ = [(128, 32, 4, 2), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2)]
 
 
 def shape_for(seq: int, head_dim: int):
@@ -165,8 +165,10 @@ def sweep_configs(head_dim):
     base = default_config(head_dim)
     for blocks in SWEEP_FORWARD:
         yield "fwd", dataclasses.replace(base, forward=KernelBlocks(*blocks))
-    for dkv, dq in zip(SWEEP_DKV, SWEEP_DQ):
-        yield "fwdbwd", FlashConfig(base.forward, KernelBlocks(*dkv), KernelBlocks(*dq))
+    for blocks in SWEEP_DKV:
+        yield "fwdbwd", dataclasses.replace(base, backward_dkv=KernelBlocks(*blocks))
+    for blocks in SWEEP_DQ:
+        yield "fwdbwd", dataclasses.replace(base, backward_dq=KernelBlocks(*blocks))
 
 
 def plot(results, path):

@@ -64,8 +64,7 @@ def bench_step(name: str, cfg, params, prompt_len: int, new_tokens: int, bandwid
     print(json.dumps({"model": name, "batch": 1, "decode_tokens_per_s": round(1 / step, 1),
                       "step_ms": round(step * 1e3, 3), "step_bytes": step_bytes,
                       "roofline_fraction": round(step_bytes / bandwidth / step, 3),
-                      "attention_impl": cfg.attention_impl,
-                      "unroll_cached_layers": cfg.unroll_cached_layers}), flush=True)
+                      "attention_impl": cfg.attention_impl}), flush=True)
 
 
 def bench_model(name: str, args, bandwidth: float) -> None:
@@ -78,9 +77,6 @@ def bench_model(name: str, args, bandwidth: float) -> None:
     prompt_len, new_tokens = (32, 16) if tiny else (512, 64 if args.quick else 256)
     params = model.init_params(cfg, jax.random.key(0))
     bench_step(name, cfg, params, prompt_len, new_tokens, bandwidth)
-    if args.compare_scan:
-        bench_step(name, dataclasses.replace(cfg, unroll_cached_layers=False), params, prompt_len,
-                   new_tokens, bandwidth)
     for batch in ((1, 2) if tiny else (1, 8) if args.quick else (1, 8, 64)):
         seconds = bench_generate(cfg, params, batch, prompt_len, new_tokens)
         print(json.dumps({"model": name, "batch": batch, "prompt": prompt_len, "new": new_tokens,
@@ -167,8 +163,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", help="preset(s) (default 125m and 1b)")
     parser.add_argument("--quick", action="store_true", help="64 new tokens, batches 1 and 8")
-    parser.add_argument("--compare-scan", action="store_true",
-                        help="also time batch-1 decoding with the layer loop not unrolled")
     parser.add_argument("--baseline-hf", action="store_true", help="also transformers generate")
     parser.add_argument("--attention-impl", default=None, choices=("xla", "cudnn", "pallas"),
                         help="model attention (default pallas; xla for tiny)")
