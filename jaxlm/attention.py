@@ -128,15 +128,16 @@ def attention_cached_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: ja
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-def _pallas_cached(q, k, v, q_offsets, sliding_window):
+def _pallas_cached(q, k, v, q_offsets, sliding_window, layer=None, k_scale=None, v_scale=None):
     interpret = jax.default_backend() == "cpu"
     if q.shape[1] <= MAX_DECODE_QUERIES:
         from pallas_kernels.decode_attention import decode_attention
 
-        return decode_attention(q, k, v, q_offsets, sliding_window=sliding_window,
-                                interpret=interpret)
+        return decode_attention(q, k, v, q_offsets, k_scale=k_scale, v_scale=v_scale, layer=layer,
+                                sliding_window=sliding_window, interpret=interpret)
     from pallas_kernels.flash_attention import flash_attention
 
+    k, v = _cache_layer(k, v, layer, k_scale, v_scale, q.dtype)
     # NOTE: prefill is compute bound; the [B, S, K, H] copy of the cache layer it needs is small
     # next to the T x S score work.
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
@@ -145,22 +146,37 @@ def _pallas_cached(q, k, v, q_offsets, sliding_window):
                            interpret=interpret)
 
 
-def _shard_over_mesh(fn, q, k, v, q_offsets):
+def _cache_layer(k, v, layer, k_scale, v_scale, dtype):
+    """One layer [B, K, S, H] in `dtype` of a cache given as a layer or the stacked cache."""
+    if layer is not None:
+        k, v = k[layer], v[layer]
+        k_scale, v_scale = (None, None) if k_scale is None else (k_scale[layer], v_scale[layer])
+    if k_scale is not None:
+        k = k.astype(jnp.float32) * k_scale[..., None]
+        v = v.astype(jnp.float32) * v_scale[..., None]
+    return k.astype(dtype), v.astype(dtype)
+
+
+def _shard_over_mesh(fn, q, k, v, q_offsets, scales):
     """Run a Pallas call per device: batch over (data, fsdp), heads over tensor, when the mesh
-    set with `jax.set_mesh` has those axes (a kernel is not partitioned by GSPMD)."""
+    set with `jax.set_mesh` has those axes (a kernel is not partitioned by GSPMD). k, v may
+    carry a leading layer dim ([L, B, K, S, H]); scales are None or (k_scale, v_scale)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return fn(q, k, v, q_offsets)
+        return fn(q, k, v, q_offsets, scales)
     from jax.sharding import PartitionSpec as P
 
     batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1)
     tensor = "tensor" if mesh.shape.get("tensor", 1) > 1 else None
     batch = batch_axes or None
-    if q.shape[0] % max(1, _axes_size(mesh, batch_axes)) or k.shape[1] % mesh.shape.get("tensor", 1):
-        return fn(q, k, v, q_offsets)  # does not divide: let GSPMD gather
-    q_spec, kv_spec = P(batch, None, tensor, None), P(batch, tensor, None, None)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(batch)),
-                         out_specs=q_spec, check_vma=False)(q, k, v, q_offsets)
+    if q.shape[0] % max(1, _axes_size(mesh, batch_axes)) or k.shape[-3] % mesh.shape.get("tensor", 1):
+        return fn(q, k, v, q_offsets, scales)  # does not divide: let GSPMD gather
+    lead = (None,) * (k.ndim - 4)
+    q_spec = P(batch, None, tensor, None)
+    kv_spec, scale_spec = P(*lead, batch, tensor, None, None), P(*lead, batch, tensor, None)
+    scale_specs = None if scales is None else (scale_spec, scale_spec)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(batch), scale_specs),
+                         out_specs=q_spec, check_vma=False)(q, k, v, q_offsets, scales)
 
 
 def _axes_size(mesh, axes) -> int:
@@ -171,17 +187,28 @@ def _axes_size(mesh, axes) -> int:
 
 
 def attention_cached(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offsets: jax.Array,
-                     sliding_window: Optional[int] = None, impl: str = "xla") -> jax.Array:
+                     layer=None, k_scale: Optional[jax.Array] = None,
+                     v_scale: Optional[jax.Array] = None, sliding_window: Optional[int] = None,
+                     impl: str = "xla") -> jax.Array:
     """Attention of new tokens q [B, T, N, H] over a cache layer k, v [B, K, S, H] that already
     holds them; q_offsets [B] is each sequence's slot of query 0 (kv_cache.py's layout).
 
+    layer: k, v are the whole stacked cache [L, B, K, S, H] and this is the layer to read (an
+    int lets the decode kernel read it in place; a traced index slices it out). k_scale,
+    v_scale [(L,) B, K, S]: an int8 cache's scales (the decode kernel dequantizes in registers).
     `pallas`: the split-K decode kernel for T <= MAX_DECODE_QUERIES, flash attention above;
     `xla` and `cudnn`: einsums on the cache layout (cuDNN wants [B, S, K, H]; transposing the
     whole cache every step would cost more than the attention itself).
     """
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+    if impl == "pallas" and (layer is None or isinstance(layer, int)):
+        def fn(q, k, v, o, scales):
+            return _pallas_cached(q, k, v, o, sliding_window, layer, *(scales or (None, None)))
+        scales = None if k_scale is None else (k_scale, v_scale)
+        return _shard_over_mesh(fn, q, k, v, q_offsets, scales)
+    k, v = _cache_layer(k, v, layer, k_scale, v_scale, q.dtype)
     if impl == "pallas":
-        fn = lambda q, k, v, o: _pallas_cached(q, k, v, o, sliding_window)  # noqa: E731
-        return _shard_over_mesh(fn, q, k, v, q_offsets)
-    if impl in ("xla", "cudnn"):
-        return attention_cached_xla(q, k, v, q_offsets, sliding_window)
-    raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+        return _shard_over_mesh(lambda q, k, v, o, _: _pallas_cached(q, k, v, o, sliding_window),
+                                q, k, v, q_offsets, None)
+    return attention_cached_xla(q, k, v, q_offsets, sliding_window)

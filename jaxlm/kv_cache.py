@@ -116,14 +116,5 @@ def write_layer(cache: dict, layer: jax.Array, k: jax.Array, v: jax.Array) -> di
     return new
 
 
-def read_layer(cache: dict, layer: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """Keys and values [B, K, S, H] of layer `layer` in `dtype` (dequantized if int8)."""
-    k, v = cache["k"][layer], cache["v"][layer]
-    if "k_scale" in cache:
-        k = k.astype(jnp.float32) * cache["k_scale"][layer][..., None]
-        v = v.astype(jnp.float32) * cache["v_scale"][layer][..., None]
-    return k.astype(dtype), v.astype(dtype)
-
-
 def max_len(cache: dict) -> int:
     return cache["k"].shape[3]

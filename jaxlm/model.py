@@ -205,8 +205,9 @@ def _attention_block(cfg: ModelConfig, p: dict, x: jax.Array, ctx: dict,
         # layer_cache = (the whole stacked cache, this layer's index): written in place.
         cache, layer = layer_cache
         cache = kv_cache.write_layer(cache, layer, k, v)
-        k_cache, v_cache = kv_cache.read_layer(cache, layer, dtype)  # [B, K, S, H]
-        out = attention_lib.attention_cached(q, k_cache, v_cache, q_offsets=cache["lengths"],
+        out = attention_lib.attention_cached(q, cache["k"], cache["v"], q_offsets=cache["lengths"],
+                                             layer=layer, k_scale=cache.get("k_scale"),
+                                             v_scale=cache.get("v_scale"),
                                              sliding_window=cfg.sliding_window,
                                              impl=cfg.attention_impl)
         return jnp.einsum("btnh,nhd->btd", out, p["o"]), (cache, layer)

@@ -58,6 +58,7 @@ class _Static:
     quantized: bool
     num_warps: int
     interpret: bool
+    layer: Optional[int]  # k, v are the stacked [L, B, K, S, H] cache; read this layer
 
 
 def _dot(a, b, *, tb: bool = False):
@@ -119,15 +120,21 @@ def _decode_kernel(offset_ref, q_ref, k_ref, v_ref, *rest, st: _Static):
 
 def _call(q, k, v, k_scale, v_scale, offsets, st: _Static):
     """q [B, K, rows, H] -> partial outputs [B, K, splits, rows, H] and lse [B, K, splits, rows]."""
-    batch, num_kv_heads, kv_len, head_dim = k.shape
+    batch, num_kv_heads, kv_len, head_dim = k.shape[-4:]
     splits = kv_len // st.chunk
-    kv_spec = pl.BlockSpec((None, None, st.chunk, head_dim), lambda b, n, s: (b, n, s, 0))
+    if st.layer is None:
+        kv_spec = pl.BlockSpec((None, None, st.chunk, head_dim), lambda b, n, s: (b, n, s, 0))
+        scale_spec = pl.BlockSpec((None, None, st.chunk), lambda b, n, s: (b, n, s))
+    else:  # the layer's blocks are read in place: no copy of the layer out of the stack
+        kv_spec = pl.BlockSpec((None, None, None, st.chunk, head_dim),
+                               lambda b, n, s: (st.layer, b, n, s, 0))
+        scale_spec = pl.BlockSpec((None, None, None, st.chunk),
+                                  lambda b, n, s: (st.layer, b, n, s))
     in_specs = [pl.BlockSpec((1,), lambda b, n, s: (b,)),
                 pl.BlockSpec((None, None, st.rows, head_dim), lambda b, n, s: (b, n, 0, 0)),
                 kv_spec, kv_spec]
     args = [offsets, q, k, v]
     if st.quantized:
-        scale_spec = pl.BlockSpec((None, None, st.chunk), lambda b, n, s: (b, n, s))
         in_specs += [scale_spec, scale_spec]
         args += [k_scale, v_scale]
     return pl.pallas_call(
@@ -155,20 +162,22 @@ def _choose_splits(batch: int, num_kv_heads: int, kv_len: int, block_k: int, tar
     return max(d for d in range(1, want + 1) if blocks % d == 0)
 
 
-@functools.partial(jax.jit, static_argnames=("sliding_window", "sm_scale", "block_k", "splits",
-                                             "interpret"))
-def decode_attention(q, k, v, q_offsets, *, k_scale=None, v_scale=None,
+@functools.partial(jax.jit, static_argnames=("layer", "sliding_window", "sm_scale", "block_k",
+                                             "splits", "interpret"))
+def decode_attention(q, k, v, q_offsets, *, k_scale=None, v_scale=None, layer: Optional[int] = None,
                      sliding_window: Optional[int] = None, sm_scale: Optional[float] = None,
                      block_k: Optional[int] = None, splits: Optional[int] = None,
                      interpret: bool = False):
     """Attention [B, T, N, H] over a cache layer [B, K, S, H] -> [B, T, N, H] (module rules).
 
     q_offsets [B]: slot of query 0 of each sequence. k_scale, v_scale [B, K, S]: int8 cache
-    scales. block_k (default 64, or less for short caches) and splits (default: fill the GPU)
-    tune the grid; S is padded to a multiple of block_k * splits only if it is not one already.
+    scales. layer: k, v (and scales) are the whole stacked cache [L, B, K, S, H] and the kernel
+    reads this layer where it lies (slicing it out first would copy it, every step).
+    block_k (default 64, or less for short caches) and splits (default: fill the GPU) tune the
+    grid; S is padded to a multiple of block_k * splits only if it is not one already.
     """
     batch, q_len, num_heads, head_dim = q.shape
-    _, num_kv_heads, kv_len, _ = k.shape
+    num_kv_heads, kv_len = k.shape[-3], k.shape[-2]
     if num_heads % num_kv_heads:
         raise ValueError(f"kv heads {num_kv_heads} must divide query heads {num_heads}")
     quantized = k_scale is not None
@@ -179,6 +188,10 @@ def decode_attention(q, k, v, q_offsets, *, k_scale=None, v_scale=None,
     splits = splits or _choose_splits(batch, num_kv_heads, -(-kv_len // block_k) * block_k,
                                       block_k, target)
     padded = -(-kv_len // (block_k * splits)) * block_k * splits
+    if padded != kv_len and layer is not None:  # pad this layer only, not the whole stack
+        k, v = k[layer], v[layer]
+        k_scale, v_scale = (None, None) if not quantized else (k_scale[layer], v_scale[layer])
+        layer = None
     if padded != kv_len:
         widths = [(0, 0), (0, 0), (0, padded - kv_len)]
         k, v = jnp.pad(k, widths + [(0, 0)]), jnp.pad(v, widths + [(0, 0)])
@@ -188,7 +201,7 @@ def decode_attention(q, k, v, q_offsets, *, k_scale=None, v_scale=None,
     st = _Static(group=group, q_len=q_len, rows=rows, block_k=block_k, chunk=padded // splits,
                  window=sliding_window, quantized=quantized,
                  sm_scale=float(head_dim ** -0.5 if sm_scale is None else sm_scale),
-                 num_warps=4 if head_dim <= 128 else 8, interpret=interpret)
+                 num_warps=4 if head_dim <= 128 else 8, interpret=interpret, layer=layer)
     # [B, T, K, G, H] -> [B, K, T * G, H]: the query heads of one kv head, all tokens, one tile.
     q_tile = q.reshape(batch, q_len, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
     q_tile = q_tile.reshape(batch, num_kv_heads, q_len * group, head_dim)

@@ -74,3 +74,25 @@ def test_decode_attention_int8_cache_and_explicit_splits():
                                    np.asarray(offsets))
     assert _rel_error(out, dequantized) <= 1e-5
     assert _rel_error(out, _numpy_reference(q, k, v, np.asarray(offsets))) < 2e-2
+
+
+def test_decode_attention_reads_one_layer_of_a_stacked_cache():
+    """layer=i on the stacked [L, B, K, S, H] cache (bf16 and int8) equals attention over layer i;
+    the other layers hold garbage that must not be read."""
+    q, k, v = _inputs(5, 2, 1, 4, 2, 64, 16)
+    offsets = jnp.array([20, 63])
+    garbage = jnp.full_like(k, 1e4)
+    stacked_k, stacked_v = jnp.stack([garbage, k, garbage]), jnp.stack([garbage, v, garbage])
+    out = decode_attention(q, stacked_k, stacked_v, offsets, layer=1, interpret=True)
+    assert _rel_error(out, _numpy_reference(q, k, v, np.asarray(offsets))) <= 1e-5
+    scale_k = jnp.max(jnp.abs(k), axis=-1) / 127
+    scale_v = jnp.max(jnp.abs(v), axis=-1) / 127
+    k8 = jnp.round(k / scale_k[..., None]).astype(jnp.int8)
+    v8 = jnp.round(v / scale_v[..., None]).astype(jnp.int8)
+    junk8, junk_scale = jnp.full_like(k8, 127), jnp.full_like(scale_k, 1e4)
+    out8 = decode_attention(q, jnp.stack([k8, junk8]), jnp.stack([v8, junk8]), offsets,
+                            k_scale=jnp.stack([scale_k, junk_scale]),
+                            v_scale=jnp.stack([scale_v, junk_scale]), layer=0, interpret=True)
+    expected = _numpy_reference(q, k8 * scale_k[..., None], v8 * scale_v[..., None],
+                                np.asarray(offsets))
+    assert _rel_error(out8, expected) <= 1e-5
