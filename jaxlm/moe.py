@@ -23,8 +23,14 @@ Losses, from counts over the whole batch (all devices), so sharded == single dev
 - router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(z)^2.
 
 Dispatch (`moe_dispatch`):
-- "dropless": assignments sorted by expert, one grouped matmul per weight (`jax.lax.ragged_dot`)
-  over the sorted rows, then unsorted and summed with the routing weights. No token is dropped.
+- "dropless": assignments sorted by expert, one grouped matmul per weight over the sorted rows,
+  then unsorted and summed with the routing weights. No token is dropped. The grouped matmul is
+  chosen once per process, not per config: `set_grouped_matmul("auto")` (the default) runs
+  pallas_kernels/grouped_matmul.py on GPU and `jax.lax.ragged_dot` elsewhere (on GPU ragged_dot
+  lowers to a masked dense matmul over all experts, ~100x slower at 64 experts); "pallas",
+  "pallas_interpret" (the kernel on CPU, for tests) and "ragged_dot" force one. Both have
+  ragged_dot's semantics, so results agree to rounding; read at trace time, so set it before
+  jitting.
 - "capacity": each expert takes at most C = ceil(capacity_factor * A / E) assignments of a
   dispatch group. Drop order: all first choices come before all second choices (and so on),
   and within one choice rank tokens come in flattened [B, T] order, batch row first; an
@@ -143,9 +149,32 @@ def update_router_bias(bias: jax.Array, expert_load: jax.Array, rate: float) -> 
 # Dispatch within one group (one device's tokens, or all tokens without a mesh)
 
 
+GROUPED_MATMULS = ("auto", "pallas", "pallas_interpret", "ragged_dot")
+_grouped_matmul_choice = "auto"
+
+
+def set_grouped_matmul(name: str) -> None:
+    """Which grouped matmul dropless dispatch traces with (see the module docstring)."""
+    global _grouped_matmul_choice
+    if name not in GROUPED_MATMULS:
+        raise ValueError(f"grouped matmul {name!r} unknown; choose one of {GROUPED_MATMULS}")
+    _grouped_matmul_choice = name
+
+
+def _grouped_matmul(x, w, group_sizes):
+    """ragged_dot semantics: x [M, D] sorted by group, w [G, D, F] -> [M, F]."""
+    choice = _grouped_matmul_choice
+    if choice == "auto":
+        choice = "pallas" if jax.default_backend() == "gpu" else "ragged_dot"
+    if choice == "ragged_dot":
+        return jax.lax.ragged_dot(x, w, group_sizes)
+    from pallas_kernels.grouped_matmul import grouped_matmul
+    return grouped_matmul(x, w, group_sizes, interpret=choice == "pallas_interpret")
+
+
 def _swiglu_ragged(x, gate, up, down, group_sizes):
-    h = jax.nn.silu(jax.lax.ragged_dot(x, gate, group_sizes)) * jax.lax.ragged_dot(x, up, group_sizes)
-    return jax.lax.ragged_dot(h, down, group_sizes)
+    h = jax.nn.silu(_grouped_matmul(x, gate, group_sizes)) * _grouped_matmul(x, up, group_sizes)
+    return _grouped_matmul(h, down, group_sizes)
 
 
 def _slots(cfg: ModelConfig, ids_flat, valid_flat, num_shards: int):
