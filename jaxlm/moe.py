@@ -215,9 +215,12 @@ def _run_local_experts(cfg, p, buffer, local_ids, num_local):
     flat_ids = local_ids.reshape(-1)
     order = jnp.argsort(flat_ids, stable=True)
     group_sizes = jnp.zeros((num_local,), jnp.int32).at[flat_ids].add(1, mode="drop")
-    out = _swiglu_ragged(buffer.reshape(-1, dim)[order], p["gate"], p["up"], p["down"], group_sizes)
+    # NOTE: `order` is a permutation: unique_indices lets XLA's GPU scatters (the gather's
+    # transpose in the backward, and the unsort) skip atomics.
+    sorted_rows = buffer.reshape(-1, dim).at[order].get(unique_indices=True)
+    out = _swiglu_ragged(sorted_rows, p["gate"], p["up"], p["down"], group_sizes)
     out = jnp.where((flat_ids[order] < num_local)[:, None], out, 0)  # rows of no group
-    unsorted = jnp.zeros_like(out).at[order].set(out)
+    unsorted = jnp.zeros_like(out).at[order].set(out, unique_indices=True)
     return unsorted.reshape(shards, rows, dim)
 
 
