@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_decode import timed  # noqa: E402  (tools/ is not a package)
 
 SHAPES = {  # (target overrides, draft overrides, steps, batch, seq)
     "gpu": (["--config", "1b", "--model.vocab_size=4096", "--model.max_seq_len=1024"],
@@ -39,16 +40,6 @@ def train(run_dir: str, overrides: list[str], steps: int, batch: int, seq: int) 
                "--train.default_corpus_bytes=20000000", f"--train.checkpoint_every={steps}",
                f"--train.eval_every={steps}"]
     subprocess.run(command, check=True)
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
