@@ -55,7 +55,7 @@ def test_dropless_gradients_equal_the_loop_reference():
     """The gather-only backward passes (custom_vjp) give autodiff's gradients of the plain loop,
     for the tokens, the expert weights and the router."""
     cfg = dataclasses.replace(CFG, num_shared_experts=1)
-    p, x = _layer_params(cfg), _x(4)
+    p, x = _layer_params(cfg), _x(4, (1, 9, CFG.embed_dim))  # 18 assignments over 8 experts
     probe = jax.random.normal(jax.random.key(9), x.shape)  # fresh random cotangent
 
     def loss(fn, p, x):
