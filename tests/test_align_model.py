@@ -9,6 +9,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxlm import decode, loss, model, sharding, train
@@ -201,3 +202,36 @@ def test_cli_sft_then_grpo_then_eval(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["count"] == 8 and 0.0 <= report["accuracy"] <= 1.0
     assert evaluate.main(["gsm8k", "--run-dir", grpo_dir]) == 2  # --data missing: a clear error
+
+
+def test_carried_second_moment_scales_the_first_update_by_the_old_gradient_history(params):
+    # The source run's Adam: nu = 0.5 on every weight, 1000 steps taken. After carrying, the first
+    # update must be Adam's with m = 0, that nu and that count (float64 formula below), not the
+    # lr * sign(g) of a fresh Adam.
+    pairs = [(TOKENIZER.encode(p), TOKENIZER.encode(r) + [256]) for p, r in (("12+30=", "42"), ("5-9=", "-4"))]
+    batch = {k: v for k, v in sft.pack_examples(pairs, seq_len=23).items() if k != "truncated"}
+    lr, count, nu0 = 1e-2, 1000, 0.5
+    cfg = Config(model=MODEL, train=TrainConfig(steps=2, batch_size=1, seq_len=23, lr=lr, warmup_steps=0,
+                                                min_lr_ratio=1.0, weight_decay=0.0, clip_norm=0.0))
+    mesh = single_mesh()
+    cfg = common.policy_config(MODEL, mesh, cfg.train)
+    source = common.state_from_params(cfg, mesh, params)["opt_state"]
+    is_adam = lambda node: isinstance(node, optax.ScaleByAdamState)  # noqa: E731
+    source = jax.tree.map(lambda node: node._replace(nu=jax.tree.map(lambda x: x + nu0, node.nu),
+                                                     count=node.count + count) if is_adam(node) else node,
+                          source, is_leaf=is_adam)
+    state = common.carry_second_moment(common.state_from_params(cfg, mesh, params), source)
+    new_state, _ = common.run_update(train.make_train_step(cfg, mesh), state, batch, mesh, 1)
+    grads = jax.grad(lambda p: loss.mean_loss(MODEL, p, {k: jnp.asarray(v) for k, v in batch.items()}))(params)
+    b1, b2, eps, t = cfg.train.beta1, cfg.train.beta2, cfg.train.eps, count + 1
+
+    def expected(p, g):
+        g = np.asarray(g, np.float64)
+        m_hat = (1 - b1) * g / (1 - b1 ** t)
+        v_hat = (b2 * nu0 + (1 - b2) * g * g) / (1 - b2 ** t)
+        return np.asarray(p, np.float64) - lr * m_hat / (np.sqrt(v_hat) + eps)
+
+    jax.tree.map(lambda new, p, g: np.testing.assert_allclose(new, expected(p, g), atol=1e-7),
+                 jax.device_get(new_state["params"]), params, grads)
+    with pytest.raises(ValueError, match="carry_adam"):
+        common.carry_second_moment(state, source[1])

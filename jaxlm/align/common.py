@@ -132,6 +132,40 @@ def state_from_params(cfg: Config, mesh: Mesh, params: dict) -> dict:
             "rng": jax.device_put(rng, shardings["rng"])}
 
 
+def restore_opt_state(run_dir: str, mesh: Mesh):
+    """The optimizer state of a run's latest checkpoint, sharded on `mesh`."""
+    manager = CheckpointManager(run_dir, async_save=False)
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}")
+    cfg = manager.restore_config(step)
+    cfg = policy_config(cfg.model, mesh, cfg.train)
+    state, _, _ = manager.restore(step, train.abstract_state(cfg, mesh, optim.make_optimizer(cfg.model, cfg.train)))
+    manager.close()
+    return state["opt_state"]
+
+
+def carry_second_moment(state: dict, source_opt_state) -> dict:
+    """`state` with Adam's second moment and step count taken from `source_opt_state`.
+
+    A fresh Adam's first update is lr * sign(g) on every weight (bias-corrected m / sqrt(v) of a
+    single gradient); carrying v from the run that trained the params (SFT) scales each weight's
+    step by that run's gradient history instead. The first moment stays zero, so the new
+    objective's updates start at (1 - beta1) of full size and none of the old run's direction is
+    replayed; the learning-rate schedule of the new run is untouched (its own count).
+    """
+    import optax
+
+    is_adam = lambda node: isinstance(node, optax.ScaleByAdamState)  # noqa: E731
+    found = [node for node in jax.tree.leaves(source_opt_state, is_leaf=is_adam) if is_adam(node)]
+    if jax.tree.structure(state["opt_state"]) != jax.tree.structure(source_opt_state) or len(found) != 1:
+        raise ValueError("cannot carry the optimizer state: the starting run's optimizer differs (clip_norm "
+                         "> 0 in one run only, or another parameterization); set carry_adam=false")
+    replace = lambda new, old: new._replace(nu=old.nu, count=old.count) if is_adam(new) else new  # noqa: E731
+    opt_state = jax.tree.map(replace, state["opt_state"], source_opt_state, is_leaf=is_adam)
+    return {**state, "opt_state": opt_state}
+
+
 def policy_config(model_cfg: ModelConfig, mesh: Mesh, train_cfg: TrainConfig) -> Config:
     """The Config of a post-training run: the policy's model, the mesh, the optimizer settings."""
     from jaxlm.config import MeshConfig

@@ -14,7 +14,10 @@ One GRPO step:
    GRPO loss, `grad_accum` microbatches, the state donated. With one epoch and old log-probs equal
    to the current ones this is on-policy; later epochs are off-policy and the clip matters.
 
-The reference policy is the starting params (a separate pytree). Every step appends a record to
+The reference policy is the starting params (a separate pytree). When the start is a jaxlm run
+(--init or the default SFT policy), its Adam second moment and count are carried over and the
+first moment starts at zero (`carry_adam`, common.carry_second_moment): a fresh Adam's first
+updates are lr * sign(g) on every weight, which wrecked the tiny policy at lr >= 3e-4. Every step appends a record to
 `<run-dir>/metrics.jsonl` (reward, format and answer reward, accuracy, entropy, clip fraction,
 response length, KL, rollout and update seconds); held-out greedy accuracy every `eval_every`
 steps. With no --init/--hf the policy is the cached arithmetic SFT model (tasks.py, configs/
@@ -59,13 +62,14 @@ class GrpoConfig:
     cliprange: float = 0.2
     kl_coef: float = 0.0
     epochs_per_rollout: int = 1
-    lr: float = 3e-5  # Adam's first steps move every weight by ~lr: 1e-3 and 2e-4 wrecked the tiny policy
+    lr: float = 3e-5
+    carry_adam: bool = True  # start from the starting run's Adam second moment (common.carry_second_moment)
     warmup_steps: int = 0
     weight_decay: float = 0.0
     clip_norm: float = 1.0
     grad_accum: int = 1
     eval_every: int = 10
-    eval_examples: int = 500
+    eval_examples: int = 1000
     seed: int = 0
 
     def __post_init__(self):
@@ -113,11 +117,13 @@ class GrpoTrainer:
     """Policy state, reference params, task data and the compiled update of one GRPO run."""
 
     def __init__(self, model_cfg, params: dict, tokenizer, task: tasks.Task, train_examples: list,
-                 config: GrpoConfig, mesh, run_dir: Optional[str] = None):
+                 config: GrpoConfig, mesh, run_dir: Optional[str] = None, start_opt_state=None):
         self.config, self.mesh, self.tokenizer, self.task, self.run_dir = config, mesh, tokenizer, task, run_dir
         self.examples = train_examples
         self.cfg = common.policy_config(model_cfg, mesh, config.train_config())
         self.state = common.state_from_params(self.cfg, mesh, params)
+        if start_opt_state is not None:
+            self.state = common.carry_second_moment(self.state, start_opt_state)
         self.reference = params if config.kl_coef else None
         self.loss_fn = grpo.GrpoLoss(config.loss_type, config.cliprange, config.kl_coef)
         self.step_fn = train.make_train_step(self.cfg, mesh, self.loss_fn)
@@ -217,8 +223,8 @@ def default_sft_config(mesh) -> Config:
     return common.policy_config(cfg.model, mesh, cfg.train)
 
 
-def arithmetic_policy(cache_dir: str, mesh, progress: bool = True):
-    """(model config, params, tokenizer) of the arithmetic SFT policy; trained once, then cached."""
+def arithmetic_policy(cache_dir: str, mesh, progress: bool = True) -> str:
+    """The run directory of the arithmetic SFT policy; trained once, then cached."""
     cfg = default_sft_config(mesh)
     key = hashlib.sha256(json.dumps({"model": to_dict(cfg.model), "train": to_dict(cfg.train)},
                                     sort_keys=True).encode()).hexdigest()[:12]
@@ -231,7 +237,7 @@ def arithmetic_policy(cache_dir: str, mesh, progress: bool = True):
         sft.run_sft(cfg, mesh, sft.fresh_params(cfg, mesh), pairs, run_dir=run_dir, tokenizer=tokenizer,
                     progress=progress)
         open(os.path.join(run_dir, "done"), "w").close()
-    return common.load_policy(run_dir, mesh=mesh)
+    return run_dir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,19 +276,21 @@ def _task_data(args, config: GrpoConfig):
 def run(args, overrides: list[str]) -> dict:
     config = apply_overrides(GrpoConfig(), overrides)
     mesh = sharding.make_mesh(args.mesh)
-    if args.init or args.hf:
-        model_cfg, params, tokenizer = common.load_policy(args.init, args.hf, mesh)
-        tokenizer = common.require_tokenizer(tokenizer, args.init or args.hf)
-    else:
+    start_dir = args.init
+    if not (args.init or args.hf):
         if args.data:
             raise ConfigError("--data (GSM8K) needs a starting policy: --init RUN_DIR or --hf DIR")
         cache_dir = args.cache_dir or train.default_cache_dir(dict(os.environ))
-        model_cfg, params, tokenizer = arithmetic_policy(cache_dir, mesh, progress=not args.no_progress)
+        start_dir = arithmetic_policy(cache_dir, mesh, progress=not args.no_progress)
+    model_cfg, params, tokenizer = common.load_policy(start_dir, args.hf if start_dir is None else None, mesh)
+    tokenizer = common.require_tokenizer(tokenizer, start_dir or args.hf)
+    start_opt_state = common.restore_opt_state(start_dir, mesh) if start_dir and config.carry_adam else None
     task, train_examples, test_examples = _task_data(args, config)
     os.makedirs(args.run_dir, exist_ok=True)
     if os.path.exists(os.path.join(args.run_dir, common.METRICS_FILE)):
         os.remove(os.path.join(args.run_dir, common.METRICS_FILE))
-    trainer = GrpoTrainer(model_cfg, params, tokenizer, task, train_examples, config, mesh, args.run_dir)
+    trainer = GrpoTrainer(model_cfg, params, tokenizer, task, train_examples, config, mesh, args.run_dir,
+                          start_opt_state)
     start = time.perf_counter()
     records = trainer.train(test_examples, progress=not args.no_progress)
     steps = [r for r in records if r["step"] > 0]

@@ -6,7 +6,8 @@ the text SFT imitates (a response that ends in the right answer), `answer` the g
 reward function checks. A `Task` adds the reward function and the stop strings of rollouts.
 
 Arithmetic: problems `a+b=`, `a-b=` and `a*b=` with a, b < `max_operand` (products use a
-one-digit b), written without spaces; the solution is the exact integer result. The train and
+one-digit b), written without spaces; the solution is the exact integer result. Each operand's
+number of digits is drawn uniformly first, then its value uniformly among those digits. The train and
 test splits are disjoint by construction: a problem is a test problem when a hash of its text
 falls in the first `TEST_FRACTION` of the hash range, and each split is then sampled with its own
 seed, so held-out accuracy is measured on problems never trained on.
@@ -64,10 +65,22 @@ def _is_test_problem(text: str) -> bool:
     return int.from_bytes(digest[:4], "little") < TEST_FRACTION * 2**32
 
 
+def random_operand(rng: random.Random, max_operand: int) -> int:
+    """An operand below `max_operand` whose digit count is uniform (1 or 2 digits below 100).
+
+    Uniform digit counts keep half the problems short enough for a tiny model to learn in a
+    minute while the space stays large (about 21,000 distinct problems below 100), so a model
+    cannot pass the held-out split by memorizing the training split.
+    """
+    digits = rng.randint(1, len(str(max_operand - 1)))
+    low = 0 if digits == 1 else 10 ** (digits - 1)
+    return rng.randrange(low, min(10 ** digits, max_operand))
+
+
 def arithmetic_problem(rng: random.Random, max_operand: int) -> Example:
     op = rng.choice("+-*")
-    a = rng.randrange(max_operand)
-    b = rng.randrange(10) if op == "*" else rng.randrange(max_operand)
+    a = random_operand(rng, max_operand)
+    b = rng.randrange(10) if op == "*" else random_operand(rng, max_operand)
     result = a + b if op == "+" else a - b if op == "-" else a * b
     return Example(prompt=f"{a}{op}{b}=", solution=str(result), answer=str(result))
 
