@@ -24,8 +24,8 @@ Losses, from counts over the whole batch (all devices), so sharded == single dev
 
 Dispatch (`moe_dispatch`):
 - "dropless": assignments sorted by expert, one grouped matmul per weight over the sorted rows,
-  then unsorted and summed with the routing weights. No token is dropped. Without a mesh the
-  rows are gathered straight from the tokens and back by the inverse permutation, with
+  then unsorted and summed with the routing weights. No token is dropped. When all experts
+  are local (no `expert` axis) the rows are gathered straight from the tokens and back by the inverse permutation, with
   gather-only backward passes (custom_vjp): autodiff's scatters dominated the GPU profile.
   The grouped matmul is
   chosen once per process, not per config: `set_grouped_matmul("auto")` (the default) runs
@@ -262,12 +262,14 @@ _permute_rows.defvjp(lambda x, permutation, inverse: (x[permutation], inverse),
                      lambda inverse, grad: (grad[inverse], None, None))
 
 
-def _dropless_one_device(cfg: ModelConfig, p: dict, x, valid):
-    """Dropless dispatch without a mesh: gathers only, no dispatch buffer, no scatters of rows.
+def _dropless_local(cfg: ModelConfig, p: dict, x, valid, in_shard_map: bool):
+    """Dropless dispatch when all experts are local: gathers only, no dispatch buffer, no
+    scatters of rows.
 
     Assignments (rank-major) are sorted by expert (invalid tokens' assignments last, in no
     group), gathered from x, run through the grouped matmuls, gathered back into rank-major
-    order by the inverse permutation and combined with the gate weights.
+    order by the inverse permutation and combined with the gate weights. In the shard_map the
+    mlp dim may be split over tensor: the expert outputs are summed over it.
     """
     num_tokens, dim = x.shape
     k, num_experts = cfg.top_k, cfg.num_experts
@@ -280,6 +282,8 @@ def _dropless_one_device(cfg: ModelConfig, p: dict, x, valid):
     group_sizes = jnp.zeros((num_experts,), jnp.int32).at[keys].add(1, mode="drop")
     rows = _gather_assignments(x, order, inverse, k)  # [A, D], sorted by expert
     out = _swiglu_ragged(rows, p["gate"], p["up"], p["down"], group_sizes)
+    if in_shard_map:
+        out = jax.lax.psum(out, TENSOR_AXES)
     per_assignment = _permute_rows(out, inverse, order)  # [A, D], rank-major
     gate = (weights.T.reshape(-1) * valid_flat).astype(x.dtype)
     y = jnp.sum((per_assignment * gate[:, None]).reshape(k, num_tokens, dim), axis=0)
@@ -289,8 +293,8 @@ def _dropless_one_device(cfg: ModelConfig, p: dict, x, valid):
 
 def _dispatch_group(cfg: ModelConfig, p: dict, x, valid, expert_axis, num_shards: int):
     """x [T, D] one group's tokens -> (y [T, D], stats). Collectives over `expert_axis` if P > 1."""
-    if num_shards == 1 and expert_axis is None and cfg.moe_dispatch == "dropless":
-        return _dropless_one_device(cfg, p, x, valid)
+    if num_shards == 1 and cfg.moe_dispatch == "dropless":
+        return _dropless_local(cfg, p, x, valid, in_shard_map=expert_axis is not None)
     num_tokens, dim = x.shape
     k, num_local = cfg.top_k, cfg.num_experts // num_shards
     ids, weights, probs, logits = route(cfg, p["router"], p["router_bias"], x)

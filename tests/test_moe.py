@@ -139,7 +139,8 @@ def _loss_and_grads(cfg, params, tokens):
 
 
 @pytest.mark.parametrize("mesh_spec,dispatch", [("expert=4,fsdp=2", "dropless"),
-                                                 ("data=2,tensor=2,expert=2", "capacity")])
+                                                 ("data=2,tensor=2,expert=2", "capacity"),
+                                                 ("data=2,fsdp=2,tensor=2", "dropless")])
 def test_expert_parallel_equals_single_device(params, mesh_spec, dispatch):
     cfg = dataclasses.replace(CFG, moe_balance_loss=0.01, moe_z_loss=0.001, moe_dispatch=dispatch,
                               capacity_factor=4.0)
