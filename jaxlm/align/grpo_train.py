@@ -65,6 +65,7 @@ class GrpoConfig:
     lr: float = 3e-5
     carry_adam: bool = True  # start from the starting run's Adam second moment (common.carry_second_moment)
     warmup_steps: int = 0
+    min_lr_ratio: float = 1.0  # < 1: cosine decay to lr * min_lr_ratio over the run (1: constant)
     weight_decay: float = 0.0
     clip_norm: float = 1.0
     grad_accum: int = 1
@@ -79,9 +80,9 @@ class GrpoConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def train_config(self) -> TrainConfig:
-        """The optimizer settings as the train step reads them (constant lr after warmup)."""
+        """The optimizer settings as the train step reads them (warmup, then cosine to min_lr_ratio)."""
         return TrainConfig(steps=self.steps * self.epochs_per_rollout, batch_size=self.prompts_per_step * self.group_size,
-                           seq_len=self.max_new_tokens, grad_accum=self.grad_accum, lr=self.lr, min_lr_ratio=1.0,
+                           seq_len=self.max_new_tokens, grad_accum=self.grad_accum, lr=self.lr, min_lr_ratio=self.min_lr_ratio,
                            warmup_steps=self.warmup_steps, weight_decay=self.weight_decay,
                            clip_norm=self.clip_norm, seed=self.seed)
 
