@@ -202,13 +202,15 @@ def attention_cached(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offsets: jax
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
-    if impl == "pallas" and (layer is None or isinstance(layer, int)):
-        def fn(q, k, v, o, scales):
-            return _pallas_cached(q, k, v, o, sliding_window, layer, *(scales or (None, None)))
-        scales = None if k_scale is None else (k_scale, v_scale)
-        return _shard_over_mesh(fn, q, k, v, q_offsets, scales)
-    k, v = _cache_layer(k, v, layer, k_scale, v_scale, q.dtype)
-    if impl == "pallas":
-        return _shard_over_mesh(lambda q, k, v, o, _: _pallas_cached(q, k, v, o, sliding_window),
-                                q, k, v, q_offsets, None)
-    return attention_cached_xla(q, k, v, q_offsets, sliding_window)
+    if impl != "pallas" or not (layer is None or isinstance(layer, int)):
+        # Einsum paths, and a traced layer index (a BlockSpec cannot take it): slice it out.
+        k, v = _cache_layer(k, v, layer, k_scale, v_scale, q.dtype)
+        layer, k_scale, v_scale = None, None, None
+    if impl != "pallas":
+        return attention_cached_xla(q, k, v, q_offsets, sliding_window)
+
+    def fn(q, k, v, o, scales):
+        return _pallas_cached(q, k, v, o, sliding_window, layer, *(scales or (None, None)))
+
+    scales = None if k_scale is None else (k_scale, v_scale)
+    return _shard_over_mesh(fn, q, k, v, q_offsets, scales)

@@ -382,7 +382,8 @@ def forward_with_aux(cfg: ModelConfig, params: dict, tokens: jax.Array, *,
         for layer_id, layer in enumerate(params["blocks"]):
             layer = _cast_weights(layer, compute_dtype)
             x, layer_cache = block(x, (layer, None if cache is None else (cache, layer_id)))
-            cache = cache if cache is None else layer_cache[0]
+            if cache is not None:
+                cache = layer_cache[0]
     elif cache is None:
         blocks = _cast_weights(params["blocks"], compute_dtype)
         x, _ = jax.lax.scan(lambda h, layer: block(h, layer), x, (blocks, None))
