@@ -377,7 +377,10 @@ def _sharded_routed(cfg: ModelConfig, p: dict, x: jax.Array, mesh) -> tuple[jax.
 
     stat_specs = {name: P(row_axes) for name in ("counts", "prob_sum", "z_sum", "entropy_sum",
                                                   "dropped", "tokens")}
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(specs, x_spec), out_specs=(P(row_axes), stat_specs))
+    # NOTE: check_vma=False because the Pallas grouped matmul's output type carries no
+    # varying-axes annotation (its spelling differs between JAX versions), as in attention.py.
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(specs, x_spec), out_specs=(P(row_axes), stat_specs),
+                       check_vma=False)
     y, stats = fn(routed, x)
     groups = batch_shards if split_batch else 1
     y = y.reshape(groups, chunk * num_shards, dim)[:, :local_tokens].reshape(batch, length, dim)

@@ -138,18 +138,24 @@ def _loss_and_grads(cfg, params, tokens):
     return jax.jit(jax.value_and_grad(objective))(params)
 
 
-@pytest.mark.parametrize("mesh_spec,dispatch", [("expert=4,fsdp=2", "dropless"),
-                                                 ("data=2,tensor=2,expert=2", "capacity"),
-                                                 ("data=2,fsdp=2,tensor=2", "dropless")])
-def test_expert_parallel_equals_single_device(params, mesh_spec, dispatch):
+@pytest.mark.parametrize("mesh_spec,dispatch,kernel", [("expert=4,fsdp=2", "dropless", "auto"),
+                                                        ("data=2,tensor=2,expert=2", "capacity", "auto"),
+                                                        ("data=2,fsdp=2,tensor=2", "dropless",
+                                                         "pallas_interpret")])
+def test_expert_parallel_equals_single_device(params, mesh_spec, dispatch, kernel):
+    """The last case runs the Pallas grouped matmul (interpreted) in the shard_map, as a GPU does."""
     cfg = dataclasses.replace(CFG, moe_balance_loss=0.01, moe_z_loss=0.001, moe_dispatch=dispatch,
                               capacity_factor=4.0)
     tokens = _tokens(4)
     expected_loss, expected_grads = _loss_and_grads(cfg, params, tokens)
     mesh = sharding.make_mesh(mesh_spec)
-    with jax.set_mesh(mesh):
-        sharded = jax.device_put(params, model.param_shardings(cfg, mesh))
-        got_loss, got_grads = _loss_and_grads(cfg, sharded, tokens)
+    moe.set_grouped_matmul(kernel)
+    try:
+        with jax.set_mesh(mesh):
+            sharded = jax.device_put(params, model.param_shardings(cfg, mesh))
+            got_loss, got_grads = _loss_and_grads(cfg, sharded, tokens)
+    finally:
+        moe.set_grouped_matmul("auto")
     np.testing.assert_allclose(got_loss, expected_loss, rtol=1e-5)
     for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(expected_grads)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
