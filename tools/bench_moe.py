@@ -3,6 +3,7 @@ parameters, and the grouped matmul kernel alone against a dense matmul and jax.l
 
     python tools/bench_moe.py                       # GPU shapes, ~1 minute; --sweep: + tiles
     python tools/bench_moe.py --impl ragged_dot     # the layer with XLA's ragged_dot instead
+    python tools/bench_moe.py --skip-kernel --profile DIR   # + kernel-time table of the layer
     python tools/bench_moe.py --tokens 256 --embed 48 --experts 8 --top-k 2 --expert-mlp 40 \
         --steps 2 --rows 256 --kernel-k 48 --kernel-n 40 --kernel-groups 8   # CPU smoke run
 
@@ -96,6 +97,22 @@ def bench_layer(args, dtype) -> None:
         print(f"{name:>24}: {args.tokens / seconds:,.0f} tokens/s, {flops / seconds / 1e12:.1f} "
               f"TFLOP/s (fwd+bwd, {device})")
     print(f"moe / dense throughput: {dense_time / moe_time:.2f}x (target >= 0.7)")
+    if args.profile:
+        profile_layer(args.profile, moe_step, p, x)
+
+
+def profile_layer(out_dir: str, step, *args, repeats: int = 5) -> None:
+    """Kernel-time table of the MoE layer's forward+backward (tools/profile_train_step.py's)."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from profile_train_step import summarize_trace
+    jax.block_until_ready(step(*args))
+    with jax.profiler.trace(out_dir, create_perfetto_trace=True):
+        for _ in range(repeats):
+            out = step(*args)
+        jax.block_until_ready(out)
+    summarize_trace(out_dir, repeats, top=25, unit="layer fwd+bwd")
 
 
 def kernel_inputs(args, dtype):
@@ -175,6 +192,8 @@ def main() -> None:
     parser.add_argument("--skip-layer", action="store_true", help="only the kernel benchmark")
     parser.add_argument("--skip-kernel", action="store_true", help="only the layer benchmark")
     parser.add_argument("--sweep", action="store_true", help="also time a few kernel tiles")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="also trace the MoE layer into DIR and print where its time goes")
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     args.impl = args.impl or ("pallas" if on_gpu else "ragged_dot")
