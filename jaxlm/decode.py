@@ -135,14 +135,14 @@ def decode_step(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: dict
                 ) -> tuple[jax.Array, dict]:
     """Append tokens [B, T] (T = 1 for a decode step) -> logits [B, T, V] and the cache.
 
-    In a loop, pass `model.unstack_layers(params)` (made once): stacked layers cost a copy of
-    every layer's weights per step on GPU.
+    In a loop, pass `model.inference_params(cfg, params)` (made once): stacked layers cost a
+    copy of every layer's weights per step on GPU, float32 weights a cast per step.
     """
     return model.forward(cfg, params, tokens, cache=cache)
 
 
 _sample = jax.jit(sample, static_argnums=2)
-_unstack = jax.jit(model.unstack_layers)
+_inference_params = jax.jit(model.inference_params, static_argnums=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
 
     with_log_probs: also [B, max_new_tokens] float32 log-probs of the emitted tokens (0 after).
     """
-    params = model.unstack_layers(params)  # one copy per call, none per step
+    params = model.inference_params(cfg, params)  # one copy per call, none per step
     cache = _new_cache(cfg, tokens.shape[0], cache_len, quantize)
     logits, cache = _prefill(cfg, params, tokens, cache, lengths)
     token = sample(logits, jax.random.fold_in(key, 0), sampling)
@@ -309,7 +309,7 @@ def stream(cfg: ModelConfig, params: dict, prompt: Sequence[int], *, max_new_tok
     tokens, lengths, cache_len = _batch([prompt], None, 0, max_new_tokens)
     cache = init_cache(cfg, 1, cache_len, quantize=quantize_cache)
     key = jax.random.key(seed)
-    params = _unstack(params)  # per-layer arrays: no slice copies in each step
+    params = _inference_params(cfg, params)  # per-layer, compute dtype: no copies per step
     logits, cache = prefill(cfg, params, tokens, cache, lengths)
     for step in range(max_new_tokens):
         if step:
@@ -352,8 +352,8 @@ def _verify(p, q, drafted, key):
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _speculative_loop(target_cfg, draft_cfg, sampling, gamma, max_new_tokens, eos_id, cache_len,
                       target_params, draft_params, tokens, lengths, key):
-    target_params = model.unstack_layers(target_params)
-    draft_params = model.unstack_layers(draft_params)
+    target_params = model.inference_params(target_cfg, target_params)
+    draft_params = model.inference_params(draft_cfg, draft_params)
     target_cache = _new_cache(target_cfg, tokens.shape[0], cache_len, False)
     draft_cache = _new_cache(draft_cfg, tokens.shape[0], cache_len, False)
     logits, target_cache = _prefill(target_cfg, target_params, tokens, target_cache, lengths)

@@ -428,6 +428,29 @@ def unstack_layers(params: dict) -> dict:
     return {**params, "blocks": layers}
 
 
+def inference_params(cfg: ModelConfig, params: dict) -> dict:
+    """`unstack_layers(params)` with every matmul weight (and the embedding) in the compute dtype.
+
+    For decoding loops, inside the jit before the loop: training checkpoints hold float32
+    params, and `forward` casts them on each call; in a loop XLA does not hoist that cast, so
+    every token read 4-byte weights (1b preset, batch 1: 2.4 instead of 1.2 ms per token).
+    Logits are unchanged: forward casts the same values to the same dtype.
+    """
+    dtype = jnp.dtype(cfg.compute_dtype)
+    params = unstack_layers(params)
+    cast = {"embed": params["embed"].astype(dtype)}
+    blocks = params.get("blocks")
+    if isinstance(blocks, tuple):
+        cast["blocks"] = tuple(_cast_weights(layer, dtype) for layer in blocks)
+    elif blocks:
+        cast["blocks"] = _cast_weights(blocks, dtype)
+    if "moe_blocks" in params:
+        cast["moe_blocks"] = _cast_weights(params["moe_blocks"], dtype)
+    if "lm_head" in params:
+        cast["lm_head"] = params["lm_head"].astype(dtype)
+    return {**params, **cast}
+
+
 def z_loss(logits: jax.Array, weight: float = 1e-4) -> jax.Array:
     """PaLM's auxiliary loss weight * mean(logsumexp(logits)^2) (Chowdhery et al. 2022, sec. 5)."""
     return weight * jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2)

@@ -43,6 +43,22 @@ def _full_logits(cfg, params, tokens):
     return np.asarray(jax.jit(model.forward, static_argnums=0)(cfg, params, tokens)[0])
 
 
+def test_inference_params_cast_once_and_keep_the_logits(params):
+    """float32 params with bf16 compute: pre-cast weights give bit-identical logits (same
+    unstacked layer loop), and the
+    matmul weights are bf16 (what a decoding loop reads each step); norm scales stay float32."""
+    cfg = dataclasses.replace(CFG, compute_dtype="bfloat16")
+    tokens = jnp.asarray([PROMPTS[2]], jnp.int32)
+    cast = model.inference_params(cfg, params)
+    np.testing.assert_array_equal(_full_logits(cfg, cast, tokens),
+                                  _full_logits(cfg, model.unstack_layers(params), tokens))
+    layer = cast["blocks"][0]
+    assert isinstance(cast["blocks"], tuple) and len(cast["blocks"]) == CFG.num_layers
+    assert {layer["attn"]["q"].dtype, layer["mlp"]["down"].dtype, cast["embed"].dtype} == {
+        jnp.dtype(jnp.bfloat16)}
+    assert cast["final_norm"].dtype == jnp.float32
+
+
 def _check_cached_equals_full(cfg, params, quantize=False, tol=1e-5, unstacked=False):
     """Ragged prefill, then 1-token steps and a 3-token chunk at per-sequence positions.
 
