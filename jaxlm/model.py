@@ -324,7 +324,7 @@ def _cast_weights(blocks: dict, dtype) -> dict:
     # The router (and its bias) stay float32: routing decisions are made in float32.
     experts = {name: w if name.startswith("router") else w.astype(dtype)
                for name, w in blocks["moe"].items()}
-    return {**blocks, "attn": attn, "moe": experts}
+    return {**blocks, "attn": attn, "moe": moe.fuse_gate_up(experts)}
 
 
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *,

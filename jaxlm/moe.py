@@ -23,11 +23,11 @@ Losses, from counts over the whole batch (all devices), so sharded == single dev
 - router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(z)^2.
 
 Dispatch (`moe_dispatch`):
-- "dropless": assignments sorted by expert, one grouped matmul per weight over the sorted rows,
-  then unsorted and summed with the routing weights. No token is dropped. When all experts
-  are local (no `expert` axis) the rows are gathered straight from the tokens and back by the inverse permutation, with
-  gather-only backward passes (custom_vjp): autodiff's scatters dominated the GPU profile.
-  The grouped matmul is
+- "dropless": assignments sorted by expert, two grouped matmuls over the sorted rows (gate and
+  up as one, `fuse_gate_up`; then down), then unsorted and summed with the routing weights. No
+  token is dropped. When all experts are local (no `expert` axis) the rows are gathered
+  straight from the tokens and back by the inverse permutation, with gather-only backward
+  passes (custom_vjp): autodiff's scatters dominated the GPU profile. The grouped matmul is
   chosen once per process, not per config: `set_grouped_matmul("auto")` (the default) runs
   pallas_kernels/grouped_matmul.py on GPU and `jax.lax.ragged_dot` elsewhere (on GPU ragged_dot
   lowers to a masked dense matmul over all experts, ~100x slower at 64 experts); "pallas",
@@ -176,12 +176,26 @@ def _grouped_matmul(x, w, group_sizes):
     return grouped_matmul(x, w, group_sizes, interpret=choice == "pallas_interpret")
 
 
-def _swiglu_ragged(x, gate, up, down, group_sizes):
-    """One grouped matmul against [gate | up] ([G, D, 2F]): x is read once and the backward's dx
-    is one kernel, not two and a sum; the concatenation costs one pass over the weights."""
-    gate_up = _grouped_matmul(x, jnp.concatenate([gate, up], axis=2), group_sizes)
-    mlp = gate.shape[2]
-    h = jax.nn.silu(gate_up[:, :mlp]) * gate_up[:, mlp:]
+def fuse_gate_up(p: dict) -> dict:
+    """p with gate and up [..., E, D, F] replaced by gate_up [..., E, D, 2, F] (gate first).
+
+    The form dispatch reads: one grouped matmul computes both halves, so x is read once and the
+    backward's dx is one kernel, not two and a sum. The mlp dim stays last, so a shard of it
+    over `tensor` holds matching gate and up columns and [E, D, 2, F] reshapes to [E, D, 2F]
+    for free. model._cast_weights fuses them, so the stack rides on the cast to the compute
+    dtype; `moe_mlp` accepts either form.
+    """
+    if "gate_up" in p:
+        return p
+    fused = {name: w for name, w in p.items() if name not in ("gate", "up")}
+    fused["gate_up"] = jnp.stack([p["gate"], p["up"]], axis=-2)
+    return fused
+
+
+def _swiglu_ragged(x, gate_up, down, group_sizes):
+    experts, dim, _, mlp = gate_up.shape
+    both = _grouped_matmul(x, gate_up.reshape(experts, dim, 2 * mlp), group_sizes)
+    h = jax.nn.silu(both[:, :mlp]) * both[:, mlp:]
     return _grouped_matmul(h, down, group_sizes)
 
 
@@ -217,8 +231,8 @@ def _run_local_experts(cfg, p, buffer, local_ids, num_local):
     shards, rows, dim = buffer.shape
     if cfg.moe_dispatch == "capacity":
         slots = buffer.reshape(shards, num_local, rows // num_local, dim)  # [P, E/P, C, D]
-        h = (jax.nn.silu(jnp.einsum("pecd,edf->pecf", slots, p["gate"]))
-             * jnp.einsum("pecd,edf->pecf", slots, p["up"]))
+        both = jnp.einsum("pecd,edgf->pecgf", slots, p["gate_up"])
+        h = jax.nn.silu(both[..., 0, :]) * both[..., 1, :]
         return jnp.einsum("pecf,efd->pecd", h, p["down"]).reshape(shards, rows, dim)
     flat_ids = local_ids.reshape(-1)
     order = jnp.argsort(flat_ids, stable=True)
@@ -226,7 +240,7 @@ def _run_local_experts(cfg, p, buffer, local_ids, num_local):
     # NOTE: `order` is a permutation: unique_indices lets XLA's GPU scatters (the gather's
     # transpose in the backward, and the unsort) skip atomics.
     sorted_rows = buffer.reshape(-1, dim).at[order].get(unique_indices=True)
-    out = _swiglu_ragged(sorted_rows, p["gate"], p["up"], p["down"], group_sizes)
+    out = _swiglu_ragged(sorted_rows, p["gate_up"], p["down"], group_sizes)
     out = jnp.where((flat_ids[order] < num_local)[:, None], out, 0)  # rows of no group
     unsorted = jnp.zeros_like(out).at[order].set(out, unique_indices=True)
     return unsorted.reshape(shards, rows, dim)
@@ -285,7 +299,7 @@ def _dropless_local(cfg: ModelConfig, p: dict, x, valid, in_shard_map: bool):
                                                   unique_indices=True)
     group_sizes = jnp.zeros((num_experts,), jnp.int32).at[keys].add(1, mode="drop")
     rows = _gather_assignments(x, order, inverse, k)  # [A, D], sorted by expert
-    out = _swiglu_ragged(rows, p["gate"], p["up"], p["down"], group_sizes)
+    out = _swiglu_ragged(rows, p["gate_up"], p["down"], group_sizes)
     if in_shard_map:
         out = jax.lax.psum(out, TENSOR_AXES)
     per_assignment = _permute_rows(out, inverse, order)  # [A, D], rank-major
@@ -358,10 +372,9 @@ def _sharded_routed(cfg: ModelConfig, p: dict, x: jax.Array, mesh) -> tuple[jax.
     split_batch = batch % batch_shards == 0
     local_tokens = (batch // batch_shards if split_batch else batch) * length
     chunk = -(-local_tokens // num_shards)
-    routed = {name: p[name] for name in ("router", "router_bias", "gate", "up", "down")}
+    routed = {name: p[name] for name in ("router", "router_bias", "gate_up", "down")}
     specs = {"router": P(), "router_bias": P(),
-             "gate": sharding.logical_to_spec(("experts", None, "mlp")),
-             "up": sharding.logical_to_spec(("experts", None, "mlp")),
+             "gate_up": sharding.logical_to_spec(("experts", None, None, "mlp")),
              "down": sharding.logical_to_spec(("experts", "mlp", None))}
     x_spec = sharding.logical_to_spec(("batch", None, None)) if split_batch else P()
     # Outputs leave as rows ordered (batch shard, expert chunk): the gather over `expert` of
@@ -393,6 +406,7 @@ def _sharded_routed(cfg: ModelConfig, p: dict, x: jax.Array, mesh) -> tuple[jax.
 
 def moe_mlp(cfg: ModelConfig, p: dict, x: jax.Array) -> tuple[jax.Array, dict]:
     """The MoE MLP of one layer: x [B, T, D] (normed) -> (y [B, T, D], `losses_and_metrics`)."""
+    p = fuse_gate_up(p)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         flat = x.reshape(-1, x.shape[-1])

@@ -78,6 +78,9 @@ def bench_layer(args, dtype) -> None:
     dense = {"gate": normal(keys[4], (D, k * F), 0.02), "up": normal(keys[5], (D, k * F), 0.02),
              "down": normal(keys[6], (k * F, D), 0.02)}
     x = normal(keys[7], (1, args.tokens, D), 1.0)
+    # The expert weights in the form the model's forward hands the layer (training stacks gate
+    # and up where it casts the float32 master weights, a cast the dense MLP pays as well).
+    p = moe.fuse_gate_up(p)
 
     def moe_loss(p, x):
         y, aux = moe.moe_mlp(cfg, p, x)
