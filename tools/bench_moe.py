@@ -40,7 +40,8 @@ from pallas_kernels.grouped_matmul import GmmBlocks, default_config, grouped_mat
 
 # (block_m, block_k, block_n, num_warps, num_stages); Triton matmul-tutorial-like tiles.
 SWEEP = [(128, 64, 128, 4, 4), (128, 64, 128, 8, 3), (128, 64, 256, 8, 3), (64, 64, 256, 4, 4),
-         (128, 128, 128, 8, 3), (64, 32, 128, 4, 4)]
+         (128, 128, 128, 8, 3), (64, 32, 128, 4, 4), (64, 128, 256, 8, 3), (64, 256, 128, 8, 3),
+         (128, 128, 256, 8, 2), (128, 256, 128, 8, 2)]
 
 
 def timed(fn, *args, steps: int) -> float:
