@@ -75,11 +75,11 @@ class GmmConfig:
 
 def default_config() -> GmmConfig:
     """Hopper tiles, the winners of `python tools/bench_moe.py --sweep` on an H200 (bf16,
-    M 131072, K 2048, N 1024, 64 groups; docs/benchmarks.md): forward 444 -> 546 TFLOP/s,
-    transposed 420 -> 500, forward+backward 634 -> 692 (dw tiles alone)."""
+    M 131072, K 2048, 64 groups; docs/benchmarks.md): forward 444 -> 546 TFLOP/s and transposed
+    420 -> 500 at N 1024; the weight gradient 493 -> 564 at N 2048 (the fused gate|up)."""
     return GmmConfig(forward=GmmBlocks(128, 64, 256, 8, 3),
                      forward_transposed=GmmBlocks(128, 64, 256, 8, 3),
-                     weight_grad=GmmBlocks(128, 128, 128, 8, 3))
+                     weight_grad=GmmBlocks(64, 128, 256, 8, 3))
 
 
 @dataclasses.dataclass(frozen=True)
