@@ -167,6 +167,32 @@ def test_grpo_step_does_not_depend_on_the_number_of_microbatches(params, grpo_re
     assert_same_update(new_params, reference_params)
 
 
+def test_grpo_update_on_true_answers_equals_the_sft_update(params):
+    # The GRPO path (rollout_batch layout, response mask, token weights, GrpoLoss) fed the true
+    # answers with reward 1, no_baseline and token aggregation is SFT: -mean log p of the response
+    # tokens. One optimizer step must equal SFT's on the same examples (packed its own way), so a
+    # misaligned mask, a prompt token counted, padding or a wrong normalization would show here.
+    examples = [("12+30=", "42"), ("5-9=", "-4"), ("3*7=", "21"), ("99+1=", "100")]
+    pairs = [(TOKENIZER.encode(q), TOKENIZER.encode(a) + [256]) for q, a in examples]
+    rollouts = [grpo_train.rollout.Rollout(tuple(q), tuple(a), (), "") for q, a in pairs]
+    config = grpo_train.GrpoConfig(prompts_per_step=2, group_size=2, max_new_tokens=4, loss_type="no_baseline",
+                                   aggregation="token")
+    grpo_batch = grpo_train.rollout_batch(rollouts, np.zeros(4, np.float32), np.ones(4, np.float32), config)
+    sft_batch = {k: v for k, v in sft.pack_examples(pairs, seq_len=31).items() if k != "truncated"}
+    mesh = single_mesh()
+    train_cfg = TrainConfig(steps=2, batch_size=4, seq_len=8, lr=1e-2, warmup_steps=0, min_lr_ratio=1.0,
+                            weight_decay=0.0)
+    cfg = common.policy_config(MODEL, mesh, train_cfg)
+    grpo_state, grpo_metrics = common.run_update(train.make_train_step(cfg, mesh, grpo.GrpoLoss("no_baseline")),
+                                                 common.state_from_params(cfg, mesh, params), grpo_batch, mesh, 1)
+    sft_cfg = common.policy_config(MODEL, mesh, dataclasses.replace(train_cfg, batch_size=1, seq_len=31))
+    sft_state, sft_metrics = common.run_update(train.make_train_step(sft_cfg, mesh),
+                                               common.state_from_params(sft_cfg, mesh, params), sft_batch, mesh, 1)
+    assert float(grpo_metrics["loss"]) == pytest.approx(float(sft_metrics["loss"]), rel=1e-5)
+    assert float(grpo_metrics["grad_norm"]) == pytest.approx(float(sft_metrics["grad_norm"]), rel=1e-4)
+    assert_same_update(jax.device_get(grpo_state["params"]), jax.device_get(sft_state["params"]))
+
+
 def test_dpo_starts_at_log2_and_learns_the_preference(params):
     pairs = [(TOKENIZER.encode(f"{a}+{b}="), TOKENIZER.encode(str(a + b)) + [256],
               TOKENIZER.encode(str(a + b + 1)) + [256]) for a, b in [(3, 4), (10, 5), (21, 9), (7, 7)]]
@@ -189,11 +215,12 @@ def test_cli_sft_then_grpo_then_eval(tmp_path, capsys):
                      "--train.steps=2", "--train.batch_size=8", "--train.seq_len=31", *tiny]) == 0
     assert grpo_train.main(["--init", sft_dir, "--run-dir", grpo_dir, "--no-progress", "--steps=2",
                             "--prompts_per_step=2", "--group_size=4", "--eval_examples=8", "--eval_every=1",
-                            "--epochs_per_rollout=2"]) == 0
+                            "--epochs_per_rollout=2", "--reward=arithmetic_digits"]) == 0
     records = [json.loads(line) for line in open(os.path.join(grpo_dir, "metrics.jsonl"))]
     assert [r["step"] for r in records] == [0, 1, 2]
     for key in ("reward", "format_reward", "answer_reward", "accuracy", "entropy", "clip_fraction",
-                "response_length", "rollout_seconds", "update_seconds", "eval_accuracy"):
+                "response_length", "rollout_seconds", "update_seconds", "eval_accuracy", "eval_fixed",
+                "eval_broken", "eval_p_value"):
         assert key in records[1], key
     # The trainer's recomputed log-probs equal the sampler's (the on-policy invariant, in the loop).
     assert records[1]["rollout_log_prob_gap"] < 1e-4

@@ -180,6 +180,31 @@ def test_arithmetic_reward_and_task_split():
     assert tasks.arithmetic_examples(5, "train", seed=3) != tasks.arithmetic_examples(5, "train", seed=4)
 
 
+def test_arithmetic_digit_reward_gives_right_aligned_partial_credit():
+    exact = rewards.arithmetic_digit_reward("130", "130")
+    assert exact == {"reward": 1.0, "format_reward": 1.0, "answer_reward": 1.0}
+    assert rewards.arithmetic_digit_reward("131", "130") == {"reward": 2 / 3, "format_reward": 1.0, "answer_reward": 0.0}
+    assert rewards.arithmetic_digit_reward("13", "130")["reward"] == 0.0  # 3|0, 1|3: nothing aligned matches
+    assert rewards.arithmetic_digit_reward("1300", "130")["reward"] == 0.25  # the extra digit costs
+    assert rewards.arithmetic_digit_reward("53", "-53")["reward"] == 2 / 3  # the sign is a character
+    assert rewards.arithmetic_digit_reward("53 or 54", "53") == {"reward": 0.0, "format_reward": 0.0,
+                                                                 "answer_reward": 0.0}
+
+
+def test_mcnemar_exact_test_by_hand():
+    from jaxlm.align import evaluate
+
+    before = [0] * 10 + [1] * 3 + [1] * 5 + [0] * 4
+    after = [1] * 10 + [0] * 3 + [1] * 5 + [0] * 4
+    # 13 discordant problems, 10 fixed and 3 broken: p = 2 * sum_{k<=3} C(13, k) / 2^13.
+    expected = 2 * (1 + 13 + 78 + 286) / 2**13
+    assert evaluate.mcnemar_test(before, after) == {"fixed": 10, "broken": 3, "p_value": pytest.approx(expected)}
+    assert evaluate.mcnemar_test([1, 0], [1, 0])["p_value"] == 1.0  # no discordant pair: no evidence
+    assert evaluate.mcnemar_test([0] * 3, [1] * 3)["p_value"] == pytest.approx(0.25)  # 2 / 2^3
+    with pytest.raises(ValueError, match="equal lengths"):
+        evaluate.mcnemar_test([1], [1, 0])
+
+
 def test_gsm8k_example_templates():
     plain = tasks.gsm8k_example("Q?", "2 + 2 = <<2+2=4>>4 apples\n#### 4")
     assert plain.solution == " 2 + 2 = 4 apples\n#### 4" and plain.answer == "4"

@@ -8,6 +8,11 @@ Accuracy: batched greedy generation through `jaxlm.decode` (rollout.sample_respo
 temperature 0), each response scored by the task's reward function; `accuracy` is the mean answer
 reward, `format_rate` the mean format reward, with a 95% Wilson score interval on the accuracy
 (Wilson 1927; it stays inside [0, 1] and is sensible at 0% and 100%, unlike p +- 1.96 sigma).
+Two policies on the same problems are compared with McNemar's exact test (`mcnemar_test`): only
+the problems one policy solves and the other does not carry information, and under "no
+difference" each of those n discordant problems is equally likely to go either way, so the
+two-sided p-value is 2 * P(Binomial(n, 1/2) <= min(fixed, broken)), capped at 1. Paired on the
+same problems it detects a smaller change than two independent intervals that must not overlap.
 
 Perplexity: exp of the mean next-token cross-entropy over non-overlapping windows of
 `seq_len` + 1 tokens of the encoded text (the last partial window included), via `model.forward`.
@@ -41,9 +46,22 @@ def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float,
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def mcnemar_test(before: Sequence[int], after: Sequence[int]) -> dict:
+    """McNemar's exact test of paired 0/1 outcomes: {"fixed", "broken", "p_value"} (module docstring)."""
+    if len(before) != len(after):
+        raise ValueError(f"paired outcomes need equal lengths, got {len(before)} and {len(after)}")
+    fixed = sum(1 for b, a in zip(before, after) if not b and a)
+    broken = sum(1 for b, a in zip(before, after) if b and not a)
+    discordant = fixed + broken
+    tail = sum(math.comb(discordant, k) for k in range(min(fixed, broken) + 1))
+    return {"fixed": fixed, "broken": broken, "p_value": min(1.0, 2 * tail / 2**discordant)}
+
+
 def evaluate_task(cfg, params, tokenizer, examples: Sequence[tasks.Example], task: tasks.Task, *,
-                  max_new_tokens: int, mesh=None, batch_size: int = 256, samples: int = 0) -> dict:
-    """Greedy accuracy and format rate on `examples`; `samples` responses kept in the report."""
+                  max_new_tokens: int, mesh=None, batch_size: int = 256, samples: int = 0,
+                  per_example: bool = False) -> dict:
+    """Greedy accuracy and format rate on `examples`; `samples` responses kept in the report;
+    `per_example`: also "correct", the 0/1 outcome of each example (for `mcnemar_test`)."""
     start = time.perf_counter()
     rollouts = rollout.sample_responses(cfg, params, tokenizer, [e.prompt for e in examples],
                                         max_new_tokens=max_new_tokens, temperature=0.0, stop=task.stop,
@@ -51,7 +69,8 @@ def evaluate_task(cfg, params, tokenizer, examples: Sequence[tasks.Example], tas
     scores = [task.reward_fn(r.text, e.answer) for r, e in zip(rollouts, examples)]
     correct = int(sum(s["answer_reward"] for s in scores))
     low, high = wilson_interval(correct, len(examples))
-    return {"task": task.name, "count": len(examples), "accuracy": correct / len(examples),
+    outcomes = {"correct": [int(s["answer_reward"]) for s in scores]} if per_example else {}
+    return {**outcomes, "task": task.name, "count": len(examples), "accuracy": correct / len(examples),
             "accuracy_ci95": [low, high], "format_rate": float(np.mean([s["format_reward"] for s in scores])),
             "mean_response_tokens": float(np.mean([len(r.response_ids) for r in rollouts])),
             "seconds": time.perf_counter() - start,

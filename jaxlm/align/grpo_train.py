@@ -41,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxlm import sharding, train
-from jaxlm.align import common, evaluate, grpo, rollout, sft, tasks
+from jaxlm.align import common, evaluate, grpo, rewards, rollout, sft, tasks
 from jaxlm.config import Config, ConfigError, TrainConfig, apply_overrides, load_preset, to_dict
 
 
@@ -54,6 +54,7 @@ class GrpoConfig:
     group_size: int = 8
     temperature: float = 1.0
     top_p: Optional[float] = None
+    reward: Optional[str] = None  # train with this rewards.REWARDS entry instead of the task's (eval stays exact)
     max_new_tokens: int = 6
     loss_type: grpo.LossType = "grpo_clip"
     aggregation: grpo.Aggregation = "sequence"
@@ -119,7 +120,9 @@ class GrpoTrainer:
 
     def __init__(self, model_cfg, params: dict, tokenizer, task: tasks.Task, train_examples: list,
                  config: GrpoConfig, mesh, run_dir: Optional[str] = None, start_opt_state=None):
-        self.config, self.mesh, self.tokenizer, self.task, self.run_dir = config, mesh, tokenizer, task, run_dir
+        self.config, self.mesh, self.tokenizer, self.run_dir = config, mesh, tokenizer, run_dir
+        self.eval_task = task  # held-out accuracy: the task's own (exact) reward
+        self.task = dataclasses.replace(task, reward_fn=rewards.get_reward(config.reward)) if config.reward else task
         self.examples = train_examples
         self.cfg = common.policy_config(model_cfg, mesh, config.train_config())
         self.state = common.state_from_params(self.cfg, mesh, params)
@@ -186,9 +189,9 @@ class GrpoTrainer:
         return record
 
     def evaluate(self, examples: list) -> dict:
-        return evaluate.evaluate_task(self.cfg.model, self.params, self.tokenizer, examples, self.task,
+        return evaluate.evaluate_task(self.cfg.model, self.params, self.tokenizer, examples, self.eval_task,
                                       max_new_tokens=self.config.max_new_tokens, mesh=self.mesh,
-                                      batch_size=256)
+                                      batch_size=256, per_example=True)
 
     def train(self, test_examples: list, progress: bool = True) -> list[dict]:
         """`steps` GRPO steps with held-out evaluation at the start, every eval_every, and the end."""
@@ -196,13 +199,16 @@ class GrpoTrainer:
         before = self.evaluate(test_examples)
         self._log({"step": 0, "eval_accuracy": before["accuracy"], "eval_ci95": before["accuracy_ci95"],
                    "eval_format_rate": before["format_rate"]}, records)
+        self.start_correct = before["correct"]
         bar = tqdm(range(self.config.steps), desc="grpo", disable=not progress, dynamic_ncols=True)
         for _ in bar:
             record = self.grpo_step()
             if self.step % self.config.eval_every == 0 or self.step == self.config.steps:
                 result = self.evaluate(test_examples)
+                test = evaluate.mcnemar_test(self.start_correct, result["correct"])
                 record.update(eval_accuracy=result["accuracy"], eval_ci95=result["accuracy_ci95"],
-                              eval_format_rate=result["format_rate"])
+                              eval_format_rate=result["format_rate"], eval_fixed=test["fixed"],
+                              eval_broken=test["broken"], eval_p_value=test["p_value"])
             self._log(record, records)
             bar.set_postfix(reward=f"{record['reward']:.3f}", acc=record.get("eval_accuracy", ""))
         if self.run_dir:
@@ -298,6 +304,8 @@ def run(args, overrides: list[str]) -> dict:
     summary = {"task": task.name, "config": dataclasses.asdict(config), "held_out_examples": len(test_examples),
                "accuracy_before": records[0]["eval_accuracy"], "ci95_before": records[0]["eval_ci95"],
                "accuracy_after": records[-1]["eval_accuracy"], "ci95_after": records[-1]["eval_ci95"],
+               "mcnemar": {"fixed": records[-1]["eval_fixed"], "broken": records[-1]["eval_broken"],
+                           "p_value": records[-1]["eval_p_value"]},
                "seconds": time.perf_counter() - start,
                "rollout_seconds": sum(r["rollout_seconds"] for r in steps),
                "update_seconds": sum(r["update_seconds"] for r in steps),
@@ -316,8 +324,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     low, high = summary["ci95_before"]
     low2, high2 = summary["ci95_after"]
+    test = summary["mcnemar"]
     print(f"held-out accuracy ({summary['held_out_examples']} problems, greedy): "
           f"{summary['accuracy_before']:.3f} [{low:.3f}, {high:.3f}] -> {summary['accuracy_after']:.3f} "
-          f"[{low2:.3f}, {high2:.3f}] in {summary['seconds']:.0f} s (rollouts {summary['rollout_seconds']:.0f} s, "
+          f"[{low2:.3f}, {high2:.3f}]; McNemar on the same problems: {test['fixed']} fixed, {test['broken']} broken, "
+          f"p = {test['p_value']:.2g}; in {summary['seconds']:.0f} s (rollouts {summary['rollout_seconds']:.0f} s, "
           f"updates {summary['update_seconds']:.0f} s); metrics in {args.run_dir}")
     return 0

@@ -13,6 +13,11 @@ then read exactly as a decimal, so "1,000", "$1000", "1000.0" and "1000." are al
   starts inside the thinking); format_reward = 1 when it is, and only then is the answer (the
   last number inside <answer>) checked. Badly formatted responses get reward 0.
 - `arithmetic_reward`: the response must be just an integer (the embedded arithmetic task).
+- `arithmetic_digit_reward`: the same check with partial credit (reward shaping that stays
+  verifiable): an integer response earns the fraction of the ground truth's characters (sign
+  included) it matches position by position from the right, divided by the longer of the two
+  lengths, so a wrong length costs and only the exact answer earns 1. "131" for "130" gets 2/3,
+  "13" gets 0 (nothing aligned matches), "-53" for "-53" 1. `answer_reward` stays exact (0/1).
 """
 
 from __future__ import annotations
@@ -89,7 +94,18 @@ def arithmetic_reward(response: str, ground_truth: str) -> dict:
     return _result(True, answers_match(normalize_number(response), ground_truth))
 
 
-REWARDS: dict[str, RewardFn] = {"gsm8k": gsm8k_reward, "r1": r1_reward, "arithmetic": arithmetic_reward}
+def arithmetic_digit_reward(response: str, ground_truth: str) -> dict:
+    """`arithmetic_reward` with partial credit for the characters right-aligned with the truth."""
+    result = arithmetic_reward(response, ground_truth)
+    if not result["format_reward"] or result["answer_reward"]:
+        return result
+    predicted, truth = response.strip(), ground_truth.strip()
+    matching = sum(p == t for p, t in zip(reversed(predicted), reversed(truth)))
+    return {**result, "reward": matching / max(len(predicted), len(truth))}
+
+
+REWARDS: dict[str, RewardFn] = {"gsm8k": gsm8k_reward, "r1": r1_reward, "arithmetic": arithmetic_reward,
+                                "arithmetic_digits": arithmetic_digit_reward}
 
 
 def get_reward(name: str) -> RewardFn:
