@@ -35,6 +35,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jaxlm import sharding
+
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 
 
@@ -158,7 +160,7 @@ def _cache_layer(k, v, layer, k_scale, v_scale, dtype):
 
 
 def _shard_over_mesh(fn, q, k, v, q_offsets, scales):
-    """Run a Pallas call per device: batch over (data, fsdp), heads over tensor, when the mesh
+    """Run a Pallas call per device: batch over its mesh axes, heads over tensor, when the mesh
     set with `jax.set_mesh` has those axes (a kernel is not partitioned by GSPMD). k, v may
     carry a leading layer dim ([L, B, K, S, H]); scales are None or (k_scale, v_scale)."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -166,7 +168,8 @@ def _shard_over_mesh(fn, q, k, v, q_offsets, scales):
         return fn(q, k, v, q_offsets, scales)
     from jax.sharding import PartitionSpec as P
 
-    batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1)
+    batch_axes = tuple(a for a in sharding.LOGICAL_RULES["batch"]
+                       if a in mesh.shape and mesh.shape[a] > 1)
     tensor = "tensor" if mesh.shape.get("tensor", 1) > 1 else None
     batch = batch_axes or None
     if q.shape[0] % max(1, _axes_size(mesh, batch_axes)) or k.shape[-3] % mesh.shape.get("tensor", 1):

@@ -18,7 +18,7 @@ Speculative decoding uses the same rewind to drop rejected draft tokens.
 
 Layout: [B, K, S, H] per layer puts one kv head's keys of one sequence in one contiguous [S, H]
 block, which the decode kernel streams (pallas_kernels/decode_attention.py); layers are stacked
-first so `model.forward` scans over them. Sharding: batch over (data, fsdp), kv heads over tensor
+first so `model.forward` scans over them. Sharding: batch over (data, fsdp, expert), kv heads over tensor
 (CACHE_AXES).
 
 int8 (`quantize=True`): symmetric per (layer, sequence, kv head, token) scales over head_dim:

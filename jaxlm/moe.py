@@ -41,11 +41,11 @@ Dispatch (`moe_dispatch`):
   experts). Experts then run as one batched matmul over an [E, C, D] buffer.
 
 Expert parallelism. Under a mesh (`jax.set_mesh`), the layer is a `jax.shard_map`: tokens split
-over (data, fsdp) as usual; the `expert` axis, over which activations are replicated, first
-splits each device's tokens into P chunks, one per expert shard. Each device routes its chunk,
-packs one buffer per destination shard (experts are contiguous: shard j holds experts
-j*E/P ... (j+1)*E/P - 1), exchanges them with one `all_to_all`, runs its experts, sends the
-results back with a second `all_to_all`, combines, and all-gathers the chunks over `expert`.
+over the batch axes (data, fsdp, expert: outside MoE layers `expert` is data parallelism). Each
+device routes its own tokens (a batch too small to split is replicated, and each device of the
+`expert` axis takes one chunk of it instead), packs one buffer per destination shard (experts
+are contiguous: shard j holds experts j*E/P ... (j+1)*E/P - 1), exchanges them with one
+`all_to_all`, runs its experts, sends the results back with a second `all_to_all` and combines.
 Expert weights are sharded over `expert` (experts dim) and `tensor` (mlp dim; partial sums are
 psum-ed over tensor); FSDP shards of the embed dim are gathered on entry, like every FSDP
 weight. A dispatch group is one device's chunk: capacity is counted per chunk.
@@ -402,21 +402,25 @@ def _sharded_routed(cfg: ModelConfig, p: dict, x: jax.Array, mesh) -> tuple[jax.
                          f"mesh axis size {num_shards}")
     split_batch = batch % batch_shards == 0
     local_tokens = (batch // batch_shards if split_batch else batch) * length
-    chunk = -(-local_tokens // num_shards)
+    # Split over the batch axes (expert among them), every device routes its own tokens. A batch
+    # that does not divide (decoding one sequence, say) is replicated: then each device of the
+    # expert axis routes one chunk of it, so no expert work is done twice.
+    chunks = 1 if split_batch else num_shards
+    chunk = -(-local_tokens // chunks)
     routed = {name: p[name] for name in ("router", "router_bias", "gate_up", "down")}
     specs = {"router": P(), "router_bias": P(),
              "gate_up": sharding.logical_to_spec(("experts", None, None, "mlp")),
              "down": sharding.logical_to_spec(("experts", "mlp", None))}
     x_spec = sharding.logical_to_spec(("batch", None, None)) if split_batch else P()
-    # Outputs leave as rows ordered (batch shard, expert chunk): the gather over `expert` of
-    # the chunks is left to XLA (inside, all_gather's result would be typed as varying).
-    row_axes = (BATCH_AXES if split_batch else ()) + EXPERT_AXES
+    # Outputs leave as rows ordered by batch shard (or expert chunk): the gather of replicated
+    # chunks is left to XLA (inside, all_gather's result would be typed as varying).
+    row_axes = BATCH_AXES if split_batch else EXPERT_AXES
 
     def local(p, x):
         flat = x.reshape(-1, dim)
-        padded = jnp.pad(flat, ((0, chunk * num_shards - flat.shape[0]), (0, 0)))
-        valid = jnp.arange(chunk * num_shards) < flat.shape[0]
-        index = jax.lax.axis_index(EXPERT_AXES) if num_shards > 1 else 0
+        padded = jnp.pad(flat, ((0, chunk * chunks - flat.shape[0]), (0, 0)))
+        valid = jnp.arange(chunk * chunks) < flat.shape[0]
+        index = jax.lax.axis_index(EXPERT_AXES) if chunks > 1 else 0
         mine = jax.lax.dynamic_slice_in_dim(padded, index * chunk, chunk)
         mine_valid = jax.lax.dynamic_slice_in_dim(valid, index * chunk, chunk)
         y, stats = _dispatch_group(cfg, p, mine, mine_valid, EXPERT_AXES, num_shards)
@@ -431,7 +435,7 @@ def _sharded_routed(cfg: ModelConfig, p: dict, x: jax.Array, mesh) -> tuple[jax.
                        check_vma=False)
     y, stats = fn(routed, x)
     groups = batch_shards if split_batch else 1
-    y = y.reshape(groups, chunk * num_shards, dim)[:, :local_tokens].reshape(batch, length, dim)
+    y = y.reshape(groups, chunk * chunks, dim)[:, :local_tokens].reshape(batch, length, dim)
     return y, _sum_rows(stats)
 
 

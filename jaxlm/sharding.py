@@ -9,7 +9,8 @@ each name. Parameters are declared once with their logical names (model.py) and 
 already sharded; activations are constrained only at block boundaries.
 
 Conventions:
-- `batch -> (data, fsdp)`: both data parallelism and FSDP split the batch.
+- `batch -> (data, fsdp, expert)`: data parallelism, FSDP and expert parallelism all split the
+  batch (outside the MoE layers, `expert` is one more data-parallel axis).
 - `embed -> fsdp`: FSDP (ZeRO-3) shards every weight along its embedding dim.
 - `heads, kv_heads, mlp, vocab -> tensor`: Megatron-style tensor parallelism.
 - A logical name of `None` means replicated. Using one mesh axis twice in a spec is an error.
@@ -31,7 +32,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 LogicalAxes = tuple[Optional[str], ...]
 
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "seq": (),
     "embed": ("fsdp",),
     "heads": ("tensor",),

@@ -123,20 +123,20 @@ def init_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation) -> dic
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Microbatched batch leaves [A, B/A, T]: rows over (data, fsdp)."""
+    """Microbatched batch leaves [A, B/A, T]: rows over the batch axes (data, fsdp, expert)."""
     return NamedSharding(mesh, sharding.logical_to_spec((None, "batch", "seq")))
 
 
 def shard_batch(batch: dict, mesh: Mesh, grad_accum: int) -> dict:
     """This process's rows [B_local, T] -> global arrays [A, B/A, T] on the mesh."""
     target = batch_sharding(mesh)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = math.prod(mesh.shape[axis] for axis in sharding.LOGICAL_RULES["batch"])
     out = {}
     for name, array in batch.items():
         rows = array.shape[0] * jax.process_count()
         if rows % (grad_accum * shards):
             raise ConfigError(f"train.batch_size={rows} must be divisible by train.grad_accum={grad_accum} "
-                              f"x the data*fsdp mesh size {shards}")
+                              f"x the data*fsdp*expert mesh size {shards}")
         local = array.reshape(grad_accum, array.shape[0] // grad_accum, *array.shape[1:])
         global_shape = (grad_accum, rows // grad_accum, *array.shape[1:])
         out[name] = jax.make_array_from_process_local_data(target, local, global_shape)

@@ -124,7 +124,7 @@ def test_sharded_generate_equals_single_device(params):
                            mesh=mesh) == expected
     cache = decode.init_cache(CFG, 4, 32, mesh)
     assert cache["k"].sharding.spec == jax.sharding.PartitionSpec(
-        None, ("data", "fsdp"), "tensor", None, None)
+        None, ("data", "fsdp", "expert"), "tensor", None, None)
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy_and_stream_equals_generate(params):

@@ -138,15 +138,17 @@ def _loss_and_grads(cfg, params, tokens):
     return jax.jit(jax.value_and_grad(objective))(params)
 
 
-@pytest.mark.parametrize("mesh_spec,dispatch,kernel", [("expert=4,fsdp=2", "dropless", "auto"),
-                                                        ("data=2,tensor=2,expert=2", "capacity", "auto"),
-                                                        ("data=2,fsdp=2,tensor=2", "dropless",
-                                                         "pallas_interpret")])
-def test_expert_parallel_equals_single_device(params, mesh_spec, dispatch, kernel):
-    """The last case runs the Pallas grouped matmul (interpreted) in the shard_map, as a GPU does."""
+@pytest.mark.parametrize("mesh_spec,dispatch,kernel,batch", [
+    ("expert=4,fsdp=2", "dropless", "auto", 4),
+    ("data=2,tensor=2,expert=2", "capacity", "auto", 8),
+    ("data=2,fsdp=2,tensor=2", "dropless", "pallas_interpret", 4)])
+def test_expert_parallel_equals_single_device(params, mesh_spec, dispatch, kernel, batch):
+    """Batch 8 splits over (data, fsdp, expert); batch 4 does not divide expert=4,fsdp=2 and is
+    replicated, each expert shard routing one chunk. The last case runs the Pallas grouped
+    matmul (interpreted) in the shard_map, as a GPU does."""
     cfg = dataclasses.replace(CFG, moe_balance_loss=0.01, moe_z_loss=0.001, moe_dispatch=dispatch,
                               capacity_factor=4.0)
-    tokens = _tokens(4)
+    tokens = _tokens(batch)
     expected_loss, expected_grads = _loss_and_grads(cfg, params, tokens)
     mesh = sharding.make_mesh(mesh_spec)
     moe.set_grouped_matmul(kernel)
