@@ -1,6 +1,7 @@
 """GRPO/DPO objectives, masked reductions and reward parsing against numpy and hand computations."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -176,6 +177,14 @@ def test_arithmetic_reward_and_task_split():
     assert not {e.prompt for e in train} & {e.prompt for e in test}
     for example in train[:50]:
         assert str(eval(example.prompt[:-1])) == example.answer  # noqa: S307 (generated digits and +-*)
+    # The default task: two-digit operands, + and - only (both occur, and negative results too).
+    operands = [re.fullmatch(r"(\d+)([+-])(\d+)=", e.prompt).groups() for e in train + test]
+    assert all(10 <= int(a) <= 99 and 10 <= int(b) <= 99 for a, _, b in operands)
+    assert {op for _, op, _ in operands} == {"+", "-"} and any(e.answer.startswith("-") for e in train)
+    products = tasks.arithmetic_examples(50, "train", spec=tasks.ArithmeticSpec(0, 10, "*"))
+    assert all(str(eval(e.prompt[:-1])) == e.answer and len(e.prompt) == 4 for e in products)  # noqa: S307
+    with pytest.raises(ValueError, match="operations"):
+        tasks.ArithmeticSpec(operations="/")
     assert tasks.arithmetic_examples(5, "train", seed=3) == tasks.arithmetic_examples(5, "train", seed=3)
     assert tasks.arithmetic_examples(5, "train", seed=3) != tasks.arithmetic_examples(5, "train", seed=4)
 

@@ -5,12 +5,16 @@ An `Example` is (prompt, solution, answer): `prompt` is the text the model conti
 the text SFT imitates (a response that ends in the right answer), `answer` the ground truth a
 reward function checks. A `Task` adds the reward function and the stop strings of rollouts.
 
-Arithmetic: problems `a+b=`, `a-b=` and `a*b=` with a, b < `max_operand` (products use a
-one-digit b), written without spaces; the solution is the exact integer result. Each operand's
-number of digits is drawn uniformly first, then its value uniformly among those digits. The train and
-test splits are disjoint by construction: a problem is a test problem when a hash of its text
-falls in the first `TEST_FRACTION` of the hash range, and each split is then sampled with its own
-seed, so held-out accuracy is measured on problems never trained on.
+Arithmetic: problems `a+b=` and `a-b=` with two-digit operands 10 <= a, b < 100 by default
+(`ArithmeticSpec`; `*` with a one-digit b is available), written without spaces; the solution is
+the exact integer result (negative for a < b). Both operands are uniform in their range, so there
+are 2 x 90 x 90 = 16,200 distinct problems and no one-digit facts to memorize: a model gains on the
+held-out split by getting the digits and carries right, which a reward can reinforce (docs/
+_notes_grpo_cpu.md: a one- and two-digit mix let the SFT policy memorize the short facts, and GRPO
+then only churned them). The train and test splits are disjoint by construction: a problem is a
+test problem when a hash of its text falls in the first `TEST_FRACTION` of the hash range, and
+each split is then sampled with its own seed, so held-out accuracy is measured on problems never
+trained on.
 
 GSM8K (Cobbe et al. 2021): JSONL lines `{"question": ..., "answer": "... #### N"}`. Templates:
 "plain" = "Question: Q\\nAnswer:" continued by the solution (calculator annotations `<<...>>`
@@ -65,27 +69,32 @@ def _is_test_problem(text: str) -> bool:
     return int.from_bytes(digest[:4], "little") < TEST_FRACTION * 2**32
 
 
-def random_operand(rng: random.Random, max_operand: int) -> int:
-    """An operand below `max_operand` whose digit count is uniform (1 or 2 digits below 100).
+@dataclasses.dataclass(frozen=True)
+class ArithmeticSpec:
+    """Which problems the generator draws: operands in [min_operand, max_operand), `operations`
+    among "+-*" (a product's second operand is one digit)."""
 
-    Uniform digit counts keep half the problems short enough for a tiny model to learn in a
-    minute while the space stays large (about 21,000 distinct problems below 100), so a model
-    cannot pass the held-out split by memorizing the training split.
-    """
-    digits = rng.randint(1, len(str(max_operand - 1)))
-    low = 0 if digits == 1 else 10 ** (digits - 1)
-    return rng.randrange(low, min(10 ** digits, max_operand))
+    min_operand: int = 10
+    max_operand: int = 100
+    operations: str = "+-"
+
+    def __post_init__(self):
+        if not 0 <= self.min_operand < self.max_operand:
+            raise ValueError(f"need 0 <= min_operand < max_operand, got {self.min_operand}, {self.max_operand}")
+        if not self.operations or set(self.operations) - set("+-*"):
+            raise ValueError(f"operations must be a non-empty string of + - *, got {self.operations!r}")
 
 
-def arithmetic_problem(rng: random.Random, max_operand: int) -> Example:
-    op = rng.choice("+-*")
-    a = random_operand(rng, max_operand)
-    b = rng.randrange(10) if op == "*" else random_operand(rng, max_operand)
+def arithmetic_problem(rng: random.Random, spec: ArithmeticSpec = ArithmeticSpec()) -> Example:
+    op = rng.choice(spec.operations)
+    a = rng.randrange(spec.min_operand, spec.max_operand)
+    b = rng.randrange(10) if op == "*" else rng.randrange(spec.min_operand, spec.max_operand)
     result = a + b if op == "+" else a - b if op == "-" else a * b
     return Example(prompt=f"{a}{op}{b}=", solution=str(result), answer=str(result))
 
 
-def arithmetic_examples(count: int, split: str, seed: int = 0, max_operand: int = 100) -> list[Example]:
+def arithmetic_examples(count: int, split: str, seed: int = 0,
+                        spec: ArithmeticSpec = ArithmeticSpec()) -> list[Example]:
     """`count` problems of the "train" or "test" split (disjoint; repeats within a split possible)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -93,7 +102,7 @@ def arithmetic_examples(count: int, split: str, seed: int = 0, max_operand: int 
     want_test = split == "test"
     out = []
     while len(out) < count:
-        example = arithmetic_problem(rng, max_operand)
+        example = arithmetic_problem(rng, spec)
         if _is_test_problem(example.prompt) == want_test:
             out.append(example)
     return out
