@@ -4,7 +4,7 @@ Run: python -m jaxlm.grpo          (first SFT of this model on arithmetic, cache
      python -m jaxlm.sft --task arithmetic --run-dir runs/arith-sft
 The train section is the SFT recipe of that default run (two-digit + and -, jaxlm/align/tasks.py):
 about 90-110 s on a 2-core CPU, greedy held-out accuracy 0.238 [0.213, 0.265] on 1000 problems, which
-the default GRPO raises to 0.306 [0.278, 0.335] (docs/_notes_grpo_cpu.md).
+the default GRPO raises to 0.306 [0.278, 0.335] (docs/alignment_cpu.md).
 """
 
 from jaxlm.config import Config, ModelConfig, TrainConfig

@@ -127,6 +127,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, ~2 minutes)")
     args = parser.parse_args()
     out = os.path.abspath(args.out)
+    if os.path.isdir(out) and os.listdir(out):
+        # The CLIs resume from run folders they find: a second run into the same folder would
+        # mix the two runs' checkpoints, metrics and evaluations.
+        sys.exit(f"--out {out} is not empty; give a new folder (runs there would resume)")
     os.makedirs(out, exist_ok=True)
     scale = 0.25 if args.quick else 1.0
     py = [sys.executable, "-m"]

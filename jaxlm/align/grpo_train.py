@@ -47,7 +47,7 @@ from jaxlm.config import Config, ConfigError, TrainConfig, apply_overrides, load
 
 @dataclasses.dataclass(frozen=True)
 class GrpoConfig:
-    """GRPO settings; the defaults are the CPU arithmetic run (docs/_notes_grpo_cpu.md): 1024
+    """GRPO settings; the defaults are the CPU arithmetic run (docs/alignment_cpu.md): 1024
     rollouts a step (fewer left the update mostly noise at a sampled accuracy of 0.15) and the lr
     decayed to 0 by the last step (a constant lr lost the held-out gain as the gradient norm grew)."""
 

@@ -9,8 +9,8 @@ Arithmetic: problems `a+b=` and `a-b=` with two-digit operands 10 <= a, b < 100 
 (`ArithmeticSpec`; `*` with a one-digit b is available), written without spaces; the solution is
 the exact integer result (negative for a < b). Both operands are uniform in their range, so there
 are 2 x 90 x 90 = 16,200 distinct problems and no one-digit facts to memorize: a model gains on the
-held-out split by getting the digits and carries right, which a reward can reinforce (docs/
-_notes_grpo_cpu.md: a one- and two-digit mix let the SFT policy memorize the short facts, and GRPO
+held-out split by getting the digits and carries right, which a reward can reinforce (docs/alignment_cpu.md:
+a one- and two-digit mix let the SFT policy memorize the short facts, and GRPO
 then only churned them). The train and test splits are disjoint by construction: a problem is a
 test problem when a hash of its text falls in the first `TEST_FRACTION` of the hash range, and
 each split is then sampled with its own seed, so held-out accuracy is measured on problems never
