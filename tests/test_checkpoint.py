@@ -1,8 +1,6 @@
 """Checkpoints: round trip onto another mesh, retention, and interrupted saves."""
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
