@@ -228,6 +228,12 @@ def test_cli_sft_then_grpo_then_eval(tmp_path, capsys):
     assert evaluate.main(["arithmetic", "--run-dir", grpo_dir, "--limit", "8"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["count"] == 8 and 0.0 <= report["accuracy"] <= 1.0
+    assert evaluate.main(["arithmetic", "--run-dir", grpo_dir, "--limit", "8", "--pass-at", "4"]) == 0
+    sampled = json.loads(capsys.readouterr().out)["sampled"]
+    assert sampled["samples_per_problem"] == 4 and list(sampled["pass_at"]) == ["1", "2", "4"]
+    assert sampled["pass_at"]["1"] == pytest.approx(sampled["sampled_accuracy"])  # pass@1 = mean
+    assert sampled["pass_at"]["1"] <= sampled["pass_at"]["2"] <= sampled["pass_at"]["4"]
+    assert evaluate.main(["arithmetic", "--run-dir", grpo_dir, "--pass-at", "4", "--temperature", "0"]) == 2
     assert evaluate.main(["gsm8k", "--run-dir", grpo_dir]) == 2  # --data missing: a clear error
 
 

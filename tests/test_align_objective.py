@@ -214,6 +214,24 @@ def test_mcnemar_exact_test_by_hand():
         evaluate.mcnemar_test([1], [1, 0])
 
 
+def test_pass_at_k_by_hand_and_by_enumeration():
+    """Chen et al.'s estimator: 1 - C(n-c, k)/C(n, k) = P(some of k draws without replacement from
+    the n samples is correct), checked by hand and by enumerating the k-subsets."""
+    import itertools
+
+    from jaxlm.align import evaluate
+    # n = 4 samples; problem A 1 correct, problem B 0, problem C 4.
+    assert evaluate.pass_at_k(4, [1, 0, 4], 1) == pytest.approx((1 / 4 + 0 + 1) / 3)
+    assert evaluate.pass_at_k(4, [1, 0, 4], 2) == pytest.approx((1 - 3 / 6 + 0 + 1) / 3)
+    for n, c, k in ((5, 2, 3), (8, 3, 4), (6, 1, 6)):
+        outcomes = [1] * c + [0] * (n - c)
+        subsets = list(itertools.combinations(range(n), k))
+        expected = sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
+        assert evaluate.pass_at_k(n, [c], k) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="k <= samples"):
+        evaluate.pass_at_k(4, [1], 8)
+
+
 def test_gsm8k_example_templates():
     plain = tasks.gsm8k_example("Q?", "2 + 2 = <<2+2=4>>4 apples\n#### 4")
     assert plain.solution == " 2 + 2 = 4 apples\n#### 4" and plain.answer == "4"

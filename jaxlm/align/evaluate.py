@@ -14,6 +14,11 @@ difference" each of those n discordant problems is equally likely to go either w
 two-sided p-value is 2 * P(Binomial(n, 1/2) <= min(fixed, broken)), capped at 1. Paired on the
 same problems it detects a smaller change than two independent intervals that must not overlap.
 
+Sampled accuracy (`--pass-at N`): N responses per problem at `--temperature`; the mean answer
+reward over all of them, and pass@k for k = 1, 2, 4, ... <= N with the unbiased estimator of Chen
+et al. 2021 (eq. 1), mean over problems of 1 - C(n - c, k) / C(n, k) for c correct of n samples.
+It says how much room sampling leaves above greedy: what GRPO can turn into greedy accuracy.
+
 Perplexity: exp of the mean next-token cross-entropy over non-overlapping windows of
 `seq_len` + 1 tokens of the encoded text (the last partial window included), via `model.forward`.
 """
@@ -78,6 +83,32 @@ def evaluate_task(cfg, params, tokenizer, examples: Sequence[tasks.Example], tas
                         for r, e in zip(rollouts[:samples], examples[:samples])]}
 
 
+def pass_at_k(num_samples: int, num_correct: Sequence[int], k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021, eq. 1) over problems with `num_correct` of `num_samples`."""
+    if not 1 <= k <= num_samples:
+        raise ValueError(f"pass@k needs 1 <= k <= samples per problem ({num_samples}), got k={k}")
+    total = math.comb(num_samples, k)
+    return float(np.mean([1.0 - math.comb(num_samples - c, k) / total for c in num_correct]))
+
+
+def sampled_accuracy(cfg, params, tokenizer, examples: Sequence[tasks.Example], task: tasks.Task, *,
+                     samples_per_problem: int, temperature: float, max_new_tokens: int, mesh=None,
+                     batch_size: int = 256, seed: int = 0) -> dict:
+    """Mean sampled accuracy and pass@k (k = 1, 2, 4, ... <= samples_per_problem), see above."""
+    n = samples_per_problem
+    prompts = [e.prompt for e in examples for _ in range(n)]
+    rollouts = rollout.sample_responses(cfg, params, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                        temperature=temperature, stop=task.stop, mesh=mesh, seed=seed,
+                                        batch_size=min(batch_size, len(prompts)))
+    rewards = [task.reward_fn(r.text, e.answer)["answer_reward"]
+               for r, e in zip(rollouts, (e for e in examples for _ in range(n)))]
+    correct = np.asarray(rewards, np.float64).reshape(len(examples), n).sum(1).astype(int)
+    ks = [2**i for i in range(n.bit_length()) if 2**i <= n]
+    return {"temperature": temperature, "samples_per_problem": n,
+            "sampled_accuracy": float(correct.sum() / (n * len(examples))),
+            "pass_at": {str(k): pass_at_k(n, correct, k) for k in ks}}
+
+
 @jax.jit
 def _cross_entropy_sum(logits, targets):
     return jnp.sum(loss.cross_entropy(logits, targets)[0])
@@ -122,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, help="--hf: parameter/compute dtype, e.g. bfloat16")
     parser.add_argument("--report", default=None, help="write the JSON report here too")
     parser.add_argument("--samples", type=int, default=5, help="responses to include in the report")
+    parser.add_argument("--pass-at", type=int, default=0, metavar="N",
+                        help="also sample N responses per problem: sampled accuracy and pass@k")
+    parser.add_argument("--temperature", type=float, default=1.0, help="for --pass-at")
     return parser
 
 
@@ -144,8 +178,16 @@ def run(args: argparse.Namespace) -> dict:
         examples, task = tasks.arithmetic_examples(args.limit or 1000, "test"), tasks.ARITHMETIC
         max_new_tokens = args.max_new_tokens or 8
     max_new_tokens = min(max_new_tokens, cfg.max_seq_len - max(len(tokenizer.encode(e.prompt)) for e in examples))
-    return evaluate_task(cfg, params, tokenizer, examples, task, max_new_tokens=max_new_tokens,
-                         batch_size=args.batch_size, samples=args.samples)
+    report = evaluate_task(cfg, params, tokenizer, examples, task, max_new_tokens=max_new_tokens,
+                           batch_size=args.batch_size, samples=args.samples)
+    if args.pass_at:
+        if args.temperature <= 0:
+            raise ValueError(f"--pass-at samples at --temperature > 0, got {args.temperature}")
+        report["sampled"] = sampled_accuracy(cfg, params, tokenizer, examples, task,
+                                             samples_per_problem=args.pass_at,
+                                             temperature=args.temperature,
+                                             max_new_tokens=max_new_tokens, batch_size=args.batch_size)
+    return report
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
