@@ -19,7 +19,8 @@ grouped matmul aims at), the batched einsum over equal groups [G, rows/G, K] x [
 ragged_dot (on GPU a masked dense computation over all groups: slow, and it materializes
 [G, rows, K]; an out-of-memory error prints and the run goes on). `--sweep` times a few tile
 configs of each of the three kernels (forward, transposed forward = dx, weight gradient), the
-others kept at their defaults. Timing: jit, one warm-up call, mean over --steps calls.
+others kept at their defaults. Timing: jit, one warm-up call, mean over --steps calls (the layer:
+median of --repeats such means, MoE and dense alternating).
 """
 
 from __future__ import annotations
@@ -92,15 +93,19 @@ def bench_layer(args, dtype) -> None:
 
     moe_step = jax.jit(jax.grad(moe_loss, argnums=(0, 1)))
     dense_step = jax.jit(jax.grad(dense_loss, argnums=(0, 1)))
-    moe_time = timed(moe_step, p, x, steps=args.steps)
-    dense_time = timed(dense_step, dense, x, steps=args.steps)
+    # Alternating repeats, medians: the dense time alone moved 648-716 TFLOP/s between runs.
+    times = [(timed(moe_step, p, x, steps=args.steps), timed(dense_step, dense, x, steps=args.steps))
+             for _ in range(args.repeats)]
+    moe_time, dense_time = (float(np.median(column)) for column in zip(*times))
     flops = 6 * 3 * D * F * k * args.tokens
     device = jax.devices()[0].device_kind
     label = f"moe {args.dispatch}" + (f" ({args.impl})" if args.dispatch == "dropless" else "")
     for name, seconds in (("dense", dense_time), (label, moe_time)):
         print(f"{name:>24}: {args.tokens / seconds:,.0f} tokens/s, {flops / seconds / 1e12:.1f} "
               f"TFLOP/s (fwd+bwd, {device})")
-    print(f"moe / dense throughput: {dense_time / moe_time:.2f}x (target >= 0.7)")
+    ratios = sorted(d / m for m, d in times)
+    print(f"moe / dense throughput: {dense_time / moe_time:.2f}x (target >= 0.7; median of "
+          f"{args.repeats} alternating repeats, per repeat {ratios[0]:.3f}..{ratios[-1]:.3f})")
     if args.profile:
         profile_layer(args.profile, moe_step, p, x)
 
@@ -191,6 +196,7 @@ def main() -> None:
                              "ragged_dot elsewhere)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5, help="layer bench: alternating repeats")
     parser.add_argument("--rows", type=int, default=16384 * 8, help="kernel bench: rows of x")
     parser.add_argument("--kernel-k", type=int, default=2048)
     parser.add_argument("--kernel-n", type=int, default=1024)
