@@ -165,17 +165,9 @@ def test_unsupported_cases_name_the_constraint():
 
 @pytest.mark.parametrize("rules", [dict(causal=True), dict(causal=False, kv_lengths=True),
                                    dict(segment_ids=True, sliding_window=64, softcap=30.0)])
-def test_kernels_lower_to_triton_ir(monkeypatch, rules):
+def test_kernels_lower_to_triton_ir(hopper_lowering, rules):
     """Lower forward+backward for CUDA on CPU, up to Triton IR (no PTX): catches constructs the
-    Triton lowering rejects, which interpret mode accepts. Uses JAX internals, hence the skip."""
-    try:
-        from jax._src.pallas.triton import pallas_call_registration as registration
-    except ImportError:
-        pytest.skip("Pallas Triton lowering internals not importable")
-    if not hasattr(registration, "gpu_info_lib"):
-        pytest.skip("this JAX's Triton lowering has no gpu_info_lib to stub a Hopper GPU with")
-    hopper = type("GpuInfo", (), {"compute_capability": 90})()
-    monkeypatch.setattr(registration.gpu_info_lib, "get_gpu_info", lambda: hopper)
+    Triton lowering rejects, which interpret mode accepts (fixture in conftest.py)."""
     q = jax.ShapeDtypeStruct((2, 200, 8, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((2, 200, 2, 128), jnp.bfloat16)
     ids = jax.ShapeDtypeStruct((2, 200), jnp.int32)
