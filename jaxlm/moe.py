@@ -177,19 +177,17 @@ def set_gather_rows_in_kernel(enabled: bool) -> None:
 
 
 def _kernel_choice() -> str:
-    choice = _grouped_matmul_choice
-    if choice == "auto":
-        choice = "pallas" if jax.default_backend() == "gpu" else "ragged_dot"
-    return choice
+    if _grouped_matmul_choice != "auto":
+        return _grouped_matmul_choice
+    return "pallas" if jax.default_backend() == "gpu" else "ragged_dot"
 
 
 def _grouped_matmul(x, w, group_sizes):
     """ragged_dot semantics: x [M, D] sorted by group, w [G, D, F] -> [M, F]."""
-    choice = _kernel_choice()
-    if choice == "ragged_dot":
+    if _kernel_choice() == "ragged_dot":
         return jax.lax.ragged_dot(x, w, group_sizes)
     from pallas_kernels.grouped_matmul import grouped_matmul
-    return grouped_matmul(x, w, group_sizes, interpret=choice == "pallas_interpret")
+    return grouped_matmul(x, w, group_sizes, interpret=_kernel_choice() == "pallas_interpret")
 
 
 def fuse_gate_up(p: dict) -> dict:
