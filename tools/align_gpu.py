@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -126,6 +127,9 @@ def main() -> int:
     parser.add_argument("--gsm8k", required=True, help="folder with GSM8K train.jsonl and test.jsonl")
     parser.add_argument("--out", required=True, help="results.json, *.png and the runs go here")
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, ~2 minutes)")
+    parser.add_argument("--arith-only", action="store_true", help="skip GSM8K SFT and evaluation")
+    parser.add_argument("--grpo-args", default="",
+                        help='extra `python -m jaxlm.grpo` flags, later ones win, e.g. "--lr=1e-4 --steps=30"')
     args = parser.parse_args()
     out = os.path.abspath(args.out)
     if os.path.isdir(out) and os.listdir(out):
@@ -150,22 +154,24 @@ def main() -> int:
     seconds["sft_arith"] = run(py + ["jaxlm.sft", "--task", "arithmetic", "--init", runs["pretrain"], "--run-dir",
                                      runs["sft_arith"], f"--train.steps={int(300 * scale)}", "--train.batch_size=64",
                                      "--train.seq_len=128", *sft_common], out, "sft_arith")
-    seconds["sft_gsm8k"] = run(py + ["jaxlm.sft", "--data", os.path.join(args.gsm8k, "train.jsonl"), "--init",
-                                     runs["pretrain"], "--run-dir", runs["sft_gsm8k"],
-                                     f"--train.steps={int(200 * scale)}", "--train.batch_size=32",
-                                     "--train.seq_len=512", *sft_common], out, "sft_gsm8k")
+    if not args.arith_only:
+        seconds["sft_gsm8k"] = run(py + ["jaxlm.sft", "--data", os.path.join(args.gsm8k, "train.jsonl"),
+                                         "--init", runs["pretrain"], "--run-dir", runs["sft_gsm8k"],
+                                         f"--train.steps={int(200 * scale)}", "--train.batch_size=32",
+                                         "--train.seq_len=512", *sft_common], out, "sft_gsm8k")
     seconds["grpo_arith"] = run(py + ["jaxlm.grpo", "--init", runs["sft_arith"], "--run-dir", runs["grpo_arith"],
                                       "--no-progress", f"--steps={int(40 * scale)}", "--prompts_per_step=128",
                                       "--group_size=8", "--lr=3e-6", "--eval_every=10", "--eval_examples=1000",
-                                      "--max_new_tokens=8"], out, "grpo_arith")
+                                      "--max_new_tokens=8", *shlex.split(args.grpo_args)], out, "grpo_arith")
     # NOTE: the first GPU run (64 x 8 rollouts, lr 1e-5, 60 steps) lowered held-out accuracy
     # 0.708 -> 0.665 (McNemar p 3e-4; docs/benchmarks.md): more rollouts per step, lower lr.
     reports = {}
-    for name, what, run_dir, extra in (
-            ("gsm8k_test_sft", "gsm8k", runs["sft_gsm8k"], ["--data", os.path.join(args.gsm8k, "test.jsonl"),
-                                                            "--max-new-tokens", "256"]),
-            ("arith_sft", "arithmetic", runs["sft_arith"], ["--limit", "1000", "--pass-at", "8"]),
-            ("arith_grpo", "arithmetic", runs["grpo_arith"], ["--limit", "1000", "--pass-at", "8"])):
+    evals = [("arith_sft", "arithmetic", runs["sft_arith"], ["--limit", "1000", "--pass-at", "8"]),
+             ("arith_grpo", "arithmetic", runs["grpo_arith"], ["--limit", "1000", "--pass-at", "8"])]
+    if not args.arith_only:
+        evals.insert(0, ("gsm8k_test_sft", "gsm8k", runs["sft_gsm8k"],
+                         ["--data", os.path.join(args.gsm8k, "test.jsonl"), "--max-new-tokens", "256"]))
+    for name, what, run_dir, extra in evals:
         report = os.path.join(out, f"eval_{name}.json")
         seconds[f"eval_{name}"] = run(py + ["jaxlm.eval", what, "--run-dir", run_dir, "--report", report, *extra],
                                       out, f"eval_{name}")
@@ -174,8 +180,10 @@ def main() -> int:
     summary = json.load(open(os.path.join(runs["grpo_arith"], "summary.json")))
     results = {"seconds": seconds, "evals": reports, "grpo_summary": summary,
                "rollout_throughput": rollout_throughput(runs["grpo_arith"], 64 * 8, 64)}
-    plot(out, {"arithmetic": read_jsonl(os.path.join(runs["sft_arith"], "metrics.jsonl")),
-               "gsm8k": read_jsonl(os.path.join(runs["sft_gsm8k"], "metrics.jsonl"))}, grpo_records)
+    sft_curves = {"arithmetic": read_jsonl(os.path.join(runs["sft_arith"], "metrics.jsonl"))}
+    if not args.arith_only:
+        sft_curves["gsm8k"] = read_jsonl(os.path.join(runs["sft_gsm8k"], "metrics.jsonl"))
+    plot(out, sft_curves, grpo_records)
     with open(os.path.join(out, "results.json"), "w") as file:
         json.dump(results, file, indent=1)
     print(json.dumps(results, indent=1))
