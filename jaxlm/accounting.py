@@ -346,8 +346,9 @@ def activation_bytes_per_device(cfg: ModelConfig, mesh_config: MeshConfig, batch
     casts of the weights the backward keeps (all layers' under none, one layer's otherwise,
     plus the lm head) when param and compute dtypes differ. attention_backward: gradients of
     the probabilities and scores (float32) of the layer being differentiated. logits: float32
-    logits and their gradient [B, T, V] (the loss's working set). batch shards over data x fsdp; heads, mlp
-    and vocab over tensor; embed-sized activations are replicated over tensor.
+    logits and their gradient [B, T, V] (the loss's working set). batch shards over
+    data x fsdp x expert; heads, mlp and vocab over tensor; embed-sized activations are
+    replicated over tensor.
     """
     remat = remat or cfg.remat
     tokens = _tokens_per_device(mesh_config, batch_size, seq_len)
@@ -373,7 +374,7 @@ def _tokens_per_device(mesh_config: MeshConfig, batch_size: int, seq_len: int) -
     shards = _batch_shards(mesh_config)
     if batch_size % shards:
         raise sharding.MeshError(f"batch {batch_size} is not divisible by the batch shards "
-                                 f"data x fsdp = {shards}; choose a multiple of {shards}")
+                                 f"data x fsdp x expert = {shards}; choose a multiple of {shards}")
     return batch_size // shards * seq_len
 
 
@@ -414,7 +415,7 @@ def training_memory_per_device(cfg: ModelConfig, mesh_config: MeshConfig, batch_
 def kv_cache_bytes(cfg: ModelConfig, batch_size: int, cache_len: int,
                    mesh_config: MeshConfig = MeshConfig(), dtype: Optional[str] = None) -> float:
     """Decode KV cache bytes per device: 2 (k and v) * L * B * S * K * H * bytes, with batch
-    over data x fsdp and kv heads over tensor (kv_cache.CACHE_AXES)."""
+    over data x fsdp x expert and kv heads over tensor (kv_cache.CACHE_AXES)."""
     itemsize = _dtype_bytes(dtype or cfg.compute_dtype)
     total = 2 * cfg.num_layers * batch_size * cache_len * cfg.num_kv_heads * cfg.resolved_head_dim * itemsize
     return total / (_batch_shards(mesh_config) * _tensor_shards(mesh_config))

@@ -186,7 +186,7 @@ def _round_up(x: int, multiple: int) -> int:
 def _batch(prompts, mesh: Optional[Mesh], extra_slots: int, max_new_tokens: int):
     """Right-padded tokens [B, T], lengths [B] and the cache length; B padded to the mesh's
     batch shards with one-token dummy prompts."""
-    shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = 1 if mesh is None else sharding.batch_shards(mesh)
     batch = _round_up(len(prompts), shards)
     longest = max(len(p) for p in prompts)
     cache_len = _round_up(longest + max_new_tokens + extra_slots, CACHE_MULTIPLE)
@@ -274,7 +274,7 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     """The new tokens of each prompt (up to max_new_tokens, ending at eos_id when it comes).
 
     temperature 0 is greedy. mesh: params sharded on it (model.param_shardings); the cache is
-    created sharded and the batch is padded to a multiple of data x fsdp. quantize_cache: int8.
+    created sharded and the batch is padded to a multiple of data x fsdp x expert. quantize_cache: int8.
     return_log_probs: return (tokens, log_probs), log_probs[i][j] = log p(tokens[i][j]) under the
     model itself (log_softmax of the raw logits: temperature, top-k and top-p not applied), the
     quantity an RL trainer recomputes (jaxlm/align).

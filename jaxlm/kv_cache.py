@@ -64,7 +64,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, *,
     """An empty cache for `batch_size` sequences of up to `max_len` tokens.
 
     dtype: of k/v (default the compute dtype); `quantize=True` stores int8 with float32 scales.
-    mesh: create it sharded by CACHE_AXES (batch over data x fsdp, kv heads over tensor).
+    mesh: create it sharded by CACHE_AXES (batch over data x fsdp x expert, kv heads over tensor).
     """
     dtype = jnp.int8 if quantize else jnp.dtype(dtype or cfg.compute_dtype)
     shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.resolved_head_dim)

@@ -280,12 +280,14 @@ def _gather_assignments(x, order, inverse, top_k: int):
 
 
 def _gather_assignments_fwd(x, order, inverse, top_k):
-    return _gather_assignments(x, order, inverse, top_k), (order, inverse, x.shape[0])
+    return _gather_assignments(x, order, inverse, top_k), inverse
 
 
-def _gather_assignments_bwd(top_k, residuals, grad):
-    order, inverse, num_tokens = residuals
+def _gather_assignments_bwd(top_k, inverse, grad):
     return _sum_over_ranks(grad, inverse, top_k).astype(grad.dtype), None, None
+
+
+_gather_assignments.defvjp(_gather_assignments_fwd, _gather_assignments_bwd)
 
 
 def _sum_over_ranks(rows, inverse, top_k: int, weights=None):
@@ -302,9 +304,6 @@ def _sum_over_ranks(rows, inverse, top_k: int, weights=None):
             part = part * weights[j * num_tokens:(j + 1) * num_tokens, None]
         total = part if total is None else total + part
     return total
-
-
-_gather_assignments.defvjp(_gather_assignments_fwd, _gather_assignments_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -421,7 +420,7 @@ def _sharded_routed(cfg: ModelConfig, p: dict, x: jax.Array, mesh) -> tuple[jax.
     from jax.sharding import PartitionSpec as P
 
     batch, length, dim = x.shape
-    batch_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    batch_shards = sharding.batch_shards(mesh)
     num_shards = math.prod(mesh.shape[a] for a in EXPERT_AXES)
     if cfg.num_experts % num_shards:
         raise ValueError(f"model.num_experts={cfg.num_experts} is not divisible by the expert "

@@ -86,6 +86,12 @@ def make_mesh(spec: str | MeshConfig = "", devices: Optional[Sequence[jax.Device
     return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
 
 
+def batch_shards(mesh) -> int:
+    """How many ways `batch` is split on `mesh` (a Mesh or AbstractMesh): the product of the
+    sizes of its `LOGICAL_RULES["batch"]` axes."""
+    return math.prod(mesh.shape.get(axis, 1) for axis in LOGICAL_RULES["batch"])
+
+
 def logical_to_spec(axes: LogicalAxes, rules: Mapping[str, tuple[str, ...]] = LOGICAL_RULES) -> PartitionSpec:
     """Logical dim names -> PartitionSpec, checking that no mesh axis is used twice."""
     used: list[str] = []

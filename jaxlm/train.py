@@ -130,7 +130,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def shard_batch(batch: dict, mesh: Mesh, grad_accum: int) -> dict:
     """This process's rows [B_local, T] -> global arrays [A, B/A, T] on the mesh."""
     target = batch_sharding(mesh)
-    shards = math.prod(mesh.shape[axis] for axis in sharding.LOGICAL_RULES["batch"])
+    shards = sharding.batch_shards(mesh)
     out = {}
     for name, array in batch.items():
         rows = array.shape[0] * jax.process_count()

@@ -135,10 +135,10 @@ class GrpoTrainer:
         self.step_fn = train.make_train_step(self.cfg, mesh, self.loss_fn)
         self.rng = random.Random(config.seed)
         self.step = 0
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        shards = sharding.batch_shards(mesh)
         if (config.prompts_per_step * config.group_size) % (config.grad_accum * shards):
             raise ConfigError(f"prompts_per_step x group_size = {config.prompts_per_step * config.group_size} "
-                              f"must be divisible by grad_accum x data x fsdp = {config.grad_accum * shards}")
+                              f"must be divisible by grad_accum x data x fsdp x expert = {config.grad_accum * shards}")
 
     @property
     def params(self) -> dict:
