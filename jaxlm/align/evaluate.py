@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.pass_at < 0 or (args.pass_at and args.temperature <= 0):
+        raise ValueError(f"--pass-at N needs N >= 0 and --temperature > 0 (it samples); got "
+                         f"--pass-at {args.pass_at} --temperature {args.temperature}")
     mesh = sharding.make_mesh("data=1", jax.devices()[:1])
     cfg, params, tokenizer = common.load_policy(args.run_dir, args.hf, mesh, dtype=args.dtype)
     tokenizer = common.require_tokenizer(tokenizer, args.run_dir or args.hf)
@@ -181,8 +184,6 @@ def run(args: argparse.Namespace) -> dict:
     report = evaluate_task(cfg, params, tokenizer, examples, task, max_new_tokens=max_new_tokens,
                            batch_size=args.batch_size, samples=args.samples)
     if args.pass_at:
-        if args.temperature <= 0:
-            raise ValueError(f"--pass-at samples at --temperature > 0, got {args.temperature}")
         report["sampled"] = sampled_accuracy(cfg, params, tokenizer, examples, task,
                                              samples_per_problem=args.pass_at,
                                              temperature=args.temperature,
