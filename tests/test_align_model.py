@@ -212,10 +212,14 @@ def test_cli_sft_then_grpo_then_eval(tmp_path, capsys):
     tiny = ["--model.num_layers=1", "--model.embed_dim=24", "--model.num_heads=2", "--model.num_kv_heads=1",
             "--model.mlp_dim=40"]
     assert sft.main(["--task", "arithmetic", "--num-examples", "200", "--run-dir", sft_dir, "--no-progress",
-                     "--train.steps=2", "--train.batch_size=8", "--train.seq_len=31", *tiny]) == 0
+                     "--train.steps=2", "--train.batch_size=8", "--train.seq_len=31", *tiny,
+                     "--model.compute_dtype=bfloat16"]) == 0
+    # The start computes in bf16; GRPO computes it in float32 (--compute_dtype) and saves that.
     assert grpo_train.main(["--init", sft_dir, "--run-dir", grpo_dir, "--no-progress", "--steps=2",
                             "--prompts_per_step=2", "--group_size=4", "--eval_examples=8", "--eval_every=1",
-                            "--epochs_per_rollout=2", "--reward=arithmetic_digits"]) == 0
+                            "--epochs_per_rollout=2", "--reward=arithmetic_digits", "--compute_dtype=float32"]) == 0
+    assert decode.load_run(sft_dir)[0].compute_dtype == "bfloat16"
+    assert decode.load_run(grpo_dir)[0].compute_dtype == "float32"
     records = [json.loads(line) for line in open(os.path.join(grpo_dir, "metrics.jsonl"))]
     assert [r["step"] for r in records] == [0, 1, 2]
     for key in ("reward", "format_reward", "answer_reward", "accuracy", "entropy", "clip_fraction",

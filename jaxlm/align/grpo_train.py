@@ -75,8 +75,13 @@ class GrpoConfig:
     eval_every: int = 10
     eval_examples: int = 1000
     seed: int = 0
+    # Compute the policy in this dtype instead of the start's (float32: the sampler's and the
+    # trainer's log-probs agree to ~1e-6 instead of bf16 rounding; cudnn attention becomes xla).
+    compute_dtype: Optional[str] = None
 
     def __post_init__(self):
+        if self.compute_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ConfigError(f"compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs_per_rollout",
                      "grad_accum", "eval_every", "eval_examples"):
             if getattr(self, name) < 1:
@@ -254,6 +259,15 @@ def arithmetic_policy(cache_dir: str, mesh, progress: bool = True) -> str:
 # Command line
 
 
+def with_compute_dtype(model_cfg, dtype: str):
+    """The policy's model config computing in `dtype` (cuDNN attention takes only 16-bit inputs:
+    in float32 it becomes xla attention)."""
+    attention = model_cfg.attention_impl
+    if dtype == "float32" and attention == "cudnn":
+        attention = "xla"
+    return dataclasses.replace(model_cfg, compute_dtype=dtype, attention_impl=attention)
+
+
 def build_parser():
     import argparse
 
@@ -294,6 +308,8 @@ def run(args, overrides: list[str]) -> dict:
         cache_dir = args.cache_dir or train.default_cache_dir(dict(os.environ))
         start_dir = arithmetic_policy(cache_dir, mesh, progress=not args.no_progress)
     model_cfg, params, tokenizer = common.load_policy(start_dir, args.hf if start_dir is None else None, mesh)
+    if config.compute_dtype is not None:
+        model_cfg = with_compute_dtype(model_cfg, config.compute_dtype)
     tokenizer = common.require_tokenizer(tokenizer, start_dir or args.hf)
     start_opt_state = common.restore_opt_state(start_dir, mesh) if start_dir and config.carry_adam else None
     task, train_examples, test_examples = _task_data(args, config)
