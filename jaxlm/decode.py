@@ -61,6 +61,10 @@ class Sampling:
     temperature: float = 1.0
     top_k: Optional[int] = None
     top_p: Optional[float] = None
+    # Ids >= vocab_limit are never chosen: a model whose vocab is padded beyond its tokenizer's
+    # (e.g. 50304 for GPT-2's 50257, or a BPE that stopped merging early) cannot emit ids the
+    # tokenizer has no text for.
+    vocab_limit: Optional[int] = None
 
     @property
     def greedy(self) -> bool:
@@ -71,9 +75,18 @@ class Sampling:
 # Sampling
 
 
+def restrict_vocab(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """float32 logits with -inf at ids >= sampling.vocab_limit; [..., V]."""
+    logits = logits.astype(jnp.float32)
+    if sampling.vocab_limit is None or sampling.vocab_limit >= logits.shape[-1]:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < sampling.vocab_limit, logits, -jnp.inf)
+
+
 def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
-    """float32 logits / temperature with -inf outside the top-k and top-p sets; [..., V]."""
-    logits = logits.astype(jnp.float32) / sampling.temperature
+    """float32 logits / temperature with -inf outside the top-k and top-p sets (and at ids >=
+    vocab_limit); [..., V]."""
+    logits = restrict_vocab(logits, sampling) / sampling.temperature
     if sampling.top_k is not None:
         kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -89,14 +102,15 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
 def probabilities(logits: jax.Array, sampling: Sampling) -> jax.Array:
     """The distribution [..., V] that `sample` draws from (one-hot of the argmax if greedy)."""
     if sampling.greedy:
-        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+        return jax.nn.one_hot(jnp.argmax(restrict_vocab(logits, sampling), axis=-1), logits.shape[-1],
+                              dtype=jnp.float32)
     return jax.nn.softmax(filter_logits(logits, sampling), axis=-1)
 
 
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     """One token id per row of logits [B, V] -> [B] int32."""
     if sampling.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jnp.argmax(restrict_vocab(logits, sampling), axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
 
 
@@ -177,6 +191,8 @@ def check_request(cfg: ModelConfig, prompts, max_new_tokens: int, sampling: Samp
         raise ValueError(f"top_p must be in (0, 1], got {sampling.top_p}")
     if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
+    if sampling.vocab_limit is not None and not 1 <= sampling.vocab_limit <= cfg.vocab_size:
+        raise ValueError(f"vocab_limit must be in [1, vocab_size={cfg.vocab_size}], got {sampling.vocab_limit}")
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -270,16 +286,17 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
              max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, seed: int = 0, eos_id: Optional[int] = None,
              mesh: Optional[Mesh] = None, quantize_cache: bool = False,
-             return_log_probs: bool = False):
+             return_log_probs: bool = False, vocab_limit: Optional[int] = None):
     """The new tokens of each prompt (up to max_new_tokens, ending at eos_id when it comes).
 
     temperature 0 is greedy. mesh: params sharded on it (model.param_shardings); the cache is
     created sharded and the batch is padded to a multiple of data x fsdp x expert. quantize_cache: int8.
     return_log_probs: return (tokens, log_probs), log_probs[i][j] = log p(tokens[i][j]) under the
     model itself (log_softmax of the raw logits: temperature, top-k and top-p not applied), the
-    quantity an RL trainer recomputes (jaxlm/align).
+    quantity an RL trainer recomputes (jaxlm/align). vocab_limit: never emit ids >= it (pass
+    the tokenizer's size when the model's vocab is padded beyond it).
     """
-    sampling = Sampling(float(temperature), top_k, top_p)
+    sampling = Sampling(float(temperature), top_k, top_p, vocab_limit)
     check_request(cfg, prompts, max_new_tokens, sampling, eos_id)
     tokens, lengths, cache_len = _batch(prompts, mesh, 0, max_new_tokens)
     with _maybe_mesh(mesh):
@@ -302,9 +319,9 @@ def _maybe_mesh(mesh: Optional[Mesh]):
 def stream(cfg: ModelConfig, params: dict, prompt: Sequence[int], *, max_new_tokens: int,
            temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
            seed: int = 0, eos_id: Optional[int] = None,
-           quantize_cache: bool = False) -> Iterator[int]:
+           quantize_cache: bool = False, vocab_limit: Optional[int] = None) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are made (same tokens as `generate`)."""
-    sampling = Sampling(float(temperature), top_k, top_p)
+    sampling = Sampling(float(temperature), top_k, top_p, vocab_limit)
     check_request(cfg, [prompt], max_new_tokens, sampling, eos_id)
     tokens, lengths, cache_len = _batch([prompt], None, 0, max_new_tokens)
     cache = init_cache(cfg, 1, cache_len, quantize=quantize_cache)
@@ -409,14 +426,15 @@ def speculative_generate(target_cfg: ModelConfig, target_params: dict, draft_cfg
                          max_new_tokens: int, temperature: float = 1.0,
                          top_k: Optional[int] = None, top_p: Optional[float] = None,
                          seed: int = 0, eos_id: Optional[int] = None,
-                         mesh: Optional[Mesh] = None) -> tuple[list[list[int]], dict]:
+                         mesh: Optional[Mesh] = None,
+                         vocab_limit: Optional[int] = None) -> tuple[list[list[int]], dict]:
     """`generate` with a draft model proposing `gamma` tokens per target forward.
 
     Returns the new tokens (distributed exactly as the target's `generate`; equal to its greedy
     output at temperature 0) and stats: acceptance_rate (accepted / drafted tokens),
     accepted, drafted, target_calls (verification forwards after prefill).
     """
-    sampling = Sampling(float(temperature), top_k, top_p)
+    sampling = Sampling(float(temperature), top_k, top_p, vocab_limit)
     check_request(target_cfg, prompts, max_new_tokens, sampling, eos_id)
     check_request(draft_cfg, prompts, max_new_tokens, sampling, eos_id)
     if target_cfg.vocab_size != draft_cfg.vocab_size:
@@ -461,6 +479,22 @@ def load_run(run_dir: str, mesh: Optional[Mesh] = None):
         tokenizer = _load_tokenizer(manager.restore_tokenizer(step, directory))
     manager.close()
     return cfg.model, state["params"], tokenizer
+
+
+def vocab_limit_of(cfg: ModelConfig, tokenizer) -> Optional[int]:
+    """The tokenizer's id count when the model's vocab is larger (padded), else None."""
+    if tokenizer is None:
+        return None
+    size = getattr(tokenizer, "vocab_size", None)
+    if not isinstance(tokenizer, _jaxlm_tokenizer_type()):
+        size = len(tokenizer)  # Hugging Face: vocab_size leaves out added tokens, len() counts them
+    return size if size < cfg.vocab_size else None
+
+
+def _jaxlm_tokenizer_type():
+    from jaxlm.tokenizer import Tokenizer
+
+    return Tokenizer
 
 
 def _load_tokenizer(directory: Optional[str]):
@@ -537,7 +571,8 @@ def run(args: argparse.Namespace) -> int:
     start, times, ids, printed = time.perf_counter(), [], [], ""
     for token in stream(cfg, params, prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        seed=args.seed, eos_id=eos_id, quantize_cache=args.int8_cache):
+                        seed=args.seed, eos_id=eos_id, quantize_cache=args.int8_cache,
+                        vocab_limit=vocab_limit_of(cfg, tokenizer)):
         times.append(time.perf_counter())
         ids.append(token)
         if tokenizer is None:

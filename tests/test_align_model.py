@@ -92,6 +92,17 @@ def test_rollout_log_probs_equal_recomputed_log_probs(params):
         np.testing.assert_allclose(recomputed[i, start:start + 7], log_probs[i], atol=2e-5)
 
 
+def test_rollouts_never_sample_ids_the_tokenizer_lacks():
+    # A model vocab padded past the byte tokenizer's 257 ids: a random model puts most of its mass
+    # on ids >= 257, which the tokenizer could not decode.
+    padded = dataclasses.replace(MODEL, vocab_size=400)
+    params = model.init_params(padded, jax.random.key(1))
+    rollouts = grpo_train.rollout.sample_responses(padded, params, TOKENIZER, ["12+30="] * 8, max_new_tokens=8,
+                                                   temperature=1.0, seed=2)
+    ids = [i for r in rollouts for i in r.response_ids]
+    assert len(ids) > 8 and max(ids) < TOKENIZER.vocab_size
+
+
 def synthetic_rollout_batch(params, rows=16, seed=0):
     """A GRPO batch of random prompts/responses with rewards, advantages, old and reference log-probs."""
     rng = np.random.default_rng(seed)

@@ -136,6 +136,21 @@ def test_top_k_1_and_tiny_top_p_are_greedy_and_stream_equals_generate(params):
     assert list(streamed) == sampled[0]
 
 
+def test_vocab_limit_never_emits_ids_the_tokenizer_lacks(params):
+    # The largest logits sit past the limit: unrestricted, greedy picks id 9 and sampling mostly 9/10.
+    logits = jnp.array([1.0, 0.2, -0.5, 2.0, 0.0, 1.2, -1.0, 0.7, 0.3, 5.0, 4.0])
+    sampling = decode.Sampling(1.0, vocab_limit=9)
+    samples = np.asarray(decode.sample(jnp.tile(logits, (20000, 1)), jax.random.key(0), sampling))
+    probs = np.concatenate([_expected_probs(logits[:9], 1.0), np.zeros(2)])
+    assert _chi_square(samples, probs) < CHI2_CRITICAL
+    assert int(decode.sample(logits[None], jax.random.key(0), decode.Sampling(0.0, vocab_limit=9))[0]) == 3
+    np.testing.assert_allclose(decode.probabilities(logits, sampling), probs, atol=1e-6)
+    # Through generate: the random model emits ids >= 100 unless limited.
+    free = decode.generate(CFG, params, PROMPTS, max_new_tokens=12, temperature=1.0, seed=1)
+    limited = decode.generate(CFG, params, PROMPTS, max_new_tokens=12, temperature=1.0, seed=1, vocab_limit=100)
+    assert max(map(max, free)) >= 100 and max(map(max, limited)) < 100
+
+
 def _expected_probs(logits, temperature, top_k=None, top_p=None):
     z = np.asarray(logits, np.float64) / temperature
     order = np.argsort(-z)
@@ -252,6 +267,7 @@ def test_speculative_sampling_matches_target_distribution(small_models):
     ([[1]], {"max_new_tokens": 5, "top_k": 0}, "top_k must be in"),
     ([[1]], {"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
     ([], {"max_new_tokens": 5}, "non-empty list"),
+    ([[1]], {"max_new_tokens": 5, "vocab_limit": 263}, r"vocab_limit must be in \[1, vocab_size=262\]"),
 ])
 def test_bad_requests_raise_clear_errors(params, prompts, kwargs, message):
     with pytest.raises(ValueError, match=message):

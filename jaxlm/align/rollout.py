@@ -11,7 +11,7 @@ in one jit and stops at eos.
 Stop strings are applied on the host after generation: a response is cut after the first token
 whose text completes a stop string (the stop string stays in the response: it was sampled and is
 part of the action the policy is credited for). Tokens sampled after it are dropped, with their
-log-probs. Eos stays in `response_ids` (the policy learns to stop) but not in `text`.
+log-probs. Ids the tokenizer lacks (a model vocab padded beyond it) are never sampled. Eos stays in `response_ids` (the policy learns to stop) but not in `text`.
 
 Prompts are processed in chunks of `batch_size`; the last chunk is padded with copies of its
 first prompt so every chunk has the same shape (one compiled program).
@@ -67,6 +67,7 @@ def sample_responses(cfg, params: dict, tokenizer, prompts: Sequence[str], *, ma
         padded = chunk + [chunk[0]] * (batch_size - len(chunk))
         ids, log_probs = decode.generate(cfg, params, padded, max_new_tokens=max_new_tokens,
                                          temperature=temperature, top_p=top_p, seed=seed + start,
-                                         eos_id=eos_id, mesh=mesh, return_log_probs=True)
+                                         eos_id=eos_id, mesh=mesh, return_log_probs=True,
+                                         vocab_limit=decode.vocab_limit_of(cfg, tokenizer))
         rollouts += [_finish(p, i, lp, tokenizer, eos_id, stop) for p, i, lp in zip(chunk, ids, log_probs)]
     return rollouts
