@@ -31,8 +31,7 @@ Dispatch (`moe_dispatch`):
   chosen once per process, not per config: `set_grouped_matmul("auto")` (the default) runs
   pallas_kernels/grouped_matmul.py on GPU and `jax.lax.ragged_dot` elsewhere (on GPU ragged_dot
   lowers to a masked dense matmul over all experts, ~100x slower at 64 experts); "pallas",
-  "pallas_interpret" (the kernel on CPU, for tests) and "ragged_dot" force one; "mosaic" runs
-  JAX's bundled Mosaic GPU kernels for Hopper (pallas_kernels/grouped_matmul_mosaic.py). All have
+  "pallas_interpret" (the kernel on CPU, for tests) and "ragged_dot" force one. Both have
   ragged_dot's semantics, so results agree to rounding; read at trace time, so set it before
   jitting.
 - "capacity": each expert takes at most C = ceil(capacity_factor * A / E) assignments of a
@@ -154,7 +153,7 @@ def update_router_bias(bias: jax.Array, expert_load: jax.Array, rate: float) -> 
 # Dispatch within one group (one device's tokens, or all tokens without a mesh)
 
 
-GROUPED_MATMULS = ("auto", "pallas", "pallas_interpret", "ragged_dot", "mosaic")
+GROUPED_MATMULS = ("auto", "pallas", "pallas_interpret", "ragged_dot")
 _grouped_matmul_choice = "auto"
 
 
@@ -187,9 +186,6 @@ def _grouped_matmul(x, w, group_sizes):
     """ragged_dot semantics: x [M, D] sorted by group, w [G, D, F] -> [M, F]."""
     if _kernel_choice() == "ragged_dot":
         return jax.lax.ragged_dot(x, w, group_sizes)
-    if _kernel_choice() == "mosaic":
-        from pallas_kernels.grouped_matmul_mosaic import mosaic_grouped_matmul
-        return mosaic_grouped_matmul(x, w.astype(x.dtype), group_sizes)
     from pallas_kernels.grouped_matmul import grouped_matmul
     return grouped_matmul(x, w, group_sizes, interpret=_kernel_choice() == "pallas_interpret")
 
@@ -355,7 +351,7 @@ def _dropless_local(cfg: ModelConfig, p: dict, x, valid, in_shard_map: bool):
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype),
                                                   unique_indices=True)
     group_sizes = jnp.zeros((num_experts,), jnp.int32).at[keys].add(1, mode="drop")
-    if _gather_rows_in_kernel and _kernel_choice() not in ("ragged_dot", "mosaic"):
+    if _gather_rows_in_kernel and _kernel_choice() != "ragged_dot":
         gather = (order % num_tokens, inverse.reshape(k, num_tokens))
         out = _swiglu_ragged(x, p["gate_up"], p["down"], group_sizes, gather=gather)
     else:

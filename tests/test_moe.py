@@ -175,25 +175,6 @@ def test_layer_layout_and_config_errors():
         dataclasses.replace(CFG, top_k=9)
 
 
-def test_mosaic_grouped_matmul_shape_errors_name_the_constraint():
-    # The Mosaic GPU kernels need a Hopper GPU; on CPU only their checks run (tools/bench_moe.py
-    # --mosaic checks values and gradients on the GPU).
-    from pallas_kernels.grouped_matmul_mosaic import MosaicConfig, check_shapes
-
-    sizes = jnp.array([3, 5], jnp.int32)
-    check_shapes(jnp.zeros((8, 128), jnp.bfloat16), jnp.zeros((2, 128, 128), jnp.bfloat16), sizes, MosaicConfig())
-    with pytest.raises(ValueError, match="bf16 or fp16"):
-        check_shapes(jnp.zeros((8, 128)), jnp.zeros((2, 128, 128)), sizes, MosaicConfig())
-    with pytest.raises(ValueError, match="K=96 is not a multiple of the forward block_k=64"):
-        check_shapes(jnp.zeros((8, 96), jnp.bfloat16), jnp.zeros((2, 96, 128), jnp.bfloat16), sizes, MosaicConfig())
-    with pytest.raises(ValueError, match="x has K=128 columns but w has K=64"):
-        check_shapes(jnp.zeros((8, 128), jnp.bfloat16), jnp.zeros((2, 64, 128), jnp.bfloat16), sizes, MosaicConfig())
-    moe.set_grouped_matmul("mosaic")
-    moe.set_grouped_matmul("auto")
-    with pytest.raises(ValueError, match="unknown"):
-        moe.set_grouped_matmul("cutlass")
-
-
 def test_interleaved_layers_equal_layer_by_layer_loop():
     """moe_every=2: the grouped scans run the layers in global order."""
     cfg = dataclasses.replace(CFG, num_layers=5, first_dense_layers=1, moe_every=2)

@@ -5,7 +5,6 @@ parameters, and the grouped matmul kernel alone against a dense matmul and jax.l
     python tools/bench_moe.py --impl ragged_dot     # the layer with XLA's ragged_dot instead
     python tools/bench_moe.py --skip-kernel --profile DIR   # + kernel-time table of the layer
     python tools/bench_moe.py --skip-kernel --gather-in-kernel   # + the layer with in-kernel row gathers
-    python tools/bench_moe.py --mosaic              # + JAX's bundled Mosaic GPU kernels (Hopper)
     python tools/bench_moe.py --tokens 256 --embed 48 --experts 8 --top-k 2 --expert-mlp 40 \
         --steps 2 --rows 256 --kernel-k 48 --kernel-n 40 --kernel-groups 8   # CPU smoke run
 
@@ -40,7 +39,6 @@ from jaxlm import moe
 from jaxlm.config import ModelConfig
 from jaxlm.layers import swiglu
 from pallas_kernels.grouped_matmul import GmmBlocks, default_config, grouped_matmul
-from pallas_kernels.grouped_matmul_mosaic import MosaicConfig, MosaicTiles, mosaic_grouped_matmul
 
 # (block_m, block_k, block_n, num_warps, num_stages); Triton matmul-tutorial-like tiles.
 SWEEP = [(128, 64, 128, 8, 3), (128, 64, 256, 8, 3), (128, 64, 256, 8, 4), (256, 64, 128, 8, 3),
@@ -152,51 +150,6 @@ def gmm_fns(config, interpret: bool):
     return forward, transposed, jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
-def mosaic_fns(config: MosaicConfig):
-    forward = jax.jit(lambda x, w, s: mosaic_grouped_matmul(x, w, s, config=config))
-    transposed = jax.jit(lambda dy, w, s: mosaic_grouped_matmul(dy, w.transpose(0, 2, 1), s, config=config))
-
-    def loss(x, w, dy, s):
-        out = mosaic_grouped_matmul(x, w, s, config=config)
-        return jnp.sum(out.astype(jnp.float32) * dy.astype(jnp.float32))
-
-    return forward, transposed, jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-
-
-def check_mosaic(args, dtype) -> None:
-    """Mosaic values and gradients vs the Pallas kernel (itself tested against ragged_dot)."""
-    x, w, dy, sizes = kernel_inputs(args, dtype)
-    sizes = sizes.at[0].add(-37).at[1].set(0)  # rows past the groups, and an empty group
-    both = gmm_fns(default_config(), False)[2]
-    _, (dx_ref, dw_ref) = both(x, w, dy, sizes)
-    _, (dx, dw) = mosaic_fns(MosaicConfig())[2](x, w, dy, sizes)
-    out_ref = grouped_matmul(x, w, sizes)
-    out = mosaic_grouped_matmul(x, w, sizes)
-    rel = lambda a, b: float(jnp.linalg.norm((a.astype(jnp.float32) - b.astype(jnp.float32)).ravel())
-                             / jnp.linalg.norm(b.astype(jnp.float32).ravel()))
-    print(f"mosaic vs pallas kernel, relative L2 error: out {rel(out, out_ref):.2e}, dx {rel(dx, dx_ref):.2e}, "
-          f"dw {rel(dw, dw_ref):.2e}; rows past the groups zero: {bool(jnp.all(out[-37:] == 0))}, "
-          f"empty group's dw zero: {bool(jnp.all(dw[1] == 0))}")
-
-
-MOSAIC_SWEEP = [(128, 128, 64, 4, 1), (128, 256, 64, 4, 1), (128, 128, 64, 4, 2), (128, 128, 64, 6, 1),
-                (64, 128, 64, 4, 1), (128, 192, 64, 4, 1), (128, 128, 128, 3, 1)]
-
-
-def sweep_mosaic(args, dtype) -> None:
-    x, w, dy, sizes = kernel_inputs(args, dtype)
-    flops = 2 * args.rows * args.kernel_k * args.kernel_n
-    steps = max(1, args.steps // 2)
-    print("mosaic sweep (block_m, block_n, block_k, max_concurrent_steps, grid_block_n)")
-    for tiles in MOSAIC_SWEEP:
-        t = MosaicTiles(*tiles)
-        fns = (mosaic_fns(MosaicConfig(forward=t))[0], mosaic_fns(MosaicConfig(forward_transposed=t))[1],
-               mosaic_fns(MosaicConfig(weight_grad=t))[2])
-        report(f"mosaic {tiles} forward", flops, fns[0], x, w, sizes, steps=steps)
-        report(f"mosaic {tiles} transposed", flops, fns[1], dy, w, sizes, steps=steps)
-        report(f"mosaic {tiles} fwd+bwd (as weight_grad)", 3 * flops, fns[2], x, w, dy, sizes, steps=steps)
-
-
 def bench_kernel(args, dtype, interpret: bool) -> None:
     x, w, dy, sizes = kernel_inputs(args, dtype)
     rows, K, N, G = args.rows, args.kernel_k, args.kernel_n, args.kernel_groups
@@ -208,11 +161,6 @@ def bench_kernel(args, dtype, interpret: bool) -> None:
     report("pallas forward", flops, forward, x, w, sizes, steps=args.steps)
     report("pallas transposed (dx)", flops, transposed, dy, w, sizes, steps=args.steps)
     report("pallas forward+backward", 3 * flops, both, x, w, dy, sizes, steps=args.steps)
-    if args.mosaic:
-        forward, transposed, both = mosaic_fns(MosaicConfig())
-        report("mosaic forward", flops, forward, x, w, sizes, steps=args.steps)
-        report("mosaic transposed (dx)", flops, transposed, dy, w, sizes, steps=args.steps)
-        report("mosaic forward+backward", 3 * flops, both, x, w, dy, sizes, steps=args.steps)
     report("dense matmul [M,K]@[K,N]", flops, jax.jit(jnp.matmul), x, w[0], steps=args.steps)
     if rows % G == 0:
         batched = jax.jit(lambda x, w: jnp.einsum("gmk,gkn->gmn", x.reshape(G, rows // G, K), w))
@@ -244,7 +192,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--expert-mlp", type=int, default=1024)
     parser.add_argument("--dispatch", default="dropless", choices=["dropless", "capacity"])
-    parser.add_argument("--impl", choices=["pallas", "ragged_dot", "mosaic"], default=None,
+    parser.add_argument("--impl", choices=["pallas", "ragged_dot"], default=None,
                         help="grouped matmul of dropless dispatch (default: pallas on GPU, "
                              "ragged_dot elsewhere)")
     parser.add_argument("--dtype", default="bfloat16")
@@ -259,20 +207,15 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time a few kernel tiles")
     parser.add_argument("--gather-in-kernel", action="store_true",
                         help="layer: also time it with the rows gathered inside the kernels")
-    parser.add_argument("--mosaic", action="store_true",
-                        help="also JAX's Mosaic GPU grouped matmul (Hopper): values vs ours, layer, kernel"
-                             " (with --sweep: Mosaic tiles instead of Pallas tiles)")
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="also trace the MoE layer into DIR and print where its time goes")
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     args.impl = args.impl or ("pallas" if on_gpu else "ragged_dot")
     interpret = not on_gpu
-    choice = "pallas_interpret" if args.impl == "pallas" and interpret else args.impl
-    moe.set_grouped_matmul(choice)
+    moe.set_grouped_matmul("ragged_dot" if args.impl == "ragged_dot"
+                           else "pallas_interpret" if interpret else "pallas")
     dtype = jnp.dtype(args.dtype)
-    if args.mosaic:
-        check_mosaic(args, dtype)
     if not args.skip_layer:
         bench_layer(args, dtype)
         if args.gather_in_kernel:
@@ -280,16 +223,9 @@ def main() -> None:
             moe.set_gather_rows_in_kernel(True)
             bench_layer(args, dtype)
             moe.set_gather_rows_in_kernel(False)
-        if args.mosaic:
-            print("with JAX's Mosaic GPU grouped matmul (moe.set_grouped_matmul('mosaic')):")
-            moe.set_grouped_matmul("mosaic")
-            bench_layer(args, dtype)
-            moe.set_grouped_matmul(choice)
     if not args.skip_kernel:
         bench_kernel(args, dtype, interpret)
-    if args.sweep and args.mosaic:
-        sweep_mosaic(args, dtype)  # the Pallas tiles were swept before (docs/benchmarks.md)
-    elif args.sweep:
+    if args.sweep:
         sweep_kernel(args, dtype, interpret)
 
 
