@@ -482,13 +482,18 @@ def load_run(run_dir: str, mesh: Optional[Mesh] = None):
 
 
 def vocab_limit_of(cfg: ModelConfig, tokenizer) -> Optional[int]:
-    """The tokenizer's id count when the model's vocab is larger (padded), else None."""
+    """The tokenizer's id count when the model's vocab is larger (padded), else None.
+
+    A jaxlm Tokenizer has `vocab_size`; a Hugging Face one counts its added tokens in len() (its
+    vocab_size leaves them out); other tokenizer-like objects: len(), else vocab_size, else None.
+    """
     if tokenizer is None:
         return None
-    size = getattr(tokenizer, "vocab_size", None)
-    if not isinstance(tokenizer, _jaxlm_tokenizer_type()):
-        size = len(tokenizer)  # Hugging Face: vocab_size leaves out added tokens, len() counts them
-    return size if size < cfg.vocab_size else None
+    if isinstance(tokenizer, _jaxlm_tokenizer_type()) or not hasattr(tokenizer, "__len__"):
+        size = getattr(tokenizer, "vocab_size", None)
+    else:
+        size = len(tokenizer)
+    return size if isinstance(size, int) and size < cfg.vocab_size else None
 
 
 def _jaxlm_tokenizer_type():

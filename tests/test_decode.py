@@ -151,6 +151,24 @@ def test_vocab_limit_never_emits_ids_the_tokenizer_lacks(params):
     assert max(map(max, free)) >= 100 and max(map(max, limited)) < 100
 
 
+def test_vocab_limit_of_reads_jaxlm_hf_style_and_bare_tokenizers():
+    from jaxlm.align import tasks
+
+    class Sized:  # Hugging Face style: len() counts added tokens, vocab_size does not
+        vocab_size = 200
+
+        def __len__(self):
+            return 203
+
+    class Bare:  # a wrapper that only encodes and decodes
+        pass
+
+    assert decode.vocab_limit_of(CFG, tasks.byte_tokenizer()) == 257
+    assert decode.vocab_limit_of(CFG, Sized()) == 203
+    assert decode.vocab_limit_of(CFG, Bare()) is None and decode.vocab_limit_of(CFG, None) is None
+    assert decode.vocab_limit_of(dataclasses.replace(CFG, vocab_size=257), tasks.byte_tokenizer()) is None
+
+
 def _expected_probs(logits, temperature, top_k=None, top_p=None):
     z = np.asarray(logits, np.float64) / temperature
     order = np.argsort(-z)

@@ -97,6 +97,7 @@ class _NoEos:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.special_ids = {}
+        self.vocab_size = tokenizer.vocab_size
 
     def encode(self, text):
         return self.tokenizer.encode(text)
