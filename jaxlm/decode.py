@@ -329,14 +329,13 @@ def stream(cfg: ModelConfig, params: dict, prompt: Sequence[int], *, max_new_tok
     params = _inference_params(cfg, params)  # per-layer, compute dtype: no copies per step
     logits, cache = prefill(cfg, params, tokens, cache, lengths)
     for step in range(max_new_tokens):
-        if step:
-            logits, cache = decode_step(cfg, params, token[:, None], cache)
-            logits = logits[:, 0]
         token = _sample(logits, jax.random.fold_in(key, step), sampling)
         value = int(token[0])
         yield value
-        if value == eos_id:
+        if value == eos_id or step + 1 == max_new_tokens:
             return
+        logits, cache = decode_step(cfg, params, token[:, None], cache)
+        logits = logits[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------
