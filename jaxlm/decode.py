@@ -76,8 +76,7 @@ class Sampling:
 
 
 def restrict_vocab(logits: jax.Array, sampling: Sampling) -> jax.Array:
-    """float32 logits with -inf at ids >= sampling.vocab_limit; [..., V]."""
-    logits = logits.astype(jnp.float32)
+    """logits with -inf at ids >= sampling.vocab_limit; [..., V]."""
     if sampling.vocab_limit is None or sampling.vocab_limit >= logits.shape[-1]:
         return logits
     return jnp.where(jnp.arange(logits.shape[-1]) < sampling.vocab_limit, logits, -jnp.inf)
@@ -86,7 +85,7 @@ def restrict_vocab(logits: jax.Array, sampling: Sampling) -> jax.Array:
 def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
     """float32 logits / temperature with -inf outside the top-k and top-p sets (and at ids >=
     vocab_limit); [..., V]."""
-    logits = restrict_vocab(logits, sampling) / sampling.temperature
+    logits = restrict_vocab(logits.astype(jnp.float32), sampling) / sampling.temperature
     if sampling.top_k is not None:
         kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -483,22 +482,11 @@ def load_run(run_dir: str, mesh: Optional[Mesh] = None):
 def vocab_limit_of(cfg: ModelConfig, tokenizer) -> Optional[int]:
     """The tokenizer's id count when the model's vocab is larger (padded), else None.
 
-    A jaxlm Tokenizer has `vocab_size`; a Hugging Face one counts its added tokens in len() (its
-    vocab_size leaves them out); other tokenizer-like objects: len(), else vocab_size, else None.
+    len() where the tokenizer has it (Hugging Face: counts added tokens, which its vocab_size
+    leaves out), else `vocab_size` (a jaxlm Tokenizer), else None.
     """
-    if tokenizer is None:
-        return None
-    if isinstance(tokenizer, _jaxlm_tokenizer_type()) or not hasattr(tokenizer, "__len__"):
-        size = getattr(tokenizer, "vocab_size", None)
-    else:
-        size = len(tokenizer)
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None)
     return size if isinstance(size, int) and size < cfg.vocab_size else None
-
-
-def _jaxlm_tokenizer_type():
-    from jaxlm.tokenizer import Tokenizer
-
-    return Tokenizer
 
 
 def _load_tokenizer(directory: Optional[str]):

@@ -11,7 +11,8 @@ in one jit and stops at eos.
 Stop strings are applied on the host after generation: a response is cut after the first token
 whose text completes a stop string (the stop string stays in the response: it was sampled and is
 part of the action the policy is credited for). Tokens sampled after it are dropped, with their
-log-probs. Ids the tokenizer lacks (a model vocab padded beyond it) are never sampled. Eos stays in `response_ids` (the policy learns to stop) but not in `text`.
+log-probs. Ids the tokenizer lacks (a model vocab padded beyond it) are never sampled. Eos stays
+in `response_ids` (the policy learns to stop) but not in `text`.
 
 Prompts are processed in chunks of `batch_size`; the last chunk is padded with copies of its
 first prompt so every chunk has the same shape (one compiled program).
