@@ -25,6 +25,7 @@ DataLayout = Literal["windows", "documents"]
 RouterType = Literal["softmax", "sigmoid"]
 MoeDispatch = Literal["dropless", "capacity"]
 Parameterization = Literal["standard", "mup"]
+LossKernel = Literal["xla", "triton"]
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,16 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     attention_impl: AttentionImpl = "xla"
     remat: RematPolicy = "none"
+    # Layers per iteration of the layer scan; >= num_layers unrolls it fully (no loop: XLA keeps
+    # each layer's saved activations in their own buffers instead of copying them into stacked
+    # [L, ...] arrays, at the cost of compile time growing with depth).
+    scan_unroll: int = 1
+    # Training loss (loss.py): > 0 runs the output layer and cross-entropy this many sequence
+    # positions at a time with the gradient computed in the forward pass, never holding the
+    # [B, T, V] logits; 0 materializes them. loss_kernel "triton": the chunks' softmax and
+    # gradient in one Triton kernel (GPU, jax_triton; pallas_kernels/triton_cross_entropy.py).
+    loss_chunk: int = 0
+    loss_kernel: LossKernel = "xla"
     # Mixture-of-Experts (jaxlm/moe.py); num_experts=0 is a dense model and ignores the rest.
     num_experts: int = 0
     top_k: int = 2
@@ -109,6 +120,10 @@ class ModelConfig:
                 f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads="
                 f"{self.num_heads}; set model.head_dim explicitly"
             )
+        if self.scan_unroll < 1:
+            raise ConfigError(f"model.scan_unroll must be >= 1, got {self.scan_unroll}")
+        if self.loss_chunk < 0:
+            raise ConfigError(f"model.loss_chunk must be >= 0 (0 = whole sequence), got {self.loss_chunk}")
         if self.resolved_head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.resolved_head_dim}")
         if self.num_experts:

@@ -283,8 +283,13 @@ def _moe_layers(cfg: ModelConfig, ctx: dict, x: jax.Array, params: dict, cache: 
 
     moe_params = _cast_weights(params["moe_blocks"], dtype)
     xs = (rest, rest_ids, moe_params, jnp.asarray(moe_ids, jnp.int32))
-    (x, cache), aux = jax.lax.scan(group, carry, xs)
+    (x, cache), aux = jax.lax.scan(group, carry, xs, unroll=_unroll(cfg, groups))
     return x, cache, aux
+
+
+def _unroll(cfg: ModelConfig, length: int):
+    """lax.scan's unroll for `length` iterations: True (no loop at all) when fully unrolled."""
+    return True if cfg.scan_unroll >= length else cfg.scan_unroll
 
 
 def _save_dots_and_fused_attention(primitive, *args, **params) -> bool:
@@ -344,6 +349,36 @@ def forward_with_aux(cfg: ModelConfig, params: dict, tokens: jax.Array, *,
                      cache: Optional[dict] = None) -> tuple[jax.Array, Optional[dict], dict]:
     """(logits [B, T, V] float32, the updated cache or None, aux) for tokens [B, T] int32.
 
+    `hidden_states` followed by the output layer; arguments and aux as there.
+    """
+    x, cache, aux = hidden_states(cfg, params, tokens, positions=positions,
+                                  segment_ids=segment_ids, cache=cache)
+    weight, vocab_major = output_weight(cfg, params)
+    logits = jnp.einsum("btd,vd->btv" if vocab_major else "btd,dv->btv", x, weight)
+    logits = logits.astype(jnp.float32) * output_scale(cfg)
+    return _constrain(logits, LOGITS_AXES), cache, aux
+
+
+def output_weight(cfg: ModelConfig, params: dict) -> tuple[jax.Array, bool]:
+    """The output layer's weight in the compute dtype and whether it is [V, D] (the tied
+    embedding) rather than [D, V] (lm_head)."""
+    compute_dtype = jnp.dtype(cfg.compute_dtype)
+    if cfg.tie_embeddings:
+        return params["embed"].astype(compute_dtype), True
+    return params["lm_head"].astype(compute_dtype), False
+
+
+def output_scale(cfg: ModelConfig) -> float:
+    """The factor on the logits: 1, or muP's output multiplier over the width multiplier."""
+    return mup.output_scale(cfg) if cfg.parameterization == "mup" else 1.0
+
+
+def hidden_states(cfg: ModelConfig, params: dict, tokens: jax.Array, *,
+                  positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
+                  cache: Optional[dict] = None) -> tuple[jax.Array, Optional[dict], dict]:
+    """(final-normed hidden states [B, T, D] in the compute dtype, the updated cache or None,
+    aux) for tokens [B, T] int32: everything of the model but its output layer.
+
     aux: {} for a dense model; with MoE layers `moe.losses_and_metrics` of each MoE layer,
     stacked on a leading dim (balance_loss [Lm], router_z_loss [Lm], expert_load [Lm, E], ...).
 
@@ -386,7 +421,8 @@ def forward_with_aux(cfg: ModelConfig, params: dict, tokens: jax.Array, *,
                 cache = layer_cache[0]
     elif cache is None:
         blocks = _cast_weights(params["blocks"], compute_dtype)
-        x, _ = jax.lax.scan(lambda h, layer: block(h, layer), x, (blocks, None))
+        x, _ = jax.lax.scan(lambda h, layer: block(h, layer), x, (blocks, None),
+                            unroll=_unroll(cfg, cfg.num_layers))
     else:
         # The cache rides in the scan carry, not in xs/ys: each layer scatters its new k/v into
         # the stacked buffers in place instead of the scan copying the whole cache every step.
@@ -398,18 +434,10 @@ def forward_with_aux(cfg: ModelConfig, params: dict, tokens: jax.Array, *,
         blocks = _cast_weights(params["blocks"], compute_dtype)
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (x, cache), _ = jax.lax.scan(cached_block, (x, cache), (blocks, layer_ids))
-    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
-    if cfg.tie_embeddings:
-        logits = jnp.einsum("btd,vd->btv", x, params["embed"].astype(compute_dtype))
-    else:
-        logits = jnp.einsum("btd,dv->btv", x, params["lm_head"].astype(compute_dtype))
-    logits = logits.astype(jnp.float32)
-    if cfg.parameterization == "mup":
-        logits = logits * mup.output_scale(cfg)
-    logits = _constrain(logits, LOGITS_AXES)
+    x = _constrain(rms_norm(x, params["final_norm"], cfg.norm_eps), ACTIVATION_AXES)
     if cache is None:
-        return logits, None, aux
-    return logits, kv_cache.set_lengths(cache, cache["lengths"] + length), aux
+        return x, None, aux
+    return x, kv_cache.set_lengths(cache, cache["lengths"] + length), aux
 
 
 def unstack_layers(params: dict) -> dict:

@@ -150,8 +150,10 @@ def test_variants_keep_causality_and_shapes(option):
         assert np.abs(np.asarray(_forward(cfg, params, changed)[:, 20] - full[:, 20])).max() > 1e-4
 
 
-@pytest.mark.parametrize("policy", ["full", "save_dots"])
-def test_remat_policies_give_same_loss_and_grads(params, policy):
+@pytest.mark.parametrize("policy,unroll", [("full", 1), ("save_dots", 1), ("none", 2), ("save_dots", 3)])
+def test_remat_and_unrolled_scans_give_same_loss_and_grads(params, policy, unroll):
+    """Remat policies and the layer scan unrolled (2 of 3 layers per iteration, or no loop) leave
+    the loss and every gradient as the plain scan gives them."""
     tokens = _tokens(8, batch=2)
 
     def loss(cfg, p):
@@ -160,7 +162,7 @@ def test_remat_policies_give_same_loss_and_grads(params, policy):
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1))
 
     base_value, base_grads = jax.jit(jax.value_and_grad(lambda p: loss(CFG, p)))(params)
-    cfg = dataclasses.replace(CFG, remat=policy)
+    cfg = dataclasses.replace(CFG, remat=policy, scan_unroll=unroll)
     value, grads = jax.jit(jax.value_and_grad(lambda p: loss(cfg, p)))(params)
     np.testing.assert_allclose(value, base_value, rtol=1e-6)
     for g, b in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads)):

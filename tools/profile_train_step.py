@@ -63,8 +63,10 @@ def summarize_trace(out_dir: str, repeats: int, top: int, unit: str) -> None:
         events = found if len(found) > len(events) else events
     by_name: dict[str, float] = collections.Counter()
     by_category: dict[str, float] = collections.Counter()
+    ops_of: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for event in events:
         by_name[event["name"]] += event["dur"] / 1e3 / repeats
+        ops_of[event["name"]][str(event.get("args", {}).get("hlo_op", "?"))] += event["dur"] / 1e3 / repeats
         by_category[category(event["name"])] += event["dur"] / 1e3 / repeats
     total = sum(by_category.values()) or float("nan")
     print(f"kernels: {total:.3f} ms and {len(events) / repeats:.0f} launches per {unit}")
@@ -72,7 +74,8 @@ def summarize_trace(out_dir: str, repeats: int, top: int, unit: str) -> None:
         print(f"  {name:30s} {ms:8.3f} ms  {ms / total:6.1%}")
     print(f"top {top} kernels (ms per {unit}):")
     for name, ms in sorted(by_name.items(), key=lambda x: -x[1])[:top]:
-        print(f"  {ms:8.3f}  {name[:110]}")
+        ops = ", ".join(f"{op} {t:.1f}" for op, t in ops_of[name].most_common(3))
+        print(f"  {ms:8.3f}  {name[:90]}  [HLO ops, ms: {ops}]")
 
 
 def main(argv=None) -> int:
