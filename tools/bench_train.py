@@ -3,7 +3,8 @@
     python tools/bench_train.py --config 1b --seq 2048 --batch 8 --remat full --mesh fsdp=8
     python tools/bench_train.py --config tiny --seq 64 --batch 8          # runs on CPU too
 
-Random tokens, bf16 compute, cuDNN attention on GPUs (XLA attention elsewhere), float32 master
+Random tokens, bf16 compute, cuDNN attention on GPUs (XLA attention elsewhere; override with
+--model.attention_impl=pallas etc.), float32 master
 params and AdamW: exactly `jaxlm.train.make_train_step`. Steps are timed one by one after
 `--warmup` steps (compilation included in the first); the median step time gives tokens/s and
 MFU (accounting.training_flops_per_token over the card's peak; null when the peak is unknown,
@@ -29,8 +30,11 @@ from jaxlm.config import Config, TrainConfig, load_config
 def build_config(args: argparse.Namespace, num_devices: int) -> Config:
     cfg = load_config(args.config, args.overrides)
     gpu = jax.devices()[0].platform == "gpu"
+    # cuDNN attention on GPUs unless --model.attention_impl says otherwise.
+    explicit = any(o.startswith("--model.attention_impl") for o in args.overrides)
+    attention = cfg.model.attention_impl if explicit else ("cudnn" if gpu else "xla")
     model = dataclasses.replace(cfg.model, compute_dtype="bfloat16", param_dtype="float32",
-                                attention_impl="cudnn" if gpu else "xla", remat=args.remat,
+                                attention_impl=attention, remat=args.remat,
                                 max_seq_len=max(cfg.model.max_seq_len, args.seq))
     run = TrainConfig(steps=1000, batch_size=args.batch, seq_len=args.seq, grad_accum=args.grad_accum,
                       warmup_steps=10, zero1=args.zero1)
