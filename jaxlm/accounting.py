@@ -345,8 +345,8 @@ def activation_bytes_per_device(cfg: ModelConfig, mesh_config: MeshConfig, batch
     backward re-creates one layer's full residual set at a time. weight_copies: compute-dtype
     casts of the weights the backward keeps (all layers' under none, one layer's otherwise,
     plus the lm head) when param and compute dtypes differ. attention_backward: gradients of
-    the probabilities and scores (float32) of the layer being differentiated. logits: float32
-    logits and their gradient [B, T, V] (the loss's working set). batch shards over
+    the probabilities and scores (float32) of the layer being differentiated. logits: the loss's
+    working set (`_logits_bytes`). batch shards over
     data x fsdp x expert; heads, mlp and vocab over tensor; embed-sized activations are
     replicated over tensor.
     """
@@ -364,10 +364,21 @@ def activation_bytes_per_device(cfg: ModelConfig, mesh_config: MeshConfig, batch
         "attention_backward": (0.0 if cfg.attention_impl == "cudnn"
                                else tokens * 2 * 4 * cfg.num_heads * seq_len / tensor),
         "final_norm": tokens * (4 * (2 * D + 2) + c * D),
-        "logits": tokens * 2 * 4 * cfg.vocab_size / tensor,
+        "logits": _logits_bytes(cfg, tokens, seq_len, tensor),
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+def _logits_bytes(cfg: ModelConfig, tokens: float, seq_len: int, tensor: int) -> float:
+    """The loss's working set: float32 logits and their gradient [B, T, V]; with
+    model.loss_chunk, one chunk's, plus the float32 output-weight gradient [D, V] the chunks
+    accumulate and the hidden-state gradient [B, T, D] they leave (loss.chunked_loss_sums)."""
+    if not cfg.loss_chunk:
+        return tokens * 2 * 4 * cfg.vocab_size / tensor
+    chunk_tokens = tokens * min(cfg.loss_chunk, seq_len) / seq_len
+    return ((chunk_tokens * 2 * 4 + 4 * cfg.embed_dim) * cfg.vocab_size / tensor
+            + tokens * cfg.embed_dim * _dtype_bytes(cfg.compute_dtype))
 
 
 def _tokens_per_device(mesh_config: MeshConfig, batch_size: int, seq_len: int) -> float:
