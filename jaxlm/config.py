@@ -77,7 +77,7 @@ class ModelConfig:
     # Training loss (loss.py): > 0 runs the output layer and cross-entropy this many sequence
     # positions at a time with the gradient computed in the forward pass, never holding the
     # [B, T, V] logits; 0 materializes them. loss_kernel "triton": the chunks' softmax and
-    # gradient in one Triton kernel (GPU, jax_triton; pallas_kernels/triton_cross_entropy.py).
+    # gradient as Triton kernels (GPU, jax_triton; pallas_kernels/triton_cross_entropy.py).
     loss_chunk: int = 0
     loss_kernel: LossKernel = "xla"
     # Mixture-of-Experts (jaxlm/moe.py); num_experts=0 is a dense model and ignores the rest.

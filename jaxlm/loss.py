@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import model
-from jaxlm.config import ModelConfig
+from jaxlm.config import ConfigError, ModelConfig
 from pallas_kernels import triton_cross_entropy
 
 
@@ -49,6 +49,7 @@ def loss_terms(cfg: ModelConfig, params: dict, batch: dict, z_loss_weight: float
     MoE models also give `z_sum` their router losses (`moe_aux_loss` x count) and add `router`:
     the per-layer metrics of `model.forward_with_aux`.
     """
+    check_loss_kernel(cfg)
     mask = batch["loss_mask"].astype(jnp.float32)
     count = jnp.sum(mask)
     kwargs = {"positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
@@ -75,6 +76,23 @@ def loss_terms(cfg: ModelConfig, params: dict, batch: dict, z_loss_weight: float
         terms["z_sum"] = terms["z_sum"] + moe_aux_loss(cfg, aux) * count
         terms["router"] = aux
     return terms
+
+
+def check_loss_kernel(cfg: ModelConfig) -> None:
+    """ConfigError unless model.loss_kernel can run: triton needs the chunked loss, a GPU and
+    jax-triton (otherwise it would be ignored, or fail inside a trace)."""
+    if cfg.loss_kernel != "triton":
+        return
+    if not cfg.loss_chunk:
+        raise ConfigError("model.loss_kernel=triton runs on the chunked loss: set model.loss_chunk "
+                          "(e.g. 256) too")
+    _require_triton()
+
+
+def _require_triton() -> None:
+    if not triton_cross_entropy.available():
+        raise ConfigError("model.loss_kernel=triton needs a GPU and the jax-triton package "
+                          "(pip install 'jaxlm[triton]'); use model.loss_kernel=xla")
 
 
 def moe_aux_loss(cfg: ModelConfig, aux: dict) -> jax.Array:
@@ -105,9 +123,8 @@ def chunked_loss_sums(hidden: jax.Array, weight: jax.Array, targets: jax.Array, 
     """
     if kernel not in ("xla", "triton"):
         raise ValueError(f"loss kernel must be 'xla' or 'triton', got {kernel!r}")
-    if kernel == "triton" and not triton_cross_entropy.available():
-        raise ValueError("model.loss_kernel=triton needs a GPU and the jax-triton package "
-                         "(pip install 'jaxlm[triton]'); use model.loss_kernel=xla")
+    if kernel == "triton":
+        _require_triton()
     static = (vocab_major, min(chunk, hidden.shape[1]), float(scale), float(z_loss_weight), kernel)
     objective, ce_sum, z_sum = _chunked_loss(static, hidden, weight, targets, mask)
     return objective, jax.lax.stop_gradient(ce_sum), jax.lax.stop_gradient(z_sum)

@@ -535,6 +535,8 @@ def resolve_config(args: argparse.Namespace, overrides: list[str], num_devices: 
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype="float32"))
     if cfg.train.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    if cfg.model.loss_kernel == "triton":
+        loss.check_loss_kernel(cfg.model)
     return cfg
 
 

@@ -179,6 +179,10 @@ def test_cli_errors_name_the_problem(capsys):
     assert "train.batch_size must be positive" in capsys.readouterr().err
     assert train.main(["--mesh", "data=3"]) == 2
     assert "needs 3 devices but 8 are available" in capsys.readouterr().err
+    assert train.main(["--model.loss_kernel=triton"]) == 2
+    assert "set model.loss_chunk" in capsys.readouterr().err
+    assert train.main(["--model.loss_kernel=triton", "--model.loss_chunk=8"]) == 2  # CPU here
+    assert "needs a GPU and the jax-triton package" in capsys.readouterr().err
 
 
 def test_small_data_is_an_error(tmp_path):
