@@ -303,18 +303,26 @@ def saved_activations_per_layer(cfg: ModelConfig, seq_len: int, remat: str) -> l
     internals, attention scores; with attention_impl="cudnn" only a logsumexp per head).
     full: only the layer input [B, T, D]. save_dots: the layer input and the outputs of the
     weight matmuls (q, k, v, o, gate, up; not down, whose output only feeds a residual add);
-    the attention scores and the rest are recomputed.
+    the attention scores and the rest are recomputed. Under full and save_dots, the
+    activations named in cfg.remat_save are kept as well.
     """
     _check_remat(remat)
     D, N, K, H, F = (cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.mlp_dim)
     c = _dtype_bytes(cfg.compute_dtype)
+    names = cfg.remat_save_names
+    extra = {"norm": SavedActivation("remat_save norm: 2 RMSNorm outputs", 2 * D, c),
+             "rope": SavedActivation("remat_save rope: q, k after RoPE", (N + K) * H, c, True),
+             "mlp_hidden": SavedActivation("remat_save mlp_hidden: silu(gate) * up", F, c, True)}
     if remat == "full":
-        return [SavedActivation("layer input x", D, c)]
+        return [SavedActivation("layer input x", D, c), *(extra[name] for name in names)]
     if remat == "save_dots":
+        # Roped q and k replace the q and k projections (RoPE's backward needs neither).
+        qkv = "q, k after RoPE (remat_save rope), v projection" if "rope" in names else "q, k, v projections"
         return [SavedActivation("layer input x", D, c),
-                SavedActivation("q, k, v projections", (N + 2 * K) * H, c, True),
+                SavedActivation(qkv, (N + 2 * K) * H, c, True),
                 SavedActivation("o projection output", D, c),
-                SavedActivation("gate, up projections", 2 * F, c, True)]
+                SavedActivation("gate, up projections", 2 * F, c, True),
+                *(extra[name] for name in names if name != "rope")]
     return [
         SavedActivation("2 RMSNorms: float32 input and normalized x, rsqrt stats", 2 * (2 * D + 2), 4),
         SavedActivation("2 RMSNorm outputs (inputs of q/k/v and gate/up)", 2 * D, c),

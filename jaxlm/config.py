@@ -21,6 +21,8 @@ from typing import Any, Literal, Optional
 
 AttentionImpl = Literal["xla", "cudnn", "pallas"]
 RematPolicy = Literal["none", "full", "save_dots"]
+# Activations that `ModelConfig.remat_save` can add to a remat policy's saved set (model.py tags them).
+REMAT_SAVE_NAMES = ("norm", "rope", "mlp_hidden")
 DataLayout = Literal["windows", "documents"]
 RouterType = Literal["softmax", "sigmoid"]
 MoeDispatch = Literal["dropless", "capacity"]
@@ -70,6 +72,11 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     attention_impl: AttentionImpl = "xla"
     remat: RematPolicy = "none"
+    # Comma-separated activations the remat policy also keeps, trading memory for recompute in
+    # the backward pass: norm (the RMSNorm outputs feeding q/k/v and gate/up), rope (q and k
+    # after RoPE), mlp_hidden (silu(gate) * up, the down projection's input). "" = none.
+    # (remat none keeps every activation anyway.)
+    remat_save: str = ""
     # Layers per iteration of the layer scan; >= num_layers unrolls it fully (no loop: XLA keeps
     # each layer's saved activations in their own buffers instead of copying them into stacked
     # [L, ...] arrays, at the cost of compile time growing with depth).
@@ -102,6 +109,10 @@ class ModelConfig:
     mup_output_multiplier: float = 1.0
 
     @property
+    def remat_save_names(self) -> tuple[str, ...]:
+        return tuple(n.strip() for n in self.remat_save.split(",") if n.strip())
+
+    @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.embed_dim // self.num_heads
 
@@ -120,6 +131,10 @@ class ModelConfig:
                 f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads="
                 f"{self.num_heads}; set model.head_dim explicitly"
             )
+        unknown = [n for n in self.remat_save_names if n not in REMAT_SAVE_NAMES]
+        if unknown:
+            raise ConfigError(f"model.remat_save={self.remat_save!r}: unknown {', '.join(unknown)}; "
+                              f"use a comma-separated subset of {', '.join(REMAT_SAVE_NAMES)}")
         if self.scan_unroll < 1:
             raise ConfigError(f"model.scan_unroll must be >= 1, got {self.scan_unroll}")
         if self.loss_chunk < 0:

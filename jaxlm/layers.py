@@ -16,6 +16,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm.config import RopeScaling
 
@@ -63,4 +64,5 @@ def apply_rope(x: jax.Array, positions: jax.Array, inverse_frequencies: np.ndarr
 def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
     """down(silu(x @ gate) * (x @ up)) (Shazeer 2020, "GLU Variants Improve Transformer")."""
     hidden = jax.nn.silu(jnp.einsum("btd,df->btf", x, gate)) * jnp.einsum("btd,df->btf", x, up)
+    hidden = checkpoint_name(hidden, "mlp_hidden")  # ModelConfig.remat_save
     return jnp.einsum("btf,fd->btd", hidden, down)

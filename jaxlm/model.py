@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from jaxlm import attention as attention_lib
@@ -198,9 +199,10 @@ def _attention_block(cfg: ModelConfig, p: dict, x: jax.Array, ctx: dict,
     if cfg.qk_norm:
         q, k = rms_norm(q, p["q_norm"], cfg.norm_eps), rms_norm(k, p["k_norm"], cfg.norm_eps)
     q = apply_rope(q, ctx["positions"], ctx["inverse_frequencies"])
-    k = apply_rope(k, ctx["positions"], ctx["inverse_frequencies"])
+    k = checkpoint_name(apply_rope(k, ctx["positions"], ctx["inverse_frequencies"]), "rope")
     if cfg.parameterization == "mup":
         q = q * jnp.asarray(mup.query_scale(cfg), q.dtype)  # scores / head_dim (mup.py)
+    q = checkpoint_name(q, "rope")
     if layer_cache is not None:
         # layer_cache = (the whole stacked cache, this layer's index): written in place.
         cache, layer = layer_cache
@@ -219,25 +221,30 @@ def _attention_block(cfg: ModelConfig, p: dict, x: jax.Array, ctx: dict,
     return jnp.einsum("btnh,nhd->btd", out, p["o"]), layer_cache
 
 
+def _norm(cfg: ModelConfig, x: jax.Array, scale: jax.Array) -> jax.Array:
+    """A layer's pre-norm, tagged for `remat_save` "norm"."""
+    return checkpoint_name(rms_norm(x, scale, cfg.norm_eps), "norm")
+
+
 def _block(cfg: ModelConfig, ctx: dict, x: jax.Array, layer: tuple) -> tuple[jax.Array, Optional[tuple]]:
     """One pre-norm Transformer layer; `layer` = (this layer's params, None or (the whole stacked
     cache, this layer's index)): the cache is written in place at that index."""
     p, layer_cache = layer
-    h, layer_cache = _attention_block(cfg, p["attn"], rms_norm(x, p["attn_norm"], cfg.norm_eps),
+    h, layer_cache = _attention_block(cfg, p["attn"], _norm(cfg, x, p["attn_norm"]),
                                       ctx, layer_cache)
     x = _constrain(x + h, ACTIVATION_AXES)
     mlp = p["mlp"]
-    h = swiglu(rms_norm(x, p["mlp_norm"], cfg.norm_eps), mlp["gate"], mlp["up"], mlp["down"])
+    h = swiglu(_norm(cfg, x, p["mlp_norm"]), mlp["gate"], mlp["up"], mlp["down"])
     return _constrain(x + h, ACTIVATION_AXES), layer_cache
 
 
 def _moe_block(cfg: ModelConfig, ctx: dict, x: jax.Array, layer: tuple):
     """`_block` with the MoE MLP: (x, cache as `_block` returns it, this layer's router aux)."""
     p, layer_cache = layer
-    h, layer_cache = _attention_block(cfg, p["attn"], rms_norm(x, p["attn_norm"], cfg.norm_eps),
+    h, layer_cache = _attention_block(cfg, p["attn"], _norm(cfg, x, p["attn_norm"]),
                                       ctx, layer_cache)
     x = _constrain(x + h, ACTIVATION_AXES)
-    h, aux = moe.moe_mlp(cfg, p["moe"], rms_norm(x, p["mlp_norm"], cfg.norm_eps))
+    h, aux = moe.moe_mlp(cfg, p["moe"], _norm(cfg, x, p["mlp_norm"]))
     return _constrain(x + h, ACTIVATION_AXES), layer_cache, aux
 
 
@@ -259,8 +266,8 @@ def _moe_layers(cfg: ModelConfig, ctx: dict, x: jax.Array, params: dict, cache: 
     dtype = jnp.dtype(cfg.compute_dtype)
     dense_ids, moe_ids = moe.layer_indices(cfg)
     first, every, groups = cfg.first_dense_layers, cfg.moe_every, len(moe_ids)
-    dense_block = _remat(functools.partial(_block, cfg, ctx), cfg.remat)
-    moe_block = _remat(functools.partial(_moe_block, cfg, ctx), cfg.remat)
+    dense_block = _remat(functools.partial(_block, cfg, ctx), cfg)
+    moe_block = _remat(functools.partial(_moe_block, cfg, ctx), cfg)
     dense = _cast_weights(params["blocks"], dtype) if dense_ids else None
     carry = (x, cache)
 
@@ -303,14 +310,20 @@ def _save_dots_and_fused_attention(primitive, *args, **params) -> bool:
     return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(primitive, *args, **params)
 
 
-def _remat(fn: Callable, policy: str) -> Callable:
-    if policy == "none":
+def _remat(fn: Callable, cfg: ModelConfig) -> Callable:
+    """fn under cfg.remat, also keeping the activations named in cfg.remat_save (the
+    `checkpoint_name` tags in `_block`, `_attention_block` and layers.swiglu)."""
+    policies = {"full": jax.checkpoint_policies.nothing_saveable,
+                "save_dots": _save_dots_and_fused_attention}
+    if cfg.remat == "none":
         return fn
-    if policy == "full":
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
-    if policy == "save_dots":
-        return jax.checkpoint(fn, policy=_save_dots_and_fused_attention)
-    raise ValueError(f"unknown remat policy {policy!r}; choose none, full or save_dots")
+    if cfg.remat not in policies:
+        raise ValueError(f"unknown remat policy {cfg.remat!r}; choose none, full or save_dots")
+    policy = policies[cfg.remat]
+    if cfg.remat_save_names:
+        policy = jax.checkpoint_policies.save_from_both_policies(
+            policy, jax.checkpoint_policies.save_only_these_names(*cfg.remat_save_names))
+    return jax.checkpoint(fn, policy=policy)
 
 
 def _cast_weights(blocks: dict, dtype) -> dict:
@@ -408,7 +421,7 @@ def hidden_states(cfg: ModelConfig, params: dict, tokens: jax.Array, *,
 
     x = jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype)
     x = _constrain(x, ACTIVATION_AXES)
-    block = _remat(functools.partial(_block, cfg, ctx), cfg.remat)
+    block = _remat(functools.partial(_block, cfg, ctx), cfg)
     aux = {}
     if cfg.num_experts:
         x, cache, aux = _moe_layers(cfg, ctx, x, params, cache)

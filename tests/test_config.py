@@ -59,6 +59,7 @@ def test_unknown_key_lists_valid_keys():
     ("--model.num_kv_heads=4", "must divide model.num_heads=6"),
     ("--model.num_layers", "must look like --section.key=value"),
     ("--model=3", "is a section"),
+    ("--model.remat_save=norm,mlp", "unknown mlp; use a comma-separated subset of norm, rope, mlp_hidden"),
 ])
 def test_bad_values_are_clear_errors(override, message):
     with pytest.raises(ConfigError, match=message):

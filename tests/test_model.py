@@ -150,10 +150,13 @@ def test_variants_keep_causality_and_shapes(option):
         assert np.abs(np.asarray(_forward(cfg, params, changed)[:, 20] - full[:, 20])).max() > 1e-4
 
 
-@pytest.mark.parametrize("policy,unroll", [("full", 1), ("save_dots", 1), ("none", 2), ("save_dots", 3)])
-def test_remat_and_unrolled_scans_give_same_loss_and_grads(params, policy, unroll):
-    """Remat policies and the layer scan unrolled (2 of 3 layers per iteration, or no loop) leave
-    the loss and every gradient as the plain scan gives them."""
+@pytest.mark.parametrize("policy,unroll,save", [
+    ("full", 1, ""), ("save_dots", 1, ""), ("none", 2, ""), ("save_dots", 3, ""),
+    ("full", 1, "mlp_hidden"), ("save_dots", 3, "norm,rope,mlp_hidden"),
+])
+def test_remat_and_unrolled_scans_give_same_loss_and_grads(params, policy, unroll, save):
+    """Remat policies (with extra saved activations), and the layer scan unrolled (2 of 3 layers
+    per iteration, or no loop) leave the loss and every gradient as the plain scan gives them."""
     tokens = _tokens(8, batch=2)
 
     def loss(cfg, p):
@@ -162,7 +165,7 @@ def test_remat_and_unrolled_scans_give_same_loss_and_grads(params, policy, unrol
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1))
 
     base_value, base_grads = jax.jit(jax.value_and_grad(lambda p: loss(CFG, p)))(params)
-    cfg = dataclasses.replace(CFG, remat=policy, scan_unroll=unroll)
+    cfg = dataclasses.replace(CFG, remat=policy, scan_unroll=unroll, remat_save=save)
     value, grads = jax.jit(jax.value_and_grad(lambda p: loss(cfg, p)))(params)
     np.testing.assert_allclose(value, base_value, rtol=1e-6)
     for g, b in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads)):

@@ -88,6 +88,7 @@ def main(argv=None) -> int:
         "mfu": None if peak is None else accounting.mfu(tokens_per_sec, flops, jax.device_count(), peak),
         "model_flops_per_token": flops, "final_loss": float(metrics["loss"]),
         "memory_estimate_bytes": train.memory_estimate(cfg)["total"],
+        "peak_memory_bytes": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use"),
         "jax": jax.__version__,
     }
     text = json.dumps(result, indent=1)
