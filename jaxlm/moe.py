@@ -33,8 +33,7 @@ Dispatch (`moe_dispatch`):
   lowers to a masked dense matmul over all experts, ~100x slower at 64 experts); "pallas",
   "pallas_interpret" (the kernel on CPU, for tests) and "ragged_dot" force one. Both have
   ragged_dot's semantics, so results agree to rounding; read at trace time, so set it before
-  jitting. With the Pallas kernels the SwiGLU runs in their epilogues (`grouped_swiglu`;
-  `set_fused_swiglu(False)` for three plain kernels and XLA elementwise passes).
+  jitting.
 - "capacity": each expert takes at most C = ceil(capacity_factor * A / E) assignments of a
   dispatch group. Drop order: all first choices come before all second choices (and so on),
   and within one choice rank tokens come in flattened [B, T] order, batch row first; an
@@ -177,18 +176,6 @@ def set_gather_rows_in_kernel(enabled: bool) -> None:
     _gather_rows_in_kernel = bool(enabled)
 
 
-_fused_swiglu = True
-
-
-def set_fused_swiglu(enabled: bool) -> None:
-    """Dropless dispatch with the Pallas kernels (rows gathered outside them): the SwiGLU runs
-    in the grouped matmuls' epilogues (`grouped_swiglu`, the default) or, off, as XLA
-    elementwise passes between three plain kernels (for comparison: tools/bench_moe.py
-    --unfused-swiglu). Read at trace time."""
-    global _fused_swiglu
-    _fused_swiglu = bool(enabled)
-
-
 def _kernel_choice() -> str:
     if _grouped_matmul_choice != "auto":
         return _grouped_matmul_choice
@@ -222,10 +209,6 @@ def fuse_gate_up(p: dict) -> dict:
 def _swiglu_ragged(x, gate_up, down, group_sizes, gather=None):
     """x [A, D] sorted by expert; or, with gather = (row_index, row_inverse), the tokens [T, D]
     whose rows x[row_index] the first kernel reads itself."""
-    if gather is None and _fused_swiglu and _kernel_choice() != "ragged_dot":
-        from pallas_kernels.grouped_matmul import grouped_swiglu
-        return grouped_swiglu(x, gate_up, down, group_sizes,
-                              interpret=_kernel_choice() == "pallas_interpret")
     experts, dim, _, mlp = gate_up.shape
     weights = gate_up.reshape(experts, dim, 2 * mlp)
     if gather is None:

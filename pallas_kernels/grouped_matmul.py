@@ -1,7 +1,6 @@
 """Grouped matmul (the ragged dot of dropless MoE) in Pallas for the Triton GPU backend.
 
     out = grouped_matmul(x, w, group_sizes)    # x [M, K], w [G, K, N], group_sizes [G] -> [M, N]
-    y = grouped_swiglu(x, gate_up, down, group_sizes)   # gate_up [G, K, 2, F], down [G, F, N]
 
 Semantics of `jax.lax.ragged_dot(x, w, group_sizes)`: the rows of x are sorted by group; group g
 owns rows [offsets[g], offsets[g + 1]) with offsets = [0, cumsum(group_sizes)], and
@@ -26,21 +25,6 @@ dw[g] = x_g^T dy_g, by a second kernel whose program (group, K tile, N tile) str
 group's row tiles with dynamic loop bounds, masking rows of neighbouring groups; a group with
 no rows runs no iteration (or one fully masked one) and writes zeros. The transposed form swaps
 the roles: dx = grouped_matmul(dy, w), dw[g] = dy_g^T x_g.
-
-SwiGLU fused (`grouped_swiglu`, a dropless MoE's expert MLP): y = h @ down[g] with
-h = silu(x @ gate[g]) * (x @ up[g]). Unfused, that is gmm(x, [gate | up]) -> [A, 2F] (A rows),
-an XLA pass reading it and writing h [A, F], then gmm(h, down); the backward writes dh [A, F]
-from the down projection's dx kernel and reads it back, with the residual [A, 2F], in an XLA
-pass that writes d[gate | up] [A, 2F]. Fused, the gate|up program (F column tile j, row tile i)
-keeps two float32 accumulators, columns j and F + j of w [G, K, 2F], and its epilogue writes
-both, rounded to the input dtype, to the residual [A, 2, F] (the backward's) and
-h = silu(g) * u (from the rounded g, u, as the unfused pass sees them) to [A, F]. The dh kernel
-(the transposed forward over down) loads g and u at its tile's rows and columns and writes
-dg = dh * u * silu'(g), du = dh * silu(g) to [A, 2, F] (float32 math), never dh. That saves a
-read of [A, 2F] in the forward and a write and read of dh [A, F] in the backward. dx, dW of
-gate|up and of down are the plain kernels. F is padded for gate and up apart, so their halves
-stay tile aligned. Results differ from the unfused path's in intermediate roundings only: the
-SwiGLU math runs in float32 and dh is never rounded to the input dtype.
 
 Dims that are not tile multiples are padded with zeros in the wrapper (a no-op when aligned);
 tiles shrink to the next power of 2 (>= 16) of small dims. `interpret=True` runs the kernels on
@@ -83,26 +67,19 @@ class GmmBlocks:
 @dataclasses.dataclass(frozen=True)
 class GmmConfig:
     """forward: x @ w[g]; forward_transposed: x @ w[g].T (also the dx of `forward`);
-    weight_grad: dw[g] = a_g^T b_g; swiglu_forward: the gate|up kernel of `grouped_swiglu`,
-    whose block_n is per half: two float32 accumulators of [block_m, block_n], so (128, 64, 128)
-    holds as many registers as `forward`'s (128, 64, 256). Its own field, not `forward` with
-    block_n halved, so that the two can be tuned apart; it has a default so that a config of
-    the three plain kernels stays valid."""
+    weight_grad: dw[g] = a_g^T b_g."""
     forward: GmmBlocks
     forward_transposed: GmmBlocks
     weight_grad: GmmBlocks
-    swiglu_forward: GmmBlocks = GmmBlocks(128, 64, 128, 8, 3)
 
 
 def default_config() -> GmmConfig:
     """Hopper tiles, the winners of `python tools/bench_moe.py --sweep` on an H200 (bf16,
     M 131072, K 2048, 64 groups; docs/benchmarks.md): forward 444 -> 546 TFLOP/s and transposed
-    420 -> 500 at N 1024; the weight gradient 493 -> 564 at N 2048 (the fused gate|up).
-    swiglu_forward: `forward`'s tiles with block_n halved (not swept yet)."""
+    420 -> 500 at N 1024; the weight gradient 493 -> 564 at N 2048 (the fused gate|up)."""
     return GmmConfig(forward=GmmBlocks(128, 64, 256, 8, 3),
                      forward_transposed=GmmBlocks(128, 64, 256, 8, 3),
-                     weight_grad=GmmBlocks(64, 128, 256, 8, 3),
-                     swiglu_forward=GmmBlocks(128, 64, 128, 8, 3))
+                     weight_grad=GmmBlocks(64, 128, 256, 8, 3))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,71 +116,32 @@ def _compiler_params(blocks: GmmBlocks):
 # ----------------------------------------------------------------------------- forward kernel
 
 
-def _store(accs, o_ref):
-    """The plain epilogue: the tile in the output's dtype."""
-    (acc,) = accs
-    o_ref[...] = acc.astype(o_ref.dtype)
-
-
-def _swiglu_store(accs, gate_up_ref, h_ref):
-    """SwiGLU forward: the gate and up tiles (acc of columns j, F + j of [gate | up]) go to the
-    residual [bm, 2, bn] and h = silu(g) * u [bm, bn] to h_ref. g and u are rounded to the input
-    dtype first, so h is computed from the values the unfused path would store (in float32)."""
-    gate, up = (acc.astype(h_ref.dtype) for acc in accs)
-    gate_up_ref[:, 0, :] = gate
-    gate_up_ref[:, 1, :] = up
-    gate, up = gate.astype(jnp.float32), up.astype(jnp.float32)
-    h_ref[...] = (gate * jax.nn.sigmoid(gate) * up).astype(h_ref.dtype)
-
-
-def _swiglu_grad_store(accs, gate_up_ref, d_gate_up_ref):
-    """SwiGLU backward: dh [bm, bn] (float32, never stored) and the residual's g, u at the same
-    rows and columns -> dg = dh * u * silu'(g), du = dh * silu(g) into [bm, 2, bn]."""
-    (dh,) = accs
-    gate = gate_up_ref[:, 0, :].astype(jnp.float32)
-    up = gate_up_ref[:, 1, :].astype(jnp.float32)
-    sig = jax.nn.sigmoid(gate)
-    d_gate_up_ref[:, 0, :] = (dh * up * sig * (1 + gate * (1 - sig))).astype(d_gate_up_ref.dtype)
-    d_gate_up_ref[:, 1, :] = (dh * gate * sig).astype(d_gate_up_ref.dtype)
-
-
-# Per epilogue: the writer of the outputs, and how many column tiles of w one program reads
-# (the gate and up halves of w [G, K, 2F] for "swiglu").
-_EPILOGUES = {"store": (_store, 1), "swiglu": (_swiglu_store, 2),
-              "swiglu_grad": (_swiglu_grad_store, 1)}
-
-
 def _forward_kernel(first_group_ref, end_group_ref, offsets_ref, *refs, blocks: GmmBlocks,
-                    transpose_rhs: bool, gather: bool, epilogue: str):
-    """gather: refs start with this row tile's row_index; x_ref is then all of x [T, K].
-    The refs after w_ref are the epilogue's (`_EPILOGUES`); each column tile of w it reads has
-    its own float32 accumulator."""
+                    transpose_rhs: bool, gather: bool):
+    """gather: refs start with this row tile's row_index; x_ref is then all of x [T, K]."""
     block_m, block_k, block_n = blocks.block_m, blocks.block_k, blocks.block_n
-    rows_ref, (x_ref, w_ref, *out_refs) = (refs[0], refs[1:]) if gather else (None, refs)
-    write, halves = _EPILOGUES[epilogue]
+    rows_ref, (x_ref, w_ref, o_ref) = (refs[0], refs[1:]) if gather else (None, refs)
     index = rows_ref[...] if gather else slice(None)  # [bm] rows of x, or the tile's rows
-    half = w_ref.shape[1 if transpose_rhs else 2] // halves
-    col_tiles = [pl.ds(h * half + pl.program_id(0) * block_n, block_n) for h in range(halves)]
+    cols = pl.ds(pl.program_id(0) * block_n, block_n)
     first_row = pl.program_id(1) * block_m
     num_k_blocks = x_ref.shape[1] // block_k
 
-    def group_body(g, accs):
+    def group_body(g, acc):
         start, end = offsets_ref[g], offsets_ref[g + 1]
         mask = _row_mask(first_row, block_m, block_k, start, end)
 
-        def k_body(kb, accs):
+        def k_body(kb, acc):
             chunk = pl.ds(kb * block_k, block_k)
             x = plgpu.load(x_ref.at[_rows_and_cols(index, chunk, gather)], mask=mask, other=0)
-            return tuple(
-                acc + _dot(x, w_ref[g, cols, chunk] if transpose_rhs else w_ref[g, chunk, cols],
-                           tb=transpose_rhs) for acc, cols in zip(accs, col_tiles))
+            w = w_ref[g, cols, chunk] if transpose_rhs else w_ref[g, chunk, cols]
+            return acc + _dot(x, w, tb=transpose_rhs)
 
         # An empty group between two others in this tile runs no K loop.
-        return lax.fori_loop(0, num_k_blocks * (start < end).astype(jnp.int32), k_body, accs)
+        return lax.fori_loop(0, num_k_blocks * (start < end).astype(jnp.int32), k_body, acc)
 
-    zeros = jnp.zeros((block_m, block_n), jnp.float32)
-    write(lax.fori_loop(first_group_ref[0], end_group_ref[0], group_body, (zeros,) * halves),
-          *out_refs)
+    acc = lax.fori_loop(first_group_ref[0], end_group_ref[0], group_body,
+                        jnp.zeros((block_m, block_n), jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
 
 
 def _tile_groups(offsets, num_rows: int, block_m: int):
@@ -217,20 +155,13 @@ def _tile_groups(offsets, num_rows: int, block_m: int):
     return first, jnp.where(first_row < total, end, first)  # tiles past the rows: no group
 
 
-def _forward(x, w, offsets, st: _Static, row_index=None, *, epilogue: str = "store",
-             gate_up=None):
+def _forward(x, w, offsets, st: _Static, row_index=None):
     """x [M, K] @ w[g] ([G, K, N], or [G, N, K] transposed) -> [M, N]; dims tile multiples.
-    With row_index [M]: rows x[row_index] of x [T, K], read inside the kernel.
-
-    epilogue "swiglu" (`swiglu_forward` tiles): w [G, K, 2F] is [gate | up]; returns the
-    residual gate_up [M, 2, F] and h = silu(gate) * up [M, F]. "swiglu_grad" (transposed):
-    dh = x @ w[g].T [M, F] stays in the kernel; with the forward's gate_up [M, 2, F] it
-    returns d_gate_up [M, 2, F]."""
-    blocks = (st.config.swiglu_forward if epilogue == "swiglu" else
-              st.config.forward_transposed if st.transpose_rhs else st.config.forward)
+    With row_index [M]: rows x[row_index] of x [T, K], read inside the kernel."""
+    blocks = st.config.forward_transposed if st.transpose_rhs else st.config.forward
     gather = row_index is not None
     num_rows, inner = (row_index.shape[0] if gather else x.shape[0]), x.shape[1]
-    num_cols = (w.shape[1] if st.transpose_rhs else w.shape[2]) // _EPILOGUES[epilogue][1]
+    num_cols = w.shape[1] if st.transpose_rhs else w.shape[2]
     first_group, end_group = _tile_groups(offsets, num_rows, blocks.block_m)
     tile_spec = pl.BlockSpec((1,), lambda j, i: (i,))
     if gather:
@@ -239,32 +170,23 @@ def _forward(x, w, offsets, st: _Static, row_index=None, *, epilogue: str = "sto
         x_args = (row_index, x)
     else:
         x_specs, x_args = [pl.BlockSpec((blocks.block_m, inner), lambda j, i: (i, 0))], (x,)
-    # [bm, bn] tiles of [M, N] or [M, F]; [bm, 2, bn] tiles (gate, up) of [M, 2, F].
-    tile = (pl.BlockSpec((blocks.block_m, blocks.block_n), lambda j, i: (i, j)),
-            jax.ShapeDtypeStruct((num_rows, num_cols), x.dtype))
-    pair = (pl.BlockSpec((blocks.block_m, 2, blocks.block_n), lambda j, i: (i, 0, j)),
-            jax.ShapeDtypeStruct((num_rows, 2, num_cols), x.dtype))
-    extra_specs, extra_args = ([pair[0]], (gate_up,)) if epilogue == "swiglu_grad" else ([], ())
-    out_specs, out_shape = {"store": tile, "swiglu": tuple(zip(pair, tile)),
-                            "swiglu_grad": pair}[epilogue]
     # NOTE: grid axis 0 is the fastest-launched one (blockIdx.x): column tiles go there, so the
     # programs that share a row tile of x run together and read it from L2, not HBM.
     return pl.pallas_call(
         functools.partial(_forward_kernel, blocks=blocks, transpose_rhs=st.transpose_rhs,
-                          gather=gather, epilogue=epilogue),
+                          gather=gather),
         grid=(num_cols // blocks.block_n, num_rows // blocks.block_m),
         in_specs=[tile_spec, tile_spec,
                   pl.BlockSpec(offsets.shape, lambda j, i: (0,)),
                   *x_specs,
-                  pl.BlockSpec(w.shape, lambda j, i: (0, 0, 0)),
-                  *extra_specs],
-        out_specs=out_specs,
-        out_shape=out_shape,
+                  pl.BlockSpec(w.shape, lambda j, i: (0, 0, 0))],
+        out_specs=pl.BlockSpec((blocks.block_m, blocks.block_n), lambda j, i: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((num_rows, num_cols), x.dtype),
         compiler_params=_compiler_params(blocks),
         interpret=st.interpret,
         name=("grouped_matmul_transposed" if st.transpose_rhs else "grouped_matmul")
-             + ("_gather" if gather else "") + ("" if epilogue == "store" else "_" + epilogue),
-    )(first_group, end_group, offsets, *x_args, w, *extra_args)
+             + ("_gather" if gather else ""),
+    )(first_group, end_group, offsets, *x_args, w)
 
 
 # ----------------------------------------------------------------------------- weight gradient
@@ -352,12 +274,10 @@ def _fit(blocks: GmmBlocks, rows: int, k_dim: int, n_dim: int) -> GmmBlocks:
 
 def _fit_config(config: GmmConfig, rows: int, k_dim: int, n_dim: int) -> GmmConfig:
     """Dims of w's layout [G, k_dim, n_dim]: `forward` contracts k_dim, `forward_transposed`
-    contracts n_dim, `weight_grad` makes [k_dim, n_dim] tiles, `swiglu_forward` contracts k_dim
-    and reads n_dim as two halves."""
+    contracts n_dim, `weight_grad` makes [k_dim, n_dim] tiles."""
     return GmmConfig(forward=_fit(config.forward, rows, k_dim, n_dim),
                      forward_transposed=_fit(config.forward_transposed, rows, n_dim, k_dim),
-                     weight_grad=_fit(config.weight_grad, rows, k_dim, n_dim),
-                     swiglu_forward=_fit(config.swiglu_forward, rows, k_dim, n_dim // 2))
+                     weight_grad=_fit(config.weight_grad, rows, k_dim, n_dim))
 
 
 def _check(x, w, group_sizes, transpose_rhs: bool, config: GmmConfig):
@@ -372,8 +292,8 @@ def _check(x, w, group_sizes, transpose_rhs: bool, config: GmmConfig):
         raise ValueError(f"x and w must be bfloat16/float16/float32; got {x.dtype}, {w.dtype}")
     if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise ValueError(f"group_sizes must be integers, got {group_sizes.dtype}")
-    for field in dataclasses.fields(config):
-        name, b = field.name, getattr(config, field.name)
+    for name in ("forward", "forward_transposed", "weight_grad"):
+        b = getattr(config, name)
         for size in (b.block_m, b.block_k, b.block_n):
             if size < MIN_BLOCK or size & (size - 1):
                 raise ValueError(f"config.{name} block {size} must be a power of 2 >= {MIN_BLOCK}")
@@ -410,16 +330,11 @@ def _prepare(x, w, group_sizes, rows: int, transpose_rhs: bool, config: GmmConfi
     w_cols_pad = _round_up(w_cols, max(config.forward.block_n, config.forward_transposed.block_k,
                                        config.weight_grad.block_n))
     w = jnp.pad(w, ((0, 0), (0, w_rows_pad - w_rows), (0, w_cols_pad - w_cols)))
-    st = _Static(transpose_rhs=transpose_rhs, config=config, interpret=interpret)
-    return (x, w, _offsets(group_sizes, rows), st,
-            (row_pad, w_cols_pad if transpose_rhs else w_rows_pad))
-
-
-def _offsets(group_sizes, rows: int):
-    """[G + 1] int32: group g owns rows [offsets[g], offsets[g + 1]), clipped to the rows."""
     offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32),
                                jnp.cumsum(group_sizes.astype(jnp.int32))])
-    return jnp.minimum(offsets, rows)
+    offsets = jnp.minimum(offsets, rows)
+    st = _Static(transpose_rhs=transpose_rhs, config=config, interpret=interpret)
+    return x, w, offsets, st, (row_pad, w_cols_pad if transpose_rhs else w_rows_pad)
 
 
 # ----------------------------------------------------------------------------- rows gathered in the kernels
@@ -472,89 +387,6 @@ def gathered_grouped_matmul(x, w, group_sizes, row_index, row_inverse, *,
     x = jnp.pad(x, ((0, 0), (0, x_cols_pad - x.shape[1])))
     row_index = jnp.pad(row_index.astype(jnp.int32), (0, row_pad - rows))  # padded rows: no group
     return _gathered_gmm(x, w, offsets, row_index, row_inverse.astype(jnp.int32), st)[:rows, :w_cols]
-
-
-# ----------------------------------------------------------------------------- SwiGLU fused
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _swiglu_gmm(x, gate_up, down, offsets, st: tuple[_Static, _Static]):
-    return _swiglu_gmm_fwd(x, gate_up, down, offsets, st)[0]
-
-
-def _swiglu_gmm_fwd(x, gate_up, down, offsets, st: tuple[_Static, _Static]):
-    """st: (gate_up's, down's); gate_up [G, K, 2F], down [G, F, N]."""
-    st_up, st_down = st
-    residual, h = _forward(x, gate_up, offsets, st_up, epilogue="swiglu")  # [M, 2, F], [M, F]
-    return _forward(h, down, offsets, st_down), (x, gate_up, down, offsets, residual, h)
-
-
-def _swiglu_gmm_bwd(st: tuple[_Static, _Static], residuals, dy):
-    x, gate_up, down, offsets, residual, h = residuals
-    st_up, st_down = st
-    dy = dy.astype(x.dtype)
-    d_gate_up = _forward(dy, down, offsets, dataclasses.replace(st_down, transpose_rhs=True),
-                         epilogue="swiglu_grad", gate_up=residual)
-    d_gate_up = d_gate_up.reshape(x.shape[0], -1)  # [M, 2F]: [dg | du]
-    dx = _forward(d_gate_up, gate_up, offsets, dataclasses.replace(st_up, transpose_rhs=True))
-    return (dx, _weight_grad(x, d_gate_up, offsets, gate_up.shape[0], gate_up.dtype, st_up),
-            _weight_grad(h, dy, offsets, down.shape[0], down.dtype, st_down), None)
-
-
-_swiglu_gmm.defvjp(_swiglu_gmm_fwd, _swiglu_gmm_bwd)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def grouped_swiglu(x, gate_up, down, group_sizes, *, config: Optional[GmmConfig] = None,
-                   interpret: bool = False):
-    """grouped_matmul(silu(x @ gate[g]) * (x @ up[g]), down[g]) with the SwiGLU in the kernels'
-    epilogues (see the module docstring).
-
-    x [M, K] sorted by group; gate_up [G, K, 2, F] (gate first, as moe.fuse_gate_up stacks it);
-    down [G, F, N]; group_sizes [G] ints with sum <= M (larger sums are clipped to M); rows past
-    the sum are zeros and get zero gradients. Returns [M, N] in the promoted dtype.
-    """
-    config = config or default_config()
-    if gate_up.ndim != 4 or gate_up.shape[2] != 2 or down.ndim != 3 or (
-            down.shape[:2] != (gate_up.shape[0], gate_up.shape[3])):
-        raise ValueError(f"expected gate_up [G, K, 2, F] and down [G, F, N]; got {gate_up.shape}, "
-                         f"{down.shape}")
-    groups, dim, _, mlp = gate_up.shape
-    _check(x, gate_up.reshape(groups, dim, 2 * mlp), group_sizes, False, config)
-    dtype = jnp.result_type(x.dtype, gate_up.dtype, down.dtype)
-    if dtype not in DTYPES:
-        raise ValueError(f"x, gate_up and down must be bfloat16/float16/float32; got {dtype}")
-    rows, out_dim = x.shape[0], down.shape[2]
-    st, (row_pad, dim_pad, mlp_pad, out_pad) = _swiglu_static(config, rows, dim, mlp, out_dim,
-                                                              interpret)
-    x = jnp.pad(x.astype(dtype), ((0, row_pad - rows), (0, dim_pad - dim)))
-    # gate and up are padded apart, so that both halves of [G, K, 2F] stay tile aligned.
-    gate_up = jnp.pad(gate_up.astype(dtype),
-                      ((0, 0), (0, dim_pad - dim), (0, 0), (0, mlp_pad - mlp)))
-    down = jnp.pad(down.astype(dtype), ((0, 0), (0, mlp_pad - mlp), (0, out_pad - out_dim)))
-    out = _swiglu_gmm(x, gate_up.reshape(groups, dim_pad, 2 * mlp_pad), down,
-                      _offsets(group_sizes, rows), st)
-    return out[:rows, :out_dim]
-
-
-def _swiglu_static(config: GmmConfig, rows: int, dim: int, mlp: int, out_dim: int,
-                   interpret: bool):
-    """(gate_up's and down's _Static, the padded rows, K, F and N) for `grouped_swiglu`."""
-    up = _fit_config(config, rows, dim, 2 * mlp)  # gate_up's kernels: [G, K, 2F]
-    down = _fit_config(config, rows, mlp, out_dim)  # down's kernels: [G, F, N]
-    used = (up.swiglu_forward, up.forward_transposed, up.weight_grad,
-            down.forward, down.forward_transposed, down.weight_grad)
-    row_pad = _round_up(rows, max(b.block_m for b in used))
-    dim_pad = _round_up(dim, max(up.swiglu_forward.block_k, up.weight_grad.block_k,
-                                 up.forward_transposed.block_n))
-    # The kernels over [gate | up] need 2F to be a multiple of their tiles: F of half a tile.
-    mlp_pad = _round_up(mlp, max(up.swiglu_forward.block_n, down.forward.block_k,
-                                 down.forward_transposed.block_n, down.weight_grad.block_k,
-                                 up.forward_transposed.block_k // 2, up.weight_grad.block_n // 2))
-    out_pad = _round_up(out_dim, max(down.forward.block_n, down.weight_grad.block_n,
-                                     down.forward_transposed.block_k))
-    st = (_Static(False, up, interpret), _Static(False, down, interpret))
-    return st, (row_pad, dim_pad, mlp_pad, out_pad)
 
 
 # ----------------------------------------------------------------------------- reference

@@ -2,10 +2,9 @@
 
 Each case checks the output and dx, dw (jax.vjp with a random cotangent) of the kernel, and the
 output of `grouped_matmul_reference`, against `numpy_grouped_matmul`, which loops over groups
-and derives the gradients by hand; `grouped_swiglu` likewise against `numpy_grouped_swiglu`.
-Tiles are 16 so small shapes still span several row tiles, tiles straddle group boundaries, and
-dims that are not tile multiples exercise the padding. Interpret mode fills kernel outputs with
-NaN before running, so an unwritten element fails.
+and derives the gradients by hand. Tiles are 16 so small shapes still span several row tiles,
+tiles straddle group boundaries, and dims that are not tile multiples exercise the padding.
+Interpret mode fills kernel outputs with NaN before running, so an unwritten element fails.
 """
 
 from __future__ import annotations
@@ -17,8 +16,7 @@ import pytest
 
 from jaxlm import moe
 from pallas_kernels.grouped_matmul import (GmmBlocks, GmmConfig, gathered_grouped_matmul,
-                                           grouped_matmul, grouped_matmul_reference,
-                                           grouped_swiglu)
+                                           grouped_matmul, grouped_matmul_reference)
 
 SMALL = GmmConfig(GmmBlocks(16, 16, 16, 4, 1), GmmBlocks(16, 16, 16, 4, 1),
                   GmmBlocks(16, 16, 16, 4, 1))
@@ -124,90 +122,27 @@ def test_gathered_grouped_matmul_equals_gather_then_oracle(seed, tokens, fan_out
         np.testing.assert_allclose(np.asarray(value, np.float64), want, err_msg=name, **tol)
 
 
-def numpy_grouped_swiglu(x, gate_up, down, sizes, dy):
-    """float64 out, dx, d_gate_up, d_down of out[r] = (silu(x[r] @ G_g) * (x[r] @ U_g)) @ D_g
-    (G_g, U_g = gate_up[g, :, 0], gate_up[g, :, 1]; D_g = down[g]); rows of no group: zeros."""
-    x, gate_up, down, dy = (np.asarray(a, np.float64) for a in (x, gate_up, down, dy))
-    out, dx = np.zeros((x.shape[0], down.shape[2])), np.zeros_like(x)
-    d_gate_up, d_down = np.zeros_like(gate_up), np.zeros_like(down)
-    start = 0
-    for g, size in enumerate(sizes):
-        rows = slice(start, start + size)
-        gate, up = x[rows] @ gate_up[g, :, 0], x[rows] @ gate_up[g, :, 1]
-        sig = 1 / (1 + np.exp(-gate))
-        h = gate * sig * up
-        out[rows] = h @ down[g]
-        dh = dy[rows] @ down[g].T
-        d_gate, d_up = dh * up * (sig + gate * sig * (1 - sig)), dh * gate * sig
-        dx[rows] = d_gate @ gate_up[g, :, 0].T + d_up @ gate_up[g, :, 1].T
-        d_gate_up[g, :, 0], d_gate_up[g, :, 1] = x[rows].T @ d_gate, x[rows].T @ d_up
-        d_down[g] = h.T @ dy[rows]
-        start += size
-    return out, dx, d_gate_up, d_down
-
-
-# Unequal tiles per kernel: the paddings of K, F (gate and up apart) and N must suit them all.
-SWIGLU_CONFIG = GmmConfig(forward=GmmBlocks(16, 32, 16, 4, 1),
-                          forward_transposed=GmmBlocks(16, 16, 32, 4, 1),
-                          weight_grad=GmmBlocks(16, 16, 32, 4, 1),
-                          swiglu_forward=GmmBlocks(16, 16, 16, 4, 1))
-
-
-@pytest.mark.parametrize("seed,rows,k_dim,mlp_dim,n_dim,sizes", [
-    (9, 45, 40, 24, 33, [7, 0, 20, 3, 9]),  # sum 39 < M; F, M, K, N not tile multiples
-    (10, 37, 32, 40, 48, [0, 12, 25, 0])])  # sum == M, empty first and last groups
-def test_grouped_swiglu_and_gradients_equal_float64_oracle(seed, rows, k_dim, mlp_dim, n_dim,
-                                                           sizes):
-    rng = np.random.default_rng(seed)
-    normal = lambda scale, *shape: jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
-    x, dy = normal(1.0, rows, k_dim), normal(1.0, rows, n_dim)
-    gate_up = normal(0.3, len(sizes), k_dim, 2, mlp_dim)
-    down = normal(1.0, len(sizes), mlp_dim, n_dim)
-    group_sizes = jnp.asarray(sizes, jnp.int32)
-
-    @jax.jit
-    def run(x, gate_up, down, dy):
-        out, vjp = jax.vjp(lambda *args: grouped_swiglu(
-            *args, group_sizes, config=SWIGLU_CONFIG, interpret=True), x, gate_up, down)
-        return (out, *vjp(dy))
-
-    got = run(x, gate_up, down, dy)
-    expected = numpy_grouped_swiglu(x, gate_up, down, sizes, dy)
-    for name, value, want in zip(("out", "dx", "d_gate_up", "d_down"), got, expected):
-        assert value.dtype == jnp.float32, name
-        np.testing.assert_allclose(np.asarray(value, np.float64), want, rtol=1e-5,
-                                   atol=1e-5 * np.abs(want).max(), err_msg=name)
-    assert not np.any(np.asarray(got[0][sum(sizes):])) and not np.any(
-        np.asarray(got[1][sum(sizes):]))  # rows of no group: zero output and input gradient
-
-
 def test_kernels_lower_to_triton_ir(hopper_lowering):
-    """Lower forward+backward of the three entry points for CUDA on CPU, up to Triton IR (no
-    PTX): catches constructs the Triton lowering rejects that interpret mode accepts (the
-    gathered row loads, the SwiGLU epilogues' [bm, 2, bn] tiles, say)."""
+    """Lower forward+backward of both entry points for CUDA on CPU, up to Triton IR (no PTX):
+    catches constructs the Triton lowering rejects that interpret mode accepts (the gathered
+    row loads, say)."""
     x = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((4, 256, 512), jnp.bfloat16)
-    down = jax.ShapeDtypeStruct((4, 256, 256), jnp.bfloat16)
     sizes = jax.ShapeDtypeStruct((4,), jnp.int32)
     rows = jax.ShapeDtypeStruct((512,), jnp.int32)
     inverse = jax.ShapeDtypeStruct((2, 256), jnp.int32)
 
-    def grads(x, w, down, sizes, rows, inverse):
+    def grads(x, w, sizes, rows, inverse):
         plain = lambda x, w: grouped_matmul(x, w, sizes).astype(jnp.float32).sum()
         gathered = lambda x, w: gathered_grouped_matmul(x, w, sizes, rows, inverse).astype(
             jnp.float32).sum()
-        swiglu = lambda x, w, down: grouped_swiglu(x, w.reshape(4, 256, 2, 256), down,
-                                                   sizes).astype(jnp.float32).sum()
-        return (jax.grad(plain, argnums=(0, 1))(x, w), jax.grad(gathered, argnums=(0, 1))(x, w),
-                jax.grad(swiglu, argnums=(0, 1, 2))(x, w, down))
+        return jax.grad(plain, argnums=(0, 1))(x, w), jax.grad(gathered, argnums=(0, 1))(x, w)
 
-    text = jax.jit(grads).trace(x, w, down, sizes, rows, inverse).lower(
+    text = jax.jit(grads).trace(x, w, sizes, rows, inverse).lower(
         lowering_platforms=("cuda",)).as_text()
-    # Names in the Triton custom calls: forward, dx and dW of each entry point; grouped_swiglu
-    # adds the gate|up forward and the dh kernel with the SwiGLU's backward as epilogue.
+    # Names in the Triton custom calls: forward, dx and dW of each entry point.
     for name in ("grouped_matmul", "grouped_matmul_transposed", "grouped_matmul_weight_grad",
-                 "grouped_matmul_gather", "grouped_matmul_weight_grad_gather",
-                 "grouped_matmul_swiglu", "grouped_matmul_transposed_swiglu_grad"):
+                 "grouped_matmul_gather", "grouped_matmul_weight_grad_gather"):
         assert f'name = "{name}"' in text, name
 
 
@@ -222,9 +157,8 @@ def test_grouped_matmul_equals_ragged_dot_with_default_tiles():
 
 
 def test_dropless_moe_with_the_kernel_equals_the_per_token_loop():
-    """moe.set_grouped_matmul("pallas_interpret") routes dropless dispatch through the kernels
-    (the SwiGLU fused, `grouped_swiglu`); with set_gather_rows_in_kernel, through the gathered
-    one. Outputs and gradients."""
+    """moe.set_grouped_matmul("pallas_interpret") routes dropless dispatch through the kernel;
+    with set_gather_rows_in_kernel, through the gathered one. Outputs and gradients."""
     from jaxlm.config import ModelConfig
 
     cfg = ModelConfig(vocab_size=257, embed_dim=48, num_heads=6, num_kv_heads=2, head_dim=8,
@@ -253,7 +187,6 @@ def test_dropless_moe_with_the_kernel_equals_the_per_token_loop():
         moe.set_grouped_matmul("auto")
         moe.set_gather_rows_in_kernel(False)
     assert "grouped_matmul_gather" in jaxpr_gather and "grouped_matmul_gather" not in jaxpr
-    assert "grouped_matmul_swiglu" in jaxpr and "grouped_matmul_swiglu" not in jaxpr_gather
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(y_gather, expected, rtol=1e-5, atol=1e-5)
     reference_grads = jax.grad(lambda p, x: jnp.sum(moe.reference_moe_mlp(cfg, p, x) ** 2),

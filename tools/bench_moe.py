@@ -5,16 +5,13 @@ parameters, and the grouped matmul kernel alone against a dense matmul and jax.l
     python tools/bench_moe.py --impl ragged_dot     # the layer with XLA's ragged_dot instead
     python tools/bench_moe.py --skip-kernel --profile DIR   # + kernel-time table of the layer
     python tools/bench_moe.py --skip-kernel --gather-in-kernel   # + the layer with in-kernel row gathers
-    python tools/bench_moe.py --skip-kernel --unfused-swiglu     # + the layer, SwiGLU unfused
     python tools/bench_moe.py --tokens 256 --embed 48 --experts 8 --top-k 2 --expert-mlp 40 \
         --steps 2 --rows 256 --kernel-k 48 --kernel-n 40 --kernel-groups 8   # CPU smoke run
 
 Layer: the dense MLP has mlp dim top_k * expert_mlp, so both do the same matmul FLOPs per
 token; the ratio MoE/dense tokens per second is what dropless dispatch (sort, grouped matmul,
 unsort) costs. `--impl pallas` (default on GPU) runs pallas_kernels/grouped_matmul.py through
-`moe.set_grouped_matmul`; off GPU it runs the kernel in interpret mode. With the kernels the
-SwiGLU runs in their epilogues (`grouped_swiglu`); `--unfused-swiglu` also times the layer with
-three plain kernels and XLA elementwise passes (`moe.set_fused_swiglu(False)`).
+`moe.set_grouped_matmul`; off GPU it runs the kernel in interpret mode.
 
 Kernel: x [rows, K] @ w[g] ([groups, K, N]) with group sizes drawn from a multinomial over
 equally likely groups (sum = rows), bf16. FLOPs: 2 * rows * K * N forward, 3x that for
@@ -23,9 +20,7 @@ grouped matmul aims at), the batched einsum over equal groups [G, rows/G, K] x [
 ragged_dot (on GPU a masked dense computation over all groups: slow, and it materializes
 [G, rows, K]; an out-of-memory error prints and the run goes on). `--sweep` times a few tile
 configs of each of the three kernels (forward, transposed forward = dx, weight gradient), the
-others kept at their defaults. The expert MLP alone, x [rows, K] through gate|up [groups, K, 2, N]
-and down [groups, N, K]: `grouped_swiglu` against the unfused grouped matmuls (6 * rows * K * N
-FLOPs forward). Timing: jit, one warm-up call, mean over --steps calls (the layer:
+others kept at their defaults. Timing: jit, one warm-up call, mean over --steps calls (the layer:
 median of --repeats such means, MoE and dense alternating).
 """
 
@@ -43,8 +38,7 @@ import numpy as np
 from jaxlm import moe
 from jaxlm.config import ModelConfig
 from jaxlm.layers import swiglu
-from pallas_kernels.grouped_matmul import (GmmBlocks, default_config, grouped_matmul,
-                                           grouped_swiglu)
+from pallas_kernels.grouped_matmul import GmmBlocks, default_config, grouped_matmul
 
 # (block_m, block_k, block_n, num_warps, num_stages); Triton matmul-tutorial-like tiles.
 SWEEP = [(128, 64, 128, 8, 3), (128, 64, 256, 8, 3), (128, 64, 256, 8, 4), (256, 64, 128, 8, 3),
@@ -175,34 +169,6 @@ def bench_kernel(args, dtype, interpret: bool) -> None:
            steps=max(1, min(args.steps, 3)))
 
 
-def bench_swiglu(args, dtype, interpret: bool) -> None:
-    """The expert MLP: `grouped_swiglu` against grouped_matmul, XLA's SwiGLU, grouped_matmul."""
-    x, _, _, sizes = kernel_inputs(args, dtype)
-    rows, K, F, G = args.rows, args.kernel_k, args.kernel_n, args.kernel_groups
-    keys = jax.random.split(jax.random.key(2), 3)
-    gate_up = (0.02 * jax.random.normal(keys[0], (G, K, 2, F))).astype(dtype)
-    down = (0.02 * jax.random.normal(keys[1], (G, F, K))).astype(dtype)
-    dy = jax.random.normal(keys[2], (rows, K)).astype(dtype)
-
-    def unfused(x, gate_up, down, s):
-        both = grouped_matmul(x, gate_up.reshape(G, K, 2 * F), s, interpret=interpret)
-        return grouped_matmul(jax.nn.silu(both[:, :F]) * both[:, F:], down, s, interpret=interpret)
-
-    def fused(x, gate_up, down, s):
-        return grouped_swiglu(x, gate_up, down, s, interpret=interpret)
-
-    def with_grads(fn):  # value_and_grad: see the NOTE in gmm_fns
-        loss = lambda x, w1, w2, s: jnp.sum(fn(x, w1, w2, s).astype(jnp.float32) * dy)
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-
-    flops = 6 * rows * K * F
-    print(f"expert MLP x [{rows}, {K}], gate|up [{G}, {K}, 2, {F}], down [{G}, {F}, {K}]")
-    for name, fn in (("fused swiglu", fused), ("unfused swiglu", unfused)):
-        report(f"{name} forward", flops, jax.jit(fn), x, gate_up, down, sizes, steps=args.steps)
-        report(f"{name} forward+backward", 3 * flops, with_grads(fn), x, gate_up, down, sizes,
-               steps=args.steps)
-
-
 def sweep_kernel(args, dtype, interpret: bool) -> None:
     x, w, dy, sizes = kernel_inputs(args, dtype)
     flops = 2 * args.rows * args.kernel_k * args.kernel_n
@@ -241,8 +207,6 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time a few kernel tiles")
     parser.add_argument("--gather-in-kernel", action="store_true",
                         help="layer: also time it with the rows gathered inside the kernels")
-    parser.add_argument("--unfused-swiglu", action="store_true",
-                        help="layer: also time it with the SwiGLU outside the kernels")
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="also trace the MoE layer into DIR and print where its time goes")
     args = parser.parse_args()
@@ -259,14 +223,8 @@ def main() -> None:
             moe.set_gather_rows_in_kernel(True)
             bench_layer(args, dtype)
             moe.set_gather_rows_in_kernel(False)
-        if args.unfused_swiglu:
-            print("with the SwiGLU unfused (three grouped matmuls, moe.set_fused_swiglu(False)):")
-            moe.set_fused_swiglu(False)
-            bench_layer(args, dtype)
-            moe.set_fused_swiglu(True)
     if not args.skip_kernel:
         bench_kernel(args, dtype, interpret)
-        bench_swiglu(args, dtype, interpret)
     if args.sweep:
         sweep_kernel(args, dtype, interpret)
 
