@@ -21,6 +21,11 @@ the G query heads of its kv head, so GQA needs no atomics nor a per-head dK buff
 kernel keeps a query block resident and loops over key blocks. All accumulation is float32.
 Key blocks that the causal/window/length rules fully mask are skipped through the loop bounds;
 blocks that are fully visible run without computing a mask (the interior of a causal triangle).
+With segment ids, the loop bounds also shrink to the blocks whose segment-id range [min, max]
+overlaps the resident block's, and blocks holding only the resident block's single id skip the
+segment mask (`_segment_block_ranges`, a small jnp pre-pass): packed documents then cost what
+their own causal triangles cost, not the whole row's. Exact for sorted ids (packing),
+conservative for any others.
 
 Lengths that are not block multiples are padded in the wrapper: padded keys are masked by the
 key-length rule, padded query rows are computed and dropped (their cotangent is zero).
@@ -159,6 +164,44 @@ def _loop(lo, hi, full_lo, full_hi, body, carry):
     return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
 
 
+def _segment_block_ranges(rows_seg, cols_seg, block_rows: int, block_cols: int):
+    """Per block of `rows_seg` [B, R] (R a multiple of block_rows): [B, R / block_rows, 4] =
+    (lo, hi, full_lo, full_hi). [lo, hi) are the blocks of `cols_seg` [B, C] whose segment-id
+    interval overlaps this block's (lo == hi when none does): blocks outside cannot hold an
+    equal id; blocks inside may not either when ids are not sorted (the mask handles those).
+    [full_lo, full_hi) is a run of blocks holding one id, the same single id as this block:
+    there the segment rule masks nothing (empty when there is none)."""
+    batch = rows_seg.shape[0]
+    rows = rows_seg.reshape(batch, -1, block_rows)
+    cols = cols_seg.reshape(batch, -1, block_cols)
+    row_min, row_max = rows.min(-1)[:, :, None], rows.max(-1)[:, :, None]
+    col_min, col_max = cols.min(-1)[:, None, :], cols.max(-1)[:, None, :]
+    num_cols = cols.shape[1]
+    index = jnp.arange(num_cols, dtype=jnp.int32)
+
+    def first_true(m):  # [B, nR, nC] -> index of the first True, num_cols when none
+        return jnp.where(m.any(-1), jnp.argmax(m, axis=-1), num_cols).astype(jnp.int32)
+
+    overlap = (col_min <= row_max) & (col_max >= row_min)
+    lo = first_true(overlap)
+    hi = jnp.maximum(num_cols - first_true(overlap[..., ::-1]), lo)
+    same = (row_min == row_max) & (col_min == col_max) & (col_min == row_min)
+    full_lo = first_true(same)
+    full_hi = first_true(~same & (index >= full_lo[..., None]))  # where the run ends
+    return jnp.stack([lo, hi, full_lo, full_hi], axis=-1)
+
+
+def _within(bounds, ranges_ref):
+    """Loop bounds from `_key_blocks` / `_query_blocks` narrowed by a segment range: the loop
+    to [lo, hi), the unmasked run to where the segment rule masks nothing too."""
+    if ranges_ref is None:
+        return bounds
+    lo, hi, full_lo, full_hi = bounds
+    lo = jnp.maximum(lo, ranges_ref[0])
+    hi = jnp.maximum(jnp.minimum(hi, ranges_ref[1]), lo)
+    return lo, hi, jnp.maximum(full_lo, ranges_ref[2]), jnp.minimum(full_hi, ranges_ref[3])
+
+
 def _key_blocks(st: _Static, first_q, block_q: int, block_k: int, kv_len):
     """Key-block range [lo, hi) a query block at absolute positions first_q.. can see, and the
     sub-range where every (query, key) pair is allowed (None: masks everywhere)."""
@@ -166,8 +209,6 @@ def _key_blocks(st: _Static, first_q, block_q: int, block_k: int, kv_len):
     end = jnp.minimum(kv_len, last_q + 1) if st.causal else kv_len
     hi = _cdiv(jnp.maximum(end, 0), block_k)
     lo = 0 if st.window is None else lax.div(jnp.maximum(first_q - st.window + 1, 0), block_k)
-    if st.segments:
-        return lo, hi, None, None
     full_lo = lo if st.window is None else _cdiv(jnp.maximum(last_q - st.window + 1, 0), block_k)
     full_hi = hi
     if st.mask_kv_length:
@@ -188,8 +229,6 @@ def _query_blocks(st: _Static, first_k, block_q: int, block_k: int, q_offset, kv
     if st.mask_kv_length:
         hi = _zero_unless(first_k < kv_len, hi)
     hi = jnp.maximum(hi, lo)
-    if st.segments:
-        return lo, hi, None, None
     full_lo = lo if not st.causal else _cdiv(jnp.maximum(last_k - q_offset, 0), block_q)
     full_hi = hi
     if st.window is not None:
@@ -204,7 +243,8 @@ def _query_blocks(st: _Static, first_k, block_q: int, block_k: int, q_offset, kv
 
 
 def _forward_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref, *rest, st: _Static):
-    q_seg_ref, kv_seg_ref, o_ref, lse_ref = rest if st.segments else (None, None, *rest)
+    q_seg_ref, kv_seg_ref, ranges_ref, o_ref, lse_ref = (
+        rest if st.segments else (None, None, None, *rest))
     block_q, block_k = st.config.forward.block_q, st.config.forward.block_k
     q_offset, kv_len = q_offset_ref[0], kv_len_ref[0]
     first_q = q_offset + pl.program_id(0) * block_q
@@ -234,10 +274,17 @@ def _forward_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref, *rest, st: _S
     head_dim = q_ref.shape[-1]
     carry = (jnp.zeros((block_q, head_dim), jnp.float32),
              jnp.full((block_q,), MASK_VALUE, jnp.float32), jnp.zeros((block_q,), jnp.float32))
-    acc, m, l = _loop(*_key_blocks(st, first_q, block_q, block_k, kv_len), body, carry)
+    bounds = _within(_key_blocks(st, first_q, block_q, block_k, kv_len), ranges_ref)
+    acc, m, l = _loop(*bounds, body, carry)
     empty = l == 0.0  # no allowed key: output 0, and a finite lse the backward never uses
     o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(empty, 0.0, m + jnp.log2(jnp.where(empty, 1.0, l)))
+
+
+def _range_specs():
+    """BlockSpec of the [B, blocks, 4] segment ranges: the 4 of this program's block (grid
+    axis 0) and batch (grid axis 1)."""
+    return [pl.BlockSpec((None, None, 4), lambda i, b, n: (b, i, 0))]
 
 
 def _bounds_specs(grid_batch_axis: int):
@@ -258,8 +305,9 @@ def _forward(q, k, v, q_seg, kv_seg, q_offset, kv_len, st: _Static):
     args = [q_offset, kv_len, q, k, v]
     if st.segments:
         in_specs += [pl.BlockSpec((None, blocks.block_q), lambda i, b, n: (b, i)),
-                     pl.BlockSpec((None, kv_seq), lambda i, b, n: (b, 0))]
-        args += [q_seg, kv_seg]
+                     pl.BlockSpec((None, kv_seq), lambda i, b, n: (b, 0))] + _range_specs()
+        args += [q_seg, kv_seg, _segment_block_ranges(q_seg, kv_seg, blocks.block_q,
+                                                       blocks.block_k)]
     return pl.pallas_call(
         functools.partial(_forward_kernel, st=st),
         grid=(q_len // blocks.block_q, batch, num_heads),
@@ -296,14 +344,16 @@ def _probs_and_dscores(st: _Static, masked, q, k, v, do, lse, delta, q_pos, k_po
 
 def _dkv_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
                 st: _Static):
-    q_seg_ref, kv_seg_ref, dk_ref, dv_ref = rest if st.segments else (None, None, *rest)
+    q_seg_ref, kv_seg_ref, ranges_ref, dk_ref, dv_ref = (
+        rest if st.segments else (None, None, None, *rest))
     block_q, block_k = st.config.backward_dkv.block_q, st.config.backward_dkv.block_k
     q_offset, kv_len = q_offset_ref[0], kv_len_ref[0]
     first_k = pl.program_id(0) * block_k
     k_pos = first_k + jnp.arange(block_k)[None, :]
     k, v = k_ref[...], v_ref[...]  # [bk, H]
     kv_seg = kv_seg_ref[...] if st.segments else None
-    bounds = _query_blocks(st, first_k, block_q, block_k, q_offset, kv_len, q_ref.shape[0])
+    bounds = _within(_query_blocks(st, first_k, block_q, block_k, q_offset, kv_len,
+                                   q_ref.shape[0]), ranges_ref)
 
     def body(i, carry, masked, g):
         dk, dv = carry
@@ -332,7 +382,8 @@ def _dkv_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
 
 def _dq_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
                st: _Static):
-    q_seg_ref, kv_seg_ref, dq_ref = rest if st.segments else (None, None, *rest)
+    q_seg_ref, kv_seg_ref, ranges_ref, dq_ref = (
+        rest if st.segments else (None, None, None, *rest))
     block_q, block_k = st.config.backward_dq.block_q, st.config.backward_dq.block_k
     q_offset, kv_len = q_offset_ref[0], kv_len_ref[0]
     first_q = q_offset + pl.program_id(0) * block_q
@@ -349,8 +400,8 @@ def _dq_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d
                                    kv_len, q_seg, kv_seg_ref[keys] if st.segments else None)
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = _loop(*_key_blocks(st, first_q, block_q, block_k, kv_len), body,
-               jnp.zeros(q.shape, jnp.float32))
+    bounds = _within(_key_blocks(st, first_q, block_q, block_k, kv_len), ranges_ref)
+    dq = _loop(*bounds, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
@@ -367,8 +418,9 @@ def _dkv_call(st: _Static, q, k, v, do, lse, delta, q_seg, kv_seg, q_offset, kv_
     args = [q_offset, kv_len, q, k, v, do, lse, delta]
     if st.segments:
         in_specs += [pl.BlockSpec((None, q_len), lambda j, b, h: (b, 0)),
-                     pl.BlockSpec((None, blocks.block_k), lambda j, b, h: (b, j))]
-        args += [q_seg, kv_seg]
+                     pl.BlockSpec((None, blocks.block_k), lambda j, b, h: (b, j))] + _range_specs()
+        args += [q_seg, kv_seg, _segment_block_ranges(kv_seg, q_seg, blocks.block_k,
+                                                       blocks.block_q)]
     return pl.pallas_call(
         functools.partial(_dkv_kernel, st=st),
         grid=(kv_seq // blocks.block_k, batch, num_kv_heads),
@@ -394,8 +446,9 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, q_seg, kv_seg, q_offset, kv_l
     args = [q_offset, kv_len, q, k, v, do, lse, delta]
     if st.segments:
         in_specs += [pl.BlockSpec((None, blocks.block_q), lambda i, b, n: (b, i)),
-                     pl.BlockSpec((None, kv_seq), lambda i, b, n: (b, 0))]
-        args += [q_seg, kv_seg]
+                     pl.BlockSpec((None, kv_seq), lambda i, b, n: (b, 0))] + _range_specs()
+        args += [q_seg, kv_seg, _segment_block_ranges(q_seg, kv_seg, blocks.block_q,
+                                                       blocks.block_k)]
     return pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
         grid=(q_len // blocks.block_q, batch, num_heads),
@@ -537,7 +590,10 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, q_offset=
 
     q, k, v = pad(q, q_pad), pad(k, kv_pad), pad(v, kv_pad)
     if st.segments:
-        q_seg, kv_seg = pad(q_seg, q_pad), pad(kv_seg, kv_pad)
+        # Edge-padded: padded rows and keys (dropped, or masked by the key-length rule) then
+        # widen no block's segment range.
+        q_seg = jnp.pad(q_seg, ((0, 0), (0, q_pad - q_len)), mode="edge")
+        kv_seg = jnp.pad(kv_seg, ((0, 0), (0, kv_pad - kv_seq)), mode="edge")
     out = _flash(q, k, v, q_seg, kv_seg, offsets, lengths, st)
     return out[:, :q_len]
 

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.flash_attention import (FlashConfig, KernelBlocks, flash_attention,
-                                            flash_attention_reference)
+from pallas_kernels.flash_attention import (FlashConfig, KernelBlocks, _segment_block_ranges,
+                                            flash_attention, flash_attention_reference)
 
 SMALL = FlashConfig(KernelBlocks(16, 16, 4, 1), KernelBlocks(16, 16, 4, 1),
                     KernelBlocks(16, 16, 4, 1))
@@ -118,9 +118,40 @@ def test_default_config_shrinks_tiles():
     check(1, 1, 45, 45, 4, 2, 32, config=None)
 
 
-def test_packed_documents_with_one_segment_array():
-    seg = np.repeat([[0, 1, 2], [5, 5, 7]], [11, 20, 10], axis=1)  # [2, 41]
-    check(2, 2, 41, 41, 4, 2, 16, segment_ids=jnp.asarray(seg))
+@pytest.mark.parametrize("lengths", [(11, 20, 10), (40, 24, 33)])
+def test_packed_documents_with_one_segment_array(lengths):
+    # (40, 24, 33): documents spanning whole 16-blocks, which then run without the mask.
+    seg = np.repeat([[0, 1, 2], [5, 5, 7]], lengths, axis=1)
+    check(2, 2, seg.shape[1], seg.shape[1], 4, 2, 16, segment_ids=jnp.asarray(seg))
+
+
+def test_unsorted_segment_ids():
+    """Ids in no order (documents interleaved, boundaries inside blocks): the segment block
+    ranges are only a bound there, and the result must still be exact."""
+    seg = np.random.default_rng(7).integers(0, 3, size=(2, 53))
+    seg[1, 20:40] = 9  # one id used only in the middle of row 1
+    check(8, 2, 53, 53, 4, 2, 16, segment_ids=jnp.asarray(seg))
+
+
+def test_segment_block_ranges_skip_other_documents():
+    # Documents of 32, 40 and 56 rows, blocks of 16. Blocks 0-1 (document 0) see key blocks
+    # 0-1, all of one id; blocks 2-3 hold rows 32-63 of document 1 (rows 32-71), which spans key
+    # blocks 2-4, of which 2-3 hold only id 1; block 4 holds ids 1 and 2: key blocks 2-7, none
+    # unmasked; blocks 5-7 (document 2) see key blocks 4-7, of which 5-7 hold only id 2.
+    seg = jnp.asarray(np.repeat([[0, 1, 2]], [32, 40, 56], axis=1))
+    ranges = np.asarray(_segment_block_ranges(seg, seg, 16, 16))[0]
+    np.testing.assert_array_equal(ranges[:, 0], [0, 0, 2, 2, 2, 4, 4, 4])  # lo
+    np.testing.assert_array_equal(ranges[:, 1], [2, 2, 5, 5, 8, 8, 8, 8])  # hi
+    full = ranges[:, 3] - ranges[:, 2]
+    np.testing.assert_array_equal(np.where(full > 0, ranges[:, 2], -1), [0, 0, 2, 2, -1, 5, 5, 5])
+    np.testing.assert_array_equal(np.maximum(full, 0), [2, 2, 2, 2, 0, 3, 3, 3])
+    # A run of one-id blocks stops at the first other block even when the id comes back.
+    ranges = np.asarray(_segment_block_ranges(jnp.zeros((1, 16), jnp.int32),
+                                              jnp.asarray([[0] * 32 + [1] * 16 + [0] * 16]), 16, 16))
+    np.testing.assert_array_equal(ranges[0, 0], [0, 4, 0, 2])
+    # Against keys of another sequence (chunked prefill): no overlap gives an empty range.
+    ranges = _segment_block_ranges(seg[:, :32], jnp.full((1, 64), 5), 16, 32)
+    np.testing.assert_array_equal(ranges[..., 1] - ranges[..., 0], [[0, 0]])
 
 
 def test_chunked_prefill_with_offsets_and_lengths():
