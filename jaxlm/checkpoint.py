@@ -17,17 +17,22 @@ stays the one restored.
 
 Resharding: `restore` takes an abstract state whose leaves carry the target `NamedSharding`s;
 orbax reads each device's slice directly, so a run saved on one mesh resumes on another.
+
+For inference, `load_run(run_dir)` gives the latest checkpoint's model config, params and
+tokenizer (decoding, alignment, perplexity filtering).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 
 from jaxlm.config import Config, from_dict, to_dict
 
@@ -103,3 +108,42 @@ class CheckpointManager:
 def abstract_like(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs of `tree`'s leaves (arrays or ShapeDtypeStructs) with `shardings`."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def load_run(run_dir: str, mesh: Optional[Mesh] = None):
+    """(model config, params, tokenizer or None) of the latest checkpoint of a training run,
+    for inference: the params on `mesh` (default: one device)."""
+    from jaxlm import optim, sharding, train  # train imports this module: not at the top
+
+    manager = CheckpointManager(run_dir, async_save=False)
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}; train with python -m jaxlm.train "
+                                f"--run-dir {run_dir}")
+    cfg = manager.restore_config(step)
+    mesh = mesh or sharding.make_mesh("data=1", jax.devices()[:1])
+    target = train.abstract_state(cfg, mesh, optim.make_optimizer(cfg.model, cfg.train))
+    state, _, _ = manager.restore(step, target)
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer = load_tokenizer(manager.restore_tokenizer(step, directory))
+    manager.close()
+    return cfg.model, state["params"], tokenizer
+
+
+def load_tokenizer(directory: Optional[str]):
+    """A jaxlm Tokenizer saved in `directory`, else a Hugging Face tokenizer.json there (with
+    transformers installed), else None (the caller works in token ids)."""
+    if directory is None:
+        return None
+    from jaxlm.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer.load(directory)
+    except (FileNotFoundError, ValueError):
+        pass
+    try:  # a Hugging Face tokenizer.json, if transformers is installed
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception:  # noqa: BLE001: no usable tokenizer -> token ids
+        return None

@@ -33,12 +33,9 @@ The result of `generate` holds the new tokens only, up to and including eos.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import os
 import sys
-import time
 from typing import Iterator, Optional, Sequence
 
 import jax
@@ -454,29 +451,7 @@ def speculative_generate(target_cfg: ModelConfig, target_params: dict, draft_cfg
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def load_run(run_dir: str, mesh: Optional[Mesh] = None):
-    """(model config, params, tokenizer or None) of the latest checkpoint of a training run."""
-    import tempfile
-
-    from jaxlm import optim, train
-    from jaxlm.checkpoint import CheckpointManager
-
-    manager = CheckpointManager(run_dir, async_save=False)
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir}; train with python -m jaxlm.train "
-                                f"--run-dir {run_dir}")
-    cfg = manager.restore_config(step)
-    mesh = mesh or sharding.make_mesh("data=1", jax.devices()[:1])
-    target = train.abstract_state(cfg, mesh, optim.make_optimizer(cfg.model, cfg.train))
-    state, _, _ = manager.restore(step, target)
-    with tempfile.TemporaryDirectory() as directory:
-        tokenizer = _load_tokenizer(manager.restore_tokenizer(step, directory))
-    manager.close()
-    return cfg.model, state["params"], tokenizer
+# Tokenizers (the command line is in decode_cli.py)
 
 
 def vocab_limit_of(cfg: ModelConfig, tokenizer) -> Optional[int]:
@@ -489,106 +464,11 @@ def vocab_limit_of(cfg: ModelConfig, tokenizer) -> Optional[int]:
     return size if isinstance(size, int) and size < cfg.vocab_size else None
 
 
-def _load_tokenizer(directory: Optional[str]):
-    if directory is None:
-        return None
-    from jaxlm.tokenizer import Tokenizer
-
-    try:
-        return Tokenizer.load(directory)
-    except (FileNotFoundError, ValueError):
-        pass
-    try:  # a Hugging Face tokenizer.json, if transformers is installed
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(directory)
-    except Exception:  # noqa: BLE001: no usable tokenizer -> token ids
-        return None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxlm.decode",
-        description="Generate text from a trained run or a Hugging Face folder, streaming tokens; "
-                    "prints time to first token and tokens/s at the end.")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run-dir", help="training run directory (latest checkpoint + tokenizer)")
-    source.add_argument("--hf", metavar="DIR", help="Hugging Face model folder (safetensors)")
-    parser.add_argument("--prompt", required=True,
-                        help="prompt text (token ids separated by spaces when there is no tokenizer)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eos-id", type=int, default=None,
-                        help="stop at this token (default: the tokenizer's <|endoftext|>, if any)")
-    parser.add_argument("--dtype", default=None, help="--hf: parameter/compute dtype, e.g. bfloat16")
-    parser.add_argument("--attention-impl", default=None, choices=("xla", "cudnn", "pallas"))
-    parser.add_argument("--int8-cache", action="store_true", help="int8 KV cache")
-    return parser
-
-
-def _encode(tokenizer, prompt: str) -> list[int]:
-    if tokenizer is None:
-        try:
-            return [int(t) for t in prompt.split()]
-        except ValueError:
-            raise ValueError("there is no tokenizer: give --prompt as token ids, e.g. "
-                             "--prompt '1 2 3'") from None
-    return list(tokenizer.encode(prompt))
-
-
-def _default_eos(tokenizer) -> Optional[int]:
-    special = getattr(tokenizer, "special_ids", None)
-    if special:
-        return special.get("<|endoftext|>")
-    return getattr(tokenizer, "eos_token_id", None)
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.run_dir:
-        cfg, params, tokenizer = load_run(args.run_dir)
-    else:
-        from jaxlm import hf
-
-        cfg, params = hf.load_pretrained(args.hf, dtype=args.dtype)
-        tokenizer = _load_tokenizer(args.hf if os.path.exists(os.path.join(args.hf, "tokenizer.json"))
-                                    else None)
-    if args.attention_impl:
-        cfg = dataclasses.replace(cfg, attention_impl=args.attention_impl)
-    prompt = _encode(tokenizer, args.prompt)
-    eos_id = args.eos_id if args.eos_id is not None else _default_eos(tokenizer)
-    print(args.prompt, end="", flush=True)
-    start, times, ids, printed = time.perf_counter(), [], [], ""
-    for token in stream(cfg, params, prompt, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        seed=args.seed, eos_id=eos_id, quantize_cache=args.int8_cache,
-                        vocab_limit=vocab_limit_of(cfg, tokenizer)):
-        times.append(time.perf_counter())
-        ids.append(token)
-        if tokenizer is None:
-            print(f" {token}", end="", flush=True)
-            continue
-        text = tokenizer.decode(ids)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            print(text[len(printed):], end="", flush=True)
-            printed = text
-    # The second token compiles the decode step: the rate counts the tokens after it.
-    rate = (len(ids) - 2) / (times[-1] - times[1]) if len(ids) > 2 else float("nan")
-    print(f"\n\n{len(prompt)} prompt tokens, {len(ids)} new tokens; time to first token "
-          f"{times[0] - start:.3f} s (includes compilation), {rate:.1f} tokens/s decoding",
-          file=sys.stderr)
-    return 0
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    """`python -m jaxlm.decode`: see jaxlm/decode_cli.py."""
+    from jaxlm import decode_cli  # imports this module: not at the top
+
+    return decode_cli.main(argv)
 
 
 if __name__ == "__main__":

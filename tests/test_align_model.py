@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxlm import decode, loss, model, sharding, train
+from jaxlm import checkpoint, decode, loss, model, sharding, train
 from jaxlm.align import common, dpo, grpo, grpo_train, sft, tasks
 from jaxlm.config import Config, ModelConfig, TrainConfig
 
@@ -229,8 +229,8 @@ def test_cli_sft_then_grpo_then_eval(tmp_path, capsys):
     assert grpo_train.main(["--init", sft_dir, "--run-dir", grpo_dir, "--no-progress", "--steps=2",
                             "--prompts_per_step=2", "--group_size=4", "--eval_examples=8", "--eval_every=1",
                             "--epochs_per_rollout=2", "--reward=arithmetic_digits", "--compute_dtype=float32"]) == 0
-    assert decode.load_run(sft_dir)[0].compute_dtype == "bfloat16"
-    assert decode.load_run(grpo_dir)[0].compute_dtype == "float32"
+    assert checkpoint.load_run(sft_dir)[0].compute_dtype == "bfloat16"
+    assert checkpoint.load_run(grpo_dir)[0].compute_dtype == "float32"
     records = [json.loads(line) for line in open(os.path.join(grpo_dir, "metrics.jsonl"))]
     assert [r["step"] for r in records] == [0, 1, 2]
     for key in ("reward", "format_reward", "answer_reward", "accuracy", "entropy", "clip_fraction",

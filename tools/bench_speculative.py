@@ -58,10 +58,10 @@ def main(argv=None) -> int:
 
     import jax  # after the training subprocesses: they need the accelerator alone
 
-    from jaxlm import data, decode
+    from jaxlm import checkpoint, data, decode
 
-    target_cfg, target_params, tokenizer = decode.load_run(runs["target"])
-    draft_cfg, draft_params, _ = decode.load_run(runs["draft"])
+    target_cfg, target_params, tokenizer = checkpoint.load_run(runs["target"])
+    draft_cfg, draft_params, _ = checkpoint.load_run(runs["draft"])
     corpus = data.default_corpus(20_000_000)
     ids = tokenizer.encode(corpus[-200_000:])
     prompt_len = 32 if args.tiny else 128

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxlm import loss, model, optim, train
+from jaxlm import checkpoint, loss, model, optim, train
 from jaxlm.checkpoint import CheckpointManager
 from jaxlm.config import Config, ModelConfig, TrainConfig
 
@@ -176,15 +176,15 @@ def policy_config(model_cfg: ModelConfig, mesh: Mesh, train_cfg: TrainConfig) ->
 def load_policy(run_dir: Optional[str] = None, hf_dir: Optional[str] = None, mesh: Optional[Mesh] = None,
                 dtype: Optional[str] = None):
     """(model config, params sharded on `mesh`, tokenizer or None) of a run directory or HF folder."""
-    from jaxlm import decode, hf
+    from jaxlm import hf
 
     if (run_dir is None) == (hf_dir is None):
         raise ValueError("give exactly one of a run directory (--run-dir / --init) or a Hugging Face folder (--hf)")
     if run_dir is not None:
-        return decode.load_run(run_dir, mesh)
+        return checkpoint.load_run(run_dir, mesh)
     cfg, params = hf.load_pretrained(hf_dir, dtype=dtype, mesh=mesh)
     tokenizer_path = hf_dir if os.path.exists(os.path.join(hf_dir, "tokenizer.json")) else None
-    return cfg, params, decode._load_tokenizer(tokenizer_path)
+    return cfg, params, checkpoint.load_tokenizer(tokenizer_path)
 
 
 def require_tokenizer(tokenizer, source: str):

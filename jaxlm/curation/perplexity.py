@@ -37,7 +37,7 @@ class PerplexityScorer:
 
     @classmethod
     def from_run(cls, run_dir: str, window: int | None = None) -> "PerplexityScorer":
-        from jaxlm.decode import load_run
+        from jaxlm.checkpoint import load_run
 
         cfg, params, tokenizer = load_run(run_dir)
         if tokenizer is None:
