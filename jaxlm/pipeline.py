@@ -252,3 +252,9 @@ def iterate(iterator: Iterator[dict]) -> Iterator[dict]:
     for batch in iterator:
         yield batch
     raise DataError("the data stream ended")
+
+
+def default_cache_dir(environ: dict) -> str:
+    """Where tokenizers and encoded text are cached: $XDG_CACHE_HOME/jaxlm or ~/.cache/jaxlm."""
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxlm")

@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxlm import sharding, train
+from jaxlm import pipeline, sharding, train
 from jaxlm.align import common, evaluate, grpo, rewards, rollout, sft, tasks
 from jaxlm.config import Config, ConfigError, TrainConfig, apply_overrides, load_preset, to_dict
 
@@ -305,7 +305,7 @@ def run(args, overrides: list[str]) -> dict:
     if not (args.init or args.hf):
         if args.data:
             raise ConfigError("--data (GSM8K) needs a starting policy: --init RUN_DIR or --hf DIR")
-        cache_dir = args.cache_dir or train.default_cache_dir(dict(os.environ))
+        cache_dir = args.cache_dir or pipeline.default_cache_dir(dict(os.environ))
         start_dir = arithmetic_policy(cache_dir, mesh, progress=not args.no_progress)
     model_cfg, params, tokenizer = common.load_policy(start_dir, args.hf if start_dir is None else None, mesh)
     if config.compute_dtype is not None:
