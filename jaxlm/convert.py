@@ -26,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from jaxlm import hf, model, sharding
+from jaxlm import hf, hf_config, model, sharding
 from jaxlm.config import Config, from_dict, to_dict
 
 SOURCE_FILE = "hf_source.json"
@@ -93,7 +93,7 @@ def host_mesh() -> Mesh:
 
 def hf_to_jaxlm(hf_dir: str, out_dir: str, dtype: Optional[str] = None) -> None:
     cfg, params = hf.load_pretrained(hf_dir, dtype=dtype, mesh=host_mesh())
-    architecture = hf.architecture_of(json.loads((Path(hf_dir) / "config.json").read_text()))
+    architecture = hf_config.architecture_of(json.loads((Path(hf_dir) / "config.json").read_text()))
     save_checkpoint(out_dir, Config(model=cfg), params, hf_architecture=architecture)
 
 
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf = commands.add_parser("jaxlm-to-hf", help="jaxlm checkpoint -> HF folder")
     to_hf.add_argument("checkpoint_dir", metavar="CKPT_DIR", help="jaxlm checkpoint folder")
     to_hf.add_argument("out_dir", metavar="OUT_DIR", help="new HF model folder")
-    to_hf.add_argument("--architecture", choices=hf.SUPPORTED_ARCHITECTURES, default=None,
+    to_hf.add_argument("--architecture", choices=hf_config.SUPPORTED_ARCHITECTURES, default=None,
                        help="default: the one recorded at conversion, else inferred from the config")
     to_hf.add_argument("--max-shard-size", type=parse_size, default=hf.DEFAULT_MAX_SHARD_BYTES,
                        help="split model.safetensors into shards of at most this size (default 5GB)")
