@@ -165,17 +165,6 @@ def set_grouped_matmul(name: str) -> None:
     _grouped_matmul_choice = name
 
 
-_gather_rows_in_kernel = False
-
-
-def set_gather_rows_in_kernel(enabled: bool) -> None:
-    """Dropless dispatch with all experts local: the gate|up kernels read x's rows through the
-    sort order instead of a gathered [A, D] copy (`gathered_grouped_matmul`). Off by default
-    until measured on a GPU (tools/bench_moe.py --gather-in-kernel); Pallas kernels only."""
-    global _gather_rows_in_kernel
-    _gather_rows_in_kernel = bool(enabled)
-
-
 def _kernel_choice() -> str:
     if _grouped_matmul_choice != "auto":
         return _grouped_matmul_choice
@@ -206,17 +195,10 @@ def fuse_gate_up(p: dict) -> dict:
     return fused
 
 
-def _swiglu_ragged(x, gate_up, down, group_sizes, gather=None):
-    """x [A, D] sorted by expert; or, with gather = (row_index, row_inverse), the tokens [T, D]
-    whose rows x[row_index] the first kernel reads itself."""
+def _swiglu_ragged(x, gate_up, down, group_sizes):
+    """x [A, D] sorted by expert -> [A, D]: SwiGLU through two grouped matmuls."""
     experts, dim, _, mlp = gate_up.shape
-    weights = gate_up.reshape(experts, dim, 2 * mlp)
-    if gather is None:
-        both = _grouped_matmul(x, weights, group_sizes)
-    else:
-        from pallas_kernels.grouped_matmul import gathered_grouped_matmul
-        both = gathered_grouped_matmul(x, weights, group_sizes, *gather,
-                                       interpret=_kernel_choice() == "pallas_interpret")
+    both = _grouped_matmul(x, gate_up.reshape(experts, dim, 2 * mlp), group_sizes)
     h = jax.nn.silu(both[:, :mlp]) * both[:, mlp:]
     return _grouped_matmul(h, down, group_sizes)
 
@@ -351,12 +333,8 @@ def _dropless_local(cfg: ModelConfig, p: dict, x, valid, in_shard_map: bool):
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype),
                                                   unique_indices=True)
     group_sizes = jnp.zeros((num_experts,), jnp.int32).at[keys].add(1, mode="drop")
-    if _gather_rows_in_kernel and _kernel_choice() != "ragged_dot":
-        gather = (order % num_tokens, inverse.reshape(k, num_tokens))
-        out = _swiglu_ragged(x, p["gate_up"], p["down"], group_sizes, gather=gather)
-    else:
-        rows = _gather_assignments(x, order, inverse, k)  # [A, D], sorted by expert
-        out = _swiglu_ragged(rows, p["gate_up"], p["down"], group_sizes)
+    rows = _gather_assignments(x, order, inverse, k)  # [A, D], sorted by expert
+    out = _swiglu_ragged(rows, p["gate_up"], p["down"], group_sizes)
     if in_shard_map:
         out = jax.lax.psum(out, TENSOR_AXES)
     gate = weights.T.reshape(-1).astype(jnp.float32) * valid_flat

@@ -101,14 +101,6 @@ def _row_mask(first_row, block_m: int, width: int, start, end):
     return (rows >= start) & (rows < end)
 
 
-def _rows_and_cols(rows, cols: pl.Slice, gather: bool):
-    """Indexer of a [rows, cols] tile; gathered rows (an int vector) index with broadcast int
-    arrays on both dims, [bm, 1] x [1, bk] (interpret mode cannot mix arrays and slices)."""
-    if not gather:
-        return rows, cols
-    return rows[:, None], cols.start + jnp.arange(cols.size)[None, :]
-
-
 def _compiler_params(blocks: GmmBlocks):
     return plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
@@ -116,12 +108,9 @@ def _compiler_params(blocks: GmmBlocks):
 # ----------------------------------------------------------------------------- forward kernel
 
 
-def _forward_kernel(first_group_ref, end_group_ref, offsets_ref, *refs, blocks: GmmBlocks,
-                    transpose_rhs: bool, gather: bool):
-    """gather: refs start with this row tile's row_index; x_ref is then all of x [T, K]."""
+def _forward_kernel(first_group_ref, end_group_ref, offsets_ref, x_ref, w_ref, o_ref, *,
+                    blocks: GmmBlocks, transpose_rhs: bool):
     block_m, block_k, block_n = blocks.block_m, blocks.block_k, blocks.block_n
-    rows_ref, (x_ref, w_ref, o_ref) = (refs[0], refs[1:]) if gather else (None, refs)
-    index = rows_ref[...] if gather else slice(None)  # [bm] rows of x, or the tile's rows
     cols = pl.ds(pl.program_id(0) * block_n, block_n)
     first_row = pl.program_id(1) * block_m
     num_k_blocks = x_ref.shape[1] // block_k
@@ -132,7 +121,7 @@ def _forward_kernel(first_group_ref, end_group_ref, offsets_ref, *refs, blocks: 
 
         def k_body(kb, acc):
             chunk = pl.ds(kb * block_k, block_k)
-            x = plgpu.load(x_ref.at[_rows_and_cols(index, chunk, gather)], mask=mask, other=0)
+            x = plgpu.load(x_ref.at[:, chunk], mask=mask, other=0)  # [bm, bk]
             w = w_ref[g, cols, chunk] if transpose_rhs else w_ref[g, chunk, cols]
             return acc + _dot(x, w, tb=transpose_rhs)
 
@@ -155,47 +144,35 @@ def _tile_groups(offsets, num_rows: int, block_m: int):
     return first, jnp.where(first_row < total, end, first)  # tiles past the rows: no group
 
 
-def _forward(x, w, offsets, st: _Static, row_index=None):
-    """x [M, K] @ w[g] ([G, K, N], or [G, N, K] transposed) -> [M, N]; dims tile multiples.
-    With row_index [M]: rows x[row_index] of x [T, K], read inside the kernel."""
+def _forward(x, w, offsets, st: _Static):
+    """x [M, K] @ w[g] ([G, K, N], or [G, N, K] transposed) -> [M, N]; dims tile multiples."""
     blocks = st.config.forward_transposed if st.transpose_rhs else st.config.forward
-    gather = row_index is not None
-    num_rows, inner = (row_index.shape[0] if gather else x.shape[0]), x.shape[1]
+    num_rows, inner = x.shape
     num_cols = w.shape[1] if st.transpose_rhs else w.shape[2]
     first_group, end_group = _tile_groups(offsets, num_rows, blocks.block_m)
     tile_spec = pl.BlockSpec((1,), lambda j, i: (i,))
-    if gather:
-        x_specs = [pl.BlockSpec((blocks.block_m,), lambda j, i: (i,)),
-                   pl.BlockSpec(x.shape, lambda j, i: (0, 0))]
-        x_args = (row_index, x)
-    else:
-        x_specs, x_args = [pl.BlockSpec((blocks.block_m, inner), lambda j, i: (i, 0))], (x,)
     # NOTE: grid axis 0 is the fastest-launched one (blockIdx.x): column tiles go there, so the
     # programs that share a row tile of x run together and read it from L2, not HBM.
     return pl.pallas_call(
-        functools.partial(_forward_kernel, blocks=blocks, transpose_rhs=st.transpose_rhs,
-                          gather=gather),
+        functools.partial(_forward_kernel, blocks=blocks, transpose_rhs=st.transpose_rhs),
         grid=(num_cols // blocks.block_n, num_rows // blocks.block_m),
         in_specs=[tile_spec, tile_spec,
                   pl.BlockSpec(offsets.shape, lambda j, i: (0,)),
-                  *x_specs,
+                  pl.BlockSpec((blocks.block_m, inner), lambda j, i: (i, 0)),
                   pl.BlockSpec(w.shape, lambda j, i: (0, 0, 0))],
         out_specs=pl.BlockSpec((blocks.block_m, blocks.block_n), lambda j, i: (i, j)),
         out_shape=jax.ShapeDtypeStruct((num_rows, num_cols), x.dtype),
         compiler_params=_compiler_params(blocks),
         interpret=st.interpret,
-        name=("grouped_matmul_transposed" if st.transpose_rhs else "grouped_matmul")
-             + ("_gather" if gather else ""),
-    )(first_group, end_group, offsets, *x_args, w)
+        name="grouped_matmul_transposed" if st.transpose_rhs else "grouped_matmul",
+    )(first_group, end_group, offsets, x, w)
 
 
 # ----------------------------------------------------------------------------- weight gradient
 
 
-def _weight_grad_kernel(offsets_ref, *refs, blocks: GmmBlocks, gather: bool):
-    """gather: refs start with a_row_index [M]; a_ref is then all of a [T, K]."""
+def _weight_grad_kernel(offsets_ref, a_ref, b_ref, out_ref, *, blocks: GmmBlocks):
     block_m, block_k, block_n = blocks.block_m, blocks.block_k, blocks.block_n
-    rows_ref, (a_ref, b_ref, out_ref) = (refs[0], refs[1:]) if gather else (None, refs)
     b_cols = pl.ds(pl.program_id(0) * block_n, block_n)
     a_cols = pl.ds(pl.program_id(1) * block_k, block_k)
     g = pl.program_id(2)
@@ -203,8 +180,7 @@ def _weight_grad_kernel(offsets_ref, *refs, blocks: GmmBlocks, gather: bool):
 
     def body(t, acc):
         rows = pl.ds(t * block_m, block_m)
-        a_rows = plgpu.load(rows_ref.at[rows]) if gather else rows
-        a = plgpu.load(a_ref.at[_rows_and_cols(a_rows, a_cols, gather)], other=0,
+        a = plgpu.load(a_ref.at[rows, a_cols], other=0,
                        mask=_row_mask(t * block_m, block_m, block_k, start, end))
         b = plgpu.load(b_ref.at[rows, b_cols], other=0,
                        mask=_row_mask(t * block_m, block_m, block_n, start, end))
@@ -215,26 +191,23 @@ def _weight_grad_kernel(offsets_ref, *refs, blocks: GmmBlocks, gather: bool):
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def _weight_grad(a, b, offsets, num_groups: int, dtype, st: _Static, a_row_index=None):
-    """out[g] = a_g^T b_g: a [M, K], b [M, N] -> [G, K, N] (zeros for empty groups).
-    With a_row_index [M]: the rows a[a_row_index] of a [T, K], read inside the kernel."""
+def _weight_grad(a, b, offsets, num_groups: int, dtype, st: _Static):
+    """out[g] = a_g^T b_g: a [M, K], b [M, N] -> [G, K, N] (zeros for empty groups)."""
     blocks = st.config.weight_grad
-    gather = a_row_index is not None
     a_dim, b_dim = a.shape[1], b.shape[1]
     tile = pl.BlockSpec((None, blocks.block_k, blocks.block_n), lambda j, i, g: (g, i, j))
     whole = lambda array: pl.BlockSpec(array.shape, lambda j, i, g: (0,) * array.ndim)
-    a_args = (a_row_index, a) if gather else (a,)
     # Groups outermost (slowest): the programs reading one group's rows run together (L2).
     return pl.pallas_call(
-        functools.partial(_weight_grad_kernel, blocks=blocks, gather=gather),
+        functools.partial(_weight_grad_kernel, blocks=blocks),
         grid=(b_dim // blocks.block_n, a_dim // blocks.block_k, num_groups),
-        in_specs=[whole(offsets), *(whole(arg) for arg in a_args), whole(b)],
+        in_specs=[whole(offsets), whole(a), whole(b)],
         out_specs=tile,
         out_shape=jax.ShapeDtypeStruct((num_groups, a_dim, b_dim), dtype),
         compiler_params=_compiler_params(blocks),
         interpret=st.interpret,
-        name="grouped_matmul_weight_grad" + ("_gather" if gather else ""),
-    )(offsets, *a_args, b)
+        name="grouped_matmul_weight_grad",
+    )(offsets, a, b)
 
 
 # ----------------------------------------------------------------------------- custom_vjp wrapper
@@ -309,18 +282,9 @@ def grouped_matmul(x, w, group_sizes, *, transpose_rhs: bool = False,
     """
     config = config or default_config()
     _check(x, w, group_sizes, transpose_rhs, config)
-    rows, w_rows, w_cols = x.shape[0], w.shape[1], w.shape[2]
-    x, w, offsets, st, (row_pad, x_cols_pad) = _prepare(x, w, group_sizes, rows, transpose_rhs,
-                                                        config, interpret)
-    x = jnp.pad(x, ((0, row_pad - rows), (0, x_cols_pad - x.shape[1])))
-    return _gmm(x, w, offsets, st)[:rows, :w_rows if transpose_rhs else w_cols]
-
-
-def _prepare(x, w, group_sizes, rows: int, transpose_rhs: bool, config: GmmConfig, interpret: bool):
-    """Promote dtypes, fit tiles, pad w, make offsets; the padded row count and x columns."""
     dtype = jnp.result_type(x.dtype, w.dtype)
     x, w = x.astype(dtype), w.astype(dtype)
-    w_rows, w_cols = w.shape[1], w.shape[2]
+    rows, (_, w_rows, w_cols) = x.shape[0], w.shape
     config = _fit_config(config, rows, w_rows, w_cols)
     # One padding serves all three kernels: the tiles are powers of 2, so max is their lcm.
     row_pad = _round_up(rows, max(b.block_m for b in (config.forward, config.forward_transposed,
@@ -329,64 +293,14 @@ def _prepare(x, w, group_sizes, rows: int, transpose_rhs: bool, config: GmmConfi
                                        config.weight_grad.block_k))
     w_cols_pad = _round_up(w_cols, max(config.forward.block_n, config.forward_transposed.block_k,
                                        config.weight_grad.block_n))
+    x_cols_pad = w_cols_pad if transpose_rhs else w_rows_pad
+    x = jnp.pad(x, ((0, row_pad - rows), (0, x_cols_pad - x.shape[1])))
     w = jnp.pad(w, ((0, 0), (0, w_rows_pad - w_rows), (0, w_cols_pad - w_cols)))
     offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32),
                                jnp.cumsum(group_sizes.astype(jnp.int32))])
     offsets = jnp.minimum(offsets, rows)
     st = _Static(transpose_rhs=transpose_rhs, config=config, interpret=interpret)
-    return x, w, offsets, st, (row_pad, w_cols_pad if transpose_rhs else w_rows_pad)
-
-
-# ----------------------------------------------------------------------------- rows gathered in the kernels
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _gathered_gmm(x, w, offsets, row_index, row_inverse, st: _Static):
-    return _forward(x, w, offsets, st, row_index)
-
-
-def _gathered_gmm_fwd(x, w, offsets, row_index, row_inverse, st: _Static):
-    return _forward(x, w, offsets, st, row_index), (x, w, offsets, row_index, row_inverse)
-
-
-def _gathered_gmm_bwd(st: _Static, residuals, dy):
-    x, w, offsets, row_index, row_inverse = residuals
-    dy = dy.astype(x.dtype)
-    d_rows = _forward(dy, w, offsets, dataclasses.replace(st, transpose_rhs=True))  # [M, K]
-    dx = None
-    for uses in row_inverse:  # x's row t is rows row_inverse[j, t], j < fan_out: a sum of gathers
-        part = d_rows[uses].astype(jnp.float32)
-        dx = part if dx is None else dx + part
-    dw = _weight_grad(x, dy, offsets, w.shape[0], w.dtype, st, a_row_index=row_index)
-    return dx.astype(x.dtype), dw, None, None, None
-
-
-_gathered_gmm.defvjp(_gathered_gmm_fwd, _gathered_gmm_bwd)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def gathered_grouped_matmul(x, w, group_sizes, row_index, row_inverse, *,
-                            config: Optional[GmmConfig] = None, interpret: bool = False):
-    """`grouped_matmul(x[row_index], w, group_sizes)` without materializing x[row_index].
-
-    x [T, K]; w [G, K, N]; row_index [M] ints, M = fan_out * T: every row of x is used exactly
-    fan_out times (a dropless MoE's top_k), and row_inverse [fan_out, T] lists where:
-    row_index[row_inverse[j, t]] == t. The forward and weight-gradient kernels load their rows
-    of x through row_index; dx is the dx kernel's [M, K] summed over each row's uses (gathers,
-    not a scatter-add). Returns [M, N].
-    """
-    config = config or default_config()
-    _check(x, w, group_sizes, False, config)
-    if row_index.ndim != 1 or row_inverse.ndim != 2 or row_inverse.shape[1] != x.shape[0] or (
-            row_inverse.size != row_index.shape[0]):
-        raise ValueError(f"expected row_index [fan_out * T] and row_inverse [fan_out, T] for x "
-                         f"{x.shape}; got {row_index.shape}, {row_inverse.shape}")
-    rows, w_cols = row_index.shape[0], w.shape[2]
-    x, w, offsets, st, (row_pad, x_cols_pad) = _prepare(x, w, group_sizes, rows, False, config,
-                                                        interpret)
-    x = jnp.pad(x, ((0, 0), (0, x_cols_pad - x.shape[1])))
-    row_index = jnp.pad(row_index.astype(jnp.int32), (0, row_pad - rows))  # padded rows: no group
-    return _gathered_gmm(x, w, offsets, row_index, row_inverse.astype(jnp.int32), st)[:rows, :w_cols]
+    return _gmm(x, w, offsets, st)[:rows, :w_rows if transpose_rhs else w_cols]
 
 
 # ----------------------------------------------------------------------------- reference

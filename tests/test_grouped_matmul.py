@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxlm import moe
-from pallas_kernels.grouped_matmul import (GmmBlocks, GmmConfig, gathered_grouped_matmul,
+from pallas_kernels.grouped_matmul import (GmmBlocks, GmmConfig,
                                            grouped_matmul, grouped_matmul_reference)
 
 SMALL = GmmConfig(GmmBlocks(16, 16, 16, 4, 1), GmmBlocks(16, 16, 16, 4, 1),
@@ -86,63 +86,20 @@ def test_grouped_matmul_and_gradients_equal_float64_oracle(seed, rows, k_dim, n_
             np.asarray(got[1][sum(sizes):]))
 
 
-@pytest.mark.parametrize("seed,tokens,fan_out,k_dim,n_dim,groups,dropped,dtype", [
-    (7, 23, 2, 48, 40, 5, 3, jnp.float32),  # 3 assignments in no group (invalid tokens)
-    (8, 16, 4, 32, 33, 6, 0, jnp.bfloat16)])
-def test_gathered_grouped_matmul_equals_gather_then_oracle(seed, tokens, fan_out, k_dim, n_dim,
-                                                           groups, dropped, dtype):
-    """Rows x[row_index] read inside the kernels (a dropless MoE's layout: each token fan_out
-    times, sorted by group) == the float64 oracle on the gathered rows; dx scatter-added back
-    onto the tokens by numpy."""
-    rng = np.random.default_rng(seed)
-    count = tokens * fan_out
-    keys = rng.integers(0, groups, count)  # rank-major assignments a = j * T + t
-    keys[rng.choice(count, dropped, replace=False)] = groups  # sorted last, in no group
-    order = np.argsort(keys, kind="stable")
-    sizes = np.bincount(keys, minlength=groups + 1)[:groups].tolist()
-    row_index, inverse = order % tokens, np.argsort(order)
-    x, w, dy = random_case(seed, tokens, k_dim, n_dim, sizes, dtype, False)
-    dy = jnp.asarray(rng.standard_normal((count, n_dim)), dtype)
-
-    @jax.jit
-    def run(x, w, dy):
-        out, vjp = jax.vjp(lambda x, w: gathered_grouped_matmul(
-            x, w, jnp.asarray(sizes, jnp.int32), jnp.asarray(row_index),
-            jnp.asarray(inverse.reshape(fan_out, tokens)), config=SMALL, interpret=True), x, w)
-        return (out, *vjp(dy))
-
-    out, dx, dw = run(x, w, dy)
-    want_out, d_rows, want_dw = numpy_grouped_matmul(np.asarray(x)[row_index], w, sizes, dy, False)
-    want_dx = np.zeros((tokens, k_dim))
-    np.add.at(want_dx, row_index, d_rows)
-    for name, value, want in (("out", out, want_out), ("dx", dx, want_dx), ("dw", dw, want_dw)):
-        assert value.dtype == dtype, name
-        tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(
-            rtol=2e-2, atol=2e-2 * np.abs(want).max())
-        np.testing.assert_allclose(np.asarray(value, np.float64), want, err_msg=name, **tol)
-
-
 def test_kernels_lower_to_triton_ir(hopper_lowering):
-    """Lower forward+backward of both entry points for CUDA on CPU, up to Triton IR (no PTX):
-    catches constructs the Triton lowering rejects that interpret mode accepts (the gathered
-    row loads, say)."""
+    """Lower forward+backward for CUDA on CPU, up to Triton IR (no PTX): catches constructs the
+    Triton lowering rejects that interpret mode accepts."""
     x = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((4, 256, 512), jnp.bfloat16)
     sizes = jax.ShapeDtypeStruct((4,), jnp.int32)
-    rows = jax.ShapeDtypeStruct((512,), jnp.int32)
-    inverse = jax.ShapeDtypeStruct((2, 256), jnp.int32)
 
-    def grads(x, w, sizes, rows, inverse):
-        plain = lambda x, w: grouped_matmul(x, w, sizes).astype(jnp.float32).sum()
-        gathered = lambda x, w: gathered_grouped_matmul(x, w, sizes, rows, inverse).astype(
-            jnp.float32).sum()
-        return jax.grad(plain, argnums=(0, 1))(x, w), jax.grad(gathered, argnums=(0, 1))(x, w)
+    def grads(x, w, sizes):
+        return jax.grad(lambda x, w: grouped_matmul(x, w, sizes).astype(jnp.float32).sum(),
+                        argnums=(0, 1))(x, w)
 
-    text = jax.jit(grads).trace(x, w, sizes, rows, inverse).lower(
-        lowering_platforms=("cuda",)).as_text()
-    # Names in the Triton custom calls: forward, dx and dW of each entry point.
-    for name in ("grouped_matmul", "grouped_matmul_transposed", "grouped_matmul_weight_grad",
-                 "grouped_matmul_gather", "grouped_matmul_weight_grad_gather"):
+    text = jax.jit(grads).trace(x, w, sizes).lower(lowering_platforms=("cuda",)).as_text()
+    # Names in the Triton custom calls: forward, dx and dW.
+    for name in ("grouped_matmul", "grouped_matmul_transposed", "grouped_matmul_weight_grad"):
         assert f'name = "{name}"' in text, name
 
 
@@ -157,8 +114,8 @@ def test_grouped_matmul_equals_ragged_dot_with_default_tiles():
 
 
 def test_dropless_moe_with_the_kernel_equals_the_per_token_loop():
-    """moe.set_grouped_matmul("pallas_interpret") routes dropless dispatch through the kernel;
-    with set_gather_rows_in_kernel, through the gathered one. Outputs and gradients."""
+    """moe.set_grouped_matmul("pallas_interpret") routes dropless dispatch through the kernel.
+    Outputs and gradients."""
     from jaxlm.config import ModelConfig
 
     cfg = ModelConfig(vocab_size=257, embed_dim=48, num_heads=6, num_kv_heads=2, head_dim=8,
@@ -171,29 +128,20 @@ def test_dropless_moe_with_the_kernel_equals_the_per_token_loop():
     x = normal(2, 13, 48)
     expected = moe.reference_moe_mlp(cfg, p, x)
 
-    def run():  # fresh functions: the kernel choices are read at trace time
+    moe.set_grouped_matmul("pallas_interpret")
+    try:  # fresh functions: the kernel choice is read at trace time
         y = jax.jit(lambda p, x: moe.moe_mlp(cfg, p, x)[0])(p, x)
         grads = jax.jit(jax.grad(lambda p, x: jnp.sum(moe.moe_mlp(cfg, p, x)[0] ** 2),
                                  argnums=(0, 1)))(p, x)
         jaxpr = str(jax.make_jaxpr(lambda p, x: moe.moe_mlp(cfg, p, x))(p, x))
-        return y, grads, jaxpr
-
-    moe.set_grouped_matmul("pallas_interpret")
-    try:
-        y, grads, jaxpr = run()
-        moe.set_gather_rows_in_kernel(True)  # x's rows read inside the gate|up kernels
-        y_gather, grads_gather, jaxpr_gather = run()
     finally:
         moe.set_grouped_matmul("auto")
-        moe.set_gather_rows_in_kernel(False)
-    assert "grouped_matmul_gather" in jaxpr_gather and "grouped_matmul_gather" not in jaxpr
+    assert "grouped_matmul" in jaxpr and "ragged_dot" not in jaxpr
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(y_gather, expected, rtol=1e-5, atol=1e-5)
     reference_grads = jax.grad(lambda p, x: jnp.sum(moe.reference_moe_mlp(cfg, p, x) ** 2),
                                argnums=(0, 1))(p, x)
-    for got in (grads, grads_gather):
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(reference_grads)):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_shapes_and_choices_raise_clear_errors():

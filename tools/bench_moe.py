@@ -4,7 +4,6 @@ parameters, and the grouped matmul kernel alone against a dense matmul and jax.l
     python tools/bench_moe.py                       # GPU shapes, ~1 minute; --sweep: + tiles
     python tools/bench_moe.py --impl ragged_dot     # the layer with XLA's ragged_dot instead
     python tools/bench_moe.py --skip-kernel --profile DIR   # + kernel-time table of the layer
-    python tools/bench_moe.py --skip-kernel --gather-in-kernel   # + the layer with in-kernel row gathers
     python tools/bench_moe.py --tokens 256 --embed 48 --experts 8 --top-k 2 --expert-mlp 40 \
         --steps 2 --rows 256 --kernel-k 48 --kernel-n 40 --kernel-groups 8   # CPU smoke run
 
@@ -205,8 +204,6 @@ def main() -> None:
     parser.add_argument("--skip-layer", action="store_true", help="only the kernel benchmark")
     parser.add_argument("--skip-kernel", action="store_true", help="only the layer benchmark")
     parser.add_argument("--sweep", action="store_true", help="also time a few kernel tiles")
-    parser.add_argument("--gather-in-kernel", action="store_true",
-                        help="layer: also time it with the rows gathered inside the kernels")
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="also trace the MoE layer into DIR and print where its time goes")
     args = parser.parse_args()
@@ -218,11 +215,6 @@ def main() -> None:
     dtype = jnp.dtype(args.dtype)
     if not args.skip_layer:
         bench_layer(args, dtype)
-        if args.gather_in_kernel:
-            print("with x's rows read inside the gate|up kernels (moe.set_gather_rows_in_kernel):")
-            moe.set_gather_rows_in_kernel(True)
-            bench_layer(args, dtype)
-            moe.set_gather_rows_in_kernel(False)
     if not args.skip_kernel:
         bench_kernel(args, dtype, interpret)
     if args.sweep:
