@@ -99,10 +99,6 @@ class ModelConfig:
     routed_scaling: float = 1.0  # DeepSeek-V3 routed_scaling_factor
     moe_dispatch: MoeDispatch = "dropless"
     capacity_factor: float = 1.25  # "capacity" dispatch: slots per expert = ceil(cf * T * k / E)
-    # "dropless": when every expert's load fits ceil(f * T * k / E) rows, the experts run as one
-    # batched matmul over a padded [E, C, D] buffer instead of the grouped matmul (0 = never;
-    # nothing is dropped either way; jaxlm/moe.py `padded_capacity`).
-    dropless_pad_factor: float = 0.0
     moe_balance_loss: float = 0.0  # coefficient of the Switch load-balancing loss
     moe_z_loss: float = 0.0  # coefficient of the ST-MoE router z-loss
     moe_bias_update_rate: float = 0.0  # > 0: auxiliary-loss-free balancing by bias updates
@@ -174,9 +170,6 @@ class ModelConfig:
             raise ConfigError(f"model.expert_mlp_dim must be positive, got {self.expert_mlp_dim}")
         if self.capacity_factor <= 0 or self.num_shared_experts < 0:
             raise ConfigError("model.capacity_factor must be > 0 and model.num_shared_experts >= 0")
-        if self.dropless_pad_factor and self.dropless_pad_factor < 1:
-            raise ConfigError(f"model.dropless_pad_factor={self.dropless_pad_factor} must be 0 "
-                              "(off) or >= 1: below the mean load the padded layout never fits")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -203,99 +203,6 @@ def _swiglu_ragged(x, gate_up, down, group_sizes):
     return _grouped_matmul(h, down, group_sizes)
 
 
-# Dropless with padding: the fast path for balanced loads.
-
-
-MIN_PADDED_ROWS = 128  # mean rows per expert below which dropless never pads (decoding, say)
-
-
-def padded_capacity(cfg: ModelConfig, num_assignments: int):
-    """Rows per expert of dropless dispatch's padded layout, or None if it never pads.
-
-    C = ceil(dropless_pad_factor * A / E), rounded up to a multiple of 16; None when the factor
-    is 0 or the mean load A / E is below MIN_PADDED_ROWS (too few rows for a batched matmul to
-    beat the grouped one, and padding would read every expert's weights).
-    """
-    mean = num_assignments / cfg.num_experts
-    if cfg.dropless_pad_factor <= 0 or mean < MIN_PADDED_ROWS:
-        return None
-    return -(-math.ceil(cfg.dropless_pad_factor * mean) // 16) * 16
-
-
-def _batched_matmul(x, w, capacity: int):
-    """x [E * C, K] (expert e owns rows e*C ... e*C + C-1) @ w [E, K, N] -> [E * C, N]."""
-    experts = w.shape[0]
-    out = jnp.einsum("eck,ekn->ecn", x.reshape(experts, capacity, -1), w)
-    return out.reshape(experts * capacity, -1)
-
-
-def _swiglu_rows(matmul, rows, w1, down, group_sizes):
-    """SwiGLU over expert rows with `matmul(x, w, group_sizes)`: (out, gate|up pre-activation)."""
-    both = matmul(rows, w1, group_sizes)
-    mlp = down.shape[1]
-    return matmul(jax.nn.silu(both[:, :mlp]) * both[:, mlp:], down, group_sizes), both
-
-
-def _swiglu_rows_vjp(matmul, rows, w1, down, group_sizes, both, d_out):
-    """d(rows, w1, down) of `_swiglu_rows` from its saved pre-activation."""
-    mlp = down.shape[1]
-    h, swiglu_vjp = jax.vjp(lambda g, u: jax.nn.silu(g) * u, both[:, :mlp], both[:, mlp:])
-    d_h, d_down = jax.vjp(lambda h, w: matmul(h, w, group_sizes), h, down)[1](d_out)
-    d_both = jnp.concatenate(swiglu_vjp(d_h), axis=-1)
-    d_rows, d_w1 = jax.vjp(lambda x, w: matmul(x, w, group_sizes), rows, w1)[1](d_both)
-    return d_rows, d_w1, d_down
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _expert_swiglu(rows, w1, down, group_sizes, padded, capacity: int):
-    """SwiGLU of the experts over rows [E * C, D] in one of two layouts, picked at run time.
-
-    w1 [E, D, 2F] (gate|up), down [E, F, D] -> [E * C, D]. padded (bool scalar): expert e owns
-    rows e*C ... e*C + C-1 (unused rows are padding) and each product is one batched matmul;
-    otherwise rows are sorted by expert (group_sizes, ragged_dot semantics) for the grouped
-    matmul. A custom_vjp with one lax.cond each way: autodiff through a cond would keep (and
-    zero-fill) both branches' residuals, and on GPU every cond waits for its predicate on the host.
-    """
-    return _expert_swiglu_fwd(rows, w1, down, group_sizes, padded, capacity)[0]
-
-
-def _expert_swiglu_fwd(rows, w1, down, group_sizes, padded, capacity):
-    batched = functools.partial(_swiglu_rows, lambda x, w, s: _batched_matmul(x, w, capacity))
-    grouped = functools.partial(_swiglu_rows, _grouped_matmul)
-    out, both = jax.lax.cond(padded, batched, grouped, rows, w1, down, group_sizes)
-    return out, (rows, w1, down, group_sizes, padded, both)
-
-
-def _expert_swiglu_bwd(capacity, residuals, d_out):
-    rows, w1, down, group_sizes, padded, both = residuals
-    batched = functools.partial(_swiglu_rows_vjp,
-                                lambda x, w, s: _batched_matmul(x, w, capacity))
-    grouped = functools.partial(_swiglu_rows_vjp, _grouped_matmul)
-    grads = jax.lax.cond(padded, batched, grouped, rows, w1, down, group_sizes, both,
-                         d_out.astype(rows.dtype))
-    return (*grads, None, None)
-
-
-_expert_swiglu.defvjp(_expert_swiglu_fwd, _expert_swiglu_bwd)
-
-
-def _padded_rows(keys, order, group_sizes, capacity: int, num_experts: int):
-    """Row of each sorted assignment (order[i] goes to rows[i]) and whether the padded layout fits.
-
-    Padded (every expert's load <= capacity): expert e's r-th assignment goes to row e*C + r;
-    assignments of no expert (invalid tokens) to no row (E*C, out of range). Otherwise row i: the
-    sorted order itself, as the grouped matmul reads it.
-    """
-    fits = jnp.max(group_sizes) <= capacity
-    offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes)])
-    sorted_keys = keys[order]
-    sorted_pos = jnp.arange(order.shape[0], dtype=jnp.int32)
-    rank = sorted_pos - offsets[sorted_keys]
-    padded = jnp.where(sorted_keys < num_experts, sorted_keys * capacity + rank,
-                       num_experts * capacity)
-    return jnp.where(fits, padded, sorted_pos), fits
-
-
 def _slots(cfg: ModelConfig, ids_flat, valid_flat, num_shards: int):
     """Buffer row of each assignment (rank-major order) and whether it is kept.
 
@@ -399,8 +306,7 @@ def _combine_fwd(out, gate, order, inverse, top_k):
 def _combine_bwd(top_k, residuals, dy):
     out, gate, order, inverse = residuals
     num_tokens = dy.shape[0]
-    gate_of_row = gate.at[order].get(mode="fill", fill_value=0)  # rows of no assignment: 0
-    d_out = (dy[order % num_tokens].astype(jnp.float32) * gate_of_row[:, None]).astype(out.dtype)
+    d_out = (dy[order % num_tokens].astype(jnp.float32) * gate[order][:, None]).astype(out.dtype)
     per_rank = [jnp.sum(out[inverse[j * num_tokens:(j + 1) * num_tokens]].astype(jnp.float32)
                         * dy.astype(jnp.float32), axis=-1) for j in range(top_k)]
     return d_out, jnp.concatenate(per_rank), None, None
@@ -427,23 +333,8 @@ def _dropless_local(cfg: ModelConfig, p: dict, x, valid, in_shard_map: bool):
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype),
                                                   unique_indices=True)
     group_sizes = jnp.zeros((num_experts,), jnp.int32).at[keys].add(1, mode="drop")
-    capacity = padded_capacity(cfg, order.shape[0])
-    if capacity is None:
-        rows = _gather_assignments(x, order, inverse, k)  # [A, D], sorted by expert
-        out = _swiglu_ragged(rows, p["gate_up"], p["down"], group_sizes)
-    else:  # E * C rows (>= A) in the padded layout if it fits, else sorted with a tail of padding
-        row_of, fits = _padded_rows(keys, order, group_sizes, capacity, num_experts)
-        num_rows = num_experts * capacity
-        # Rows no assignment fills point at assignment A: token 0 for the gather, gate 0 after.
-        row_order = jnp.full((num_rows,), order.shape[0], order.dtype).at[row_of].set(
-            order, mode="drop", unique_indices=True)
-        inverse = jnp.zeros_like(inverse).at[order].set(
-            jnp.where(row_of < num_rows, row_of, 0).astype(inverse.dtype), unique_indices=True)
-        order = row_order
-        rows = _gather_assignments(x, order, inverse, k)  # [E * C, D]
-        experts, dim, _, mlp = p["gate_up"].shape
-        out = _expert_swiglu(rows, p["gate_up"].reshape(experts, dim, 2 * mlp), p["down"],
-                             group_sizes, fits, capacity)
+    rows = _gather_assignments(x, order, inverse, k)  # [A, D], sorted by expert
+    out = _swiglu_ragged(rows, p["gate_up"], p["down"], group_sizes)
     if in_shard_map:
         out = jax.lax.psum(out, TENSOR_AXES)
     gate = weights.T.reshape(-1).astype(jnp.float32) * valid_flat

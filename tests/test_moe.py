@@ -70,48 +70,6 @@ def test_dropless_gradients_equal_the_loop_reference():
     np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("pad_factor,fits", [(2.0, True), (1.0, False)])
-def test_dropless_padded_layout_equals_the_loop_in_both_branches(monkeypatch, pad_factor, fits):
-    """The padded fast path (a batched matmul over [E, C, D] when every expert's load fits C)
-    and its run-time fallback to the grouped matmul (same E * C rows, sorted) give the loop's
-    outputs and gradients. Which branch runs is checked from the router's own loads."""
-    monkeypatch.setattr(moe, "MIN_PADDED_ROWS", 1)  # pad even these tiny loads
-    cfg = dataclasses.replace(CFG, num_shared_experts=1, dropless_pad_factor=pad_factor)
-    p, x = _layer_params(cfg), _x(4, (2, 9, CFG.embed_dim))  # 36 assignments over 8 experts
-    if not fits:  # every token's first choice: expert 0, 18 assignments > 16 rows
-        p["router_bias"] = p["router_bias"].at[0].set(50.0)
-    num_assignments = x.shape[0] * x.shape[1] * cfg.top_k
-    capacity = moe.padded_capacity(cfg, num_assignments)
-    ids = moe.route(cfg, p["router"], p["router_bias"], x.reshape(-1, x.shape[-1]))[0]
-    loads = np.bincount(np.asarray(ids).ravel(), minlength=cfg.num_experts)
-    assert (loads.max() <= capacity) == fits, (loads, capacity)
-    probe = jax.random.normal(jax.random.key(9), x.shape)
-
-    def loss(fn, p, x):
-        out = fn(cfg, p, x)
-        return jnp.sum((out[0] if isinstance(out, tuple) else out) * probe)
-
-    y, aux = jax.jit(moe.moe_mlp, static_argnums=0)(cfg, p, x)
-    np.testing.assert_allclose(y, moe.reference_moe_mlp(cfg, p, x), rtol=1e-5, atol=1e-5)
-    assert float(aux["dropped_fraction"]) == 0.0
-    got = jax.jit(jax.grad(lambda p, x: loss(moe.moe_mlp, p, x), argnums=(0, 1)))(p, x)
-    want = jax.grad(lambda p, x: loss(moe.reference_moe_mlp, p, x), argnums=(0, 1))(p, x)
-    for name in ("gate", "up", "down", "router", "shared_gate"):
-        np.testing.assert_allclose(got[0][name], want[0][name], rtol=1e-4, atol=1e-5, err_msg=name)
-    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5)
-
-
-def test_padded_capacity_rounds_up_and_stays_off_for_small_loads():
-    cfg = dataclasses.replace(CFG, num_experts=64, top_k=8, dropless_pad_factor=1.125)
-    assert moe.padded_capacity(cfg, 16384 * 8) == 2304  # 1.125 * 2048
-    assert moe.padded_capacity(cfg, 1100 * 8) == 160  # ceil(1.125 * 137.5) = 155 -> 160
-    assert moe.padded_capacity(cfg, 1000 * 8) is None  # 125 rows per expert: below one tile
-    assert moe.padded_capacity(cfg, 64 * 8) is None  # decoding stays grouped
-    assert moe.padded_capacity(dataclasses.replace(cfg, dropless_pad_factor=0), 16384 * 8) is None
-    with pytest.raises(ConfigError, match="dropless_pad_factor"):
-        dataclasses.replace(cfg, dropless_pad_factor=0.5)
-
-
 def test_capacity_drops_exactly_the_assignments_past_capacity():
     cfg = dataclasses.replace(CFG, moe_dispatch="capacity", capacity_factor=0.5)
     p, x = _layer_params(cfg), _x(2)

@@ -4,17 +4,13 @@ parameters, and the grouped matmul kernel alone against a dense matmul and jax.l
     python tools/bench_moe.py                       # GPU shapes, ~1 minute; --sweep: + tiles
     python tools/bench_moe.py --impl ragged_dot     # the layer with XLA's ragged_dot instead
     python tools/bench_moe.py --skip-kernel --profile DIR   # + kernel-time table of the layer
-    python tools/bench_moe.py --skip-kernel --pad-factors 0,1,1.125   # the layer per pad factor
     python tools/bench_moe.py --tokens 256 --embed 48 --experts 8 --top-k 2 --expert-mlp 40 \
         --steps 2 --rows 256 --kernel-k 48 --kernel-n 40 --kernel-groups 8   # CPU smoke run
 
 Layer: the dense MLP has mlp dim top_k * expert_mlp, so both do the same matmul FLOPs per
 token; the ratio MoE/dense tokens per second is what dropless dispatch (sort, grouped matmul,
 unsort) costs. `--impl pallas` (default on GPU) runs pallas_kernels/grouped_matmul.py through
-`moe.set_grouped_matmul`; off GPU it runs the kernel in interpret mode. `--pad-factors` times
-the layer once per `model.dropless_pad_factor` (0: grouped matmul only; 1.0: the padded layout
-never fits these loads, so it measures the fallback's cost; the default 1.125 fits them) and
-prints the loads' max / mean.
+`moe.set_grouped_matmul`; off GPU it runs the kernel in interpret mode.
 
 Kernel: x [rows, K] @ w[g] ([groups, K, N]) with group sizes drawn from a multinomial over
 equally likely groups (sum = rows), bf16. FLOPs: 2 * rows * K * N forward, 3x that for
@@ -31,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import time
 import traceback
 
@@ -69,13 +64,12 @@ def report(name: str, flops: float, fn, *args, steps: int) -> None:
     print(f"{name:>44}: {seconds * 1e3:8.3f} ms  {flops / seconds / 1e12:7.1f} TFLOP/s")
 
 
-def bench_layer(args, dtype, pad_factor: float) -> None:
+def bench_layer(args, dtype) -> None:
     # Attention shapes do not matter here; heads of 64 keep any embed width valid.
     cfg = ModelConfig(embed_dim=args.embed, num_heads=max(args.embed // 64, 1), num_kv_heads=1,
                       head_dim=64, num_experts=args.experts, top_k=args.top_k,
                       expert_mlp_dim=args.expert_mlp, mlp_dim=args.expert_mlp,
-                      moe_dispatch=args.dispatch, compute_dtype=args.dtype,
-                      dropless_pad_factor=pad_factor)
+                      moe_dispatch=args.dispatch, compute_dtype=args.dtype)
     keys = jax.random.split(jax.random.key(0), 8)
     D, E, F, k = args.embed, args.experts, args.expert_mlp, args.top_k
     normal = lambda key, shape, scale: (scale * jax.random.normal(key, shape)).astype(dtype)
@@ -105,12 +99,7 @@ def bench_layer(args, dtype, pad_factor: float) -> None:
     moe_time, dense_time = (float(np.median(column)) for column in zip(*times))
     flops = 6 * 3 * D * F * k * args.tokens
     device = jax.devices()[0].device_kind
-    label = f"moe {args.dispatch}" + (f" ({args.impl}, pad {pad_factor})"
-                                      if args.dispatch == "dropless" else "")
-    load = np.asarray(moe_loads(cfg, p, x))
-    capacity = moe.padded_capacity(cfg, args.tokens * k)
-    print(f"expert loads: max / mean {load.max() / load.mean():.3f}; padded rows per expert "
-          f"{capacity} ({'fits' if capacity and load.max() <= capacity else 'grouped matmul'})")
+    label = f"moe {args.dispatch}" + (f" ({args.impl})" if args.dispatch == "dropless" else "")
     for name, seconds in (("dense", dense_time), (label, moe_time)):
         print(f"{name:>24}: {args.tokens / seconds:,.0f} tokens/s, {flops / seconds / 1e12:.1f} "
               f"TFLOP/s (fwd+bwd, {device})")
@@ -118,13 +107,7 @@ def bench_layer(args, dtype, pad_factor: float) -> None:
     print(f"moe / dense throughput: {dense_time / moe_time:.2f}x (target >= 0.7; median of "
           f"{args.repeats} alternating repeats, per repeat {ratios[0]:.3f}..{ratios[-1]:.3f})")
     if args.profile:
-        profile_layer(f"{args.profile}/pad{pad_factor}", moe_step, p, x)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def moe_loads(cfg, p, x):
-    ids = moe.route(cfg, p["router"], p["router_bias"], x.reshape(-1, x.shape[-1]))[0]
-    return jnp.zeros((cfg.num_experts,), jnp.int32).at[ids.reshape(-1)].add(1)
+        profile_layer(args.profile, moe_step, p, x)
 
 
 def profile_layer(out_dir: str, step, *args, repeats: int = 5) -> None:
@@ -221,8 +204,6 @@ def main() -> None:
     parser.add_argument("--skip-layer", action="store_true", help="only the kernel benchmark")
     parser.add_argument("--skip-kernel", action="store_true", help="only the layer benchmark")
     parser.add_argument("--sweep", action="store_true", help="also time a few kernel tiles")
-    parser.add_argument("--pad-factors", default=str(ModelConfig.dropless_pad_factor),
-                        help="layer: comma-separated model.dropless_pad_factor values to time")
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="also trace the MoE layer into DIR and print where its time goes")
     args = parser.parse_args()
@@ -233,8 +214,7 @@ def main() -> None:
                            else "pallas_interpret" if interpret else "pallas")
     dtype = jnp.dtype(args.dtype)
     if not args.skip_layer:
-        for pad_factor in (float(f) for f in args.pad_factors.split(",")):
-            bench_layer(args, dtype, pad_factor)
+        bench_layer(args, dtype)
     if not args.skip_kernel:
         bench_kernel(args, dtype, interpret)
     if args.sweep:
