@@ -31,9 +31,10 @@ Lengths that are not block multiples are padded in the wrapper: padded keys are 
 key-length rule, padded query rows are computed and dropped (their cotangent is zero).
 
 Backends: every kernel here lowers through `pl.pallas_call` to Triton (`interpret=True` runs the
-same code on CPU). A Mosaic GPU path (`jax.experimental.pallas.mosaic_gpu`: wgmma with TMA loads,
-warp-specialized producer/consumer) for Hopper would plug in at `_select_backend`; it does not
-exist yet.
+same code on CPU). On Hopper the forward can run on Mosaic GPU instead
+(pallas_kernels/flash_attention_mosaic.py: wgmma, TMA, warp specialization) for the cases it
+takes; `FlashConfig.forward_backend` and `_select_backend` say when. The backward kernels are
+Triton's either way: both forwards save the same residuals.
 """
 
 from __future__ import annotations
@@ -67,12 +68,21 @@ class KernelBlocks:
     num_stages: int
 
 
+FORWARD_BACKENDS = ("auto", "triton", "mosaic_gpu")
+
+
 @dataclasses.dataclass(frozen=True)
 class FlashConfig:
-    """Per-kernel tiles. dK/dV: `block_k` is resident, `block_q` streams; dQ: the reverse."""
+    """Per-kernel tiles. dK/dV: `block_k` is resident, `block_q` streams; dQ: the reverse.
+
+    forward_backend: "triton" (every case, and interpret mode), "mosaic_gpu" (Hopper only, the
+    cases `flash_attention_mosaic.supports` takes; anything else is an error naming the
+    constraint) or "auto" (`_select_backend`: Mosaic GPU where it applies, else Triton).
+    """
     forward: KernelBlocks
     backward_dkv: KernelBlocks
     backward_dq: KernelBlocks
+    forward_backend: str = "auto"
 
 
 def default_config(head_dim: int) -> FlashConfig:
@@ -100,6 +110,7 @@ class _Static:
     group: int  # G = N // K
     config: FlashConfig
     interpret: bool
+    mosaic: bool = False  # the forward runs flash_attention_mosaic.mosaic_forward
 
 
 # ----------------------------------------------------------------------------- kernel helpers
@@ -476,27 +487,55 @@ def _backward(st: _Static, residuals, do):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _flash(q, k, v, q_seg, kv_seg, q_offset, kv_len, st):
-    return _forward(q, k, v, q_seg, kv_seg, q_offset, kv_len, st)[0]
+    return _any_forward(q, k, v, q_seg, kv_seg, q_offset, kv_len, st)[0]
 
 
 def _flash_fwd(q, k, v, q_seg, kv_seg, q_offset, kv_len, st):
-    out, lse = _forward(q, k, v, q_seg, kv_seg, q_offset, kv_len, st)
+    out, lse = _any_forward(q, k, v, q_seg, kv_seg, q_offset, kv_len, st)
     return out, (q, k, v, q_seg, kv_seg, q_offset, kv_len, out, lse)
+
+
+def _any_forward(q, k, v, q_seg, kv_seg, q_offset, kv_len, st):
+    """(out, lse) from the Triton forward or, with st.mosaic, the Mosaic GPU one (the same
+    residual format, so the backward kernels are shared)."""
+    if st.mosaic:
+        from pallas_kernels.flash_attention_mosaic import mosaic_forward
+        return mosaic_forward(q, k, v, causal=st.causal, sm_scale=st.sm_scale)
+    return _forward(q, k, v, q_seg, kv_seg, q_offset, kv_len, st)
 
 
 _flash.defvjp(_flash_fwd, _backward)
 
 
-def _select_backend(st: _Static, dtype) -> str:
-    """Which lowering runs the kernels. Today always "triton".
+def _on_hopper() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
-    Mosaic GPU plug-in point: on Hopper, for bf16/fp16 with head_dim 64/128/256 and no softcap,
-    a `jax.experimental.pallas.mosaic_gpu` forward (wgmma from shared memory, TMA-fed K/V ring
-    buffer, one warpgroup per 64 query rows) would return "mosaic_gpu" here and `_flash_fwd` /
-    `_backward` would dispatch on it, sharing the residual format (out, lse in log2 units).
+
+def _select_backend(st: _Static, q_shape, k_shape, dtype, *, kv_lengths: bool, offsets: bool) -> bool:
+    """Whether the forward runs on Mosaic GPU (True) or Triton (False); see FlashConfig.
+
+    "auto" picks Mosaic GPU on a Hopper GPU for the cases it takes. An explicit "mosaic_gpu"
+    that cannot run is an error naming the constraint; it never falls back silently.
     """
-    del st, dtype
-    return "triton"
+    from pallas_kernels.flash_attention_mosaic import supports
+    choice = st.config.forward_backend
+    if choice not in FORWARD_BACKENDS:
+        raise ValueError(f"config.forward_backend={choice!r}; choose one of {FORWARD_BACKENDS}")
+    if choice == "triton":
+        return False
+    problems = [name for name, present in (
+        ("interpret mode", st.interpret), ("segment_ids", st.segments),
+        ("sliding_window", st.window is not None), ("softcap", st.softcap is not None),
+        ("kv_lengths", kv_lengths), ("q_offset", offsets),
+        ("a GPU other than Hopper (sm_90)", not st.interpret and not _on_hopper())) if present]
+    shape_problem = supports(q_shape, k_shape, dtype, causal=st.causal)
+    if shape_problem is not None:
+        problems.append(shape_problem)
+    if choice == "mosaic_gpu" and problems:
+        raise ValueError("config.forward_backend='mosaic_gpu' does not take "
+                         + ", ".join(problems) + "; use 'triton' or 'auto'")
+    return not problems
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -564,7 +603,8 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, q_offset=
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
     config = config or default_config(head_dim)
     config = FlashConfig(*(_fit(b, q_len, kv_seq) for b in
-                           (config.forward, config.backward_dkv, config.backward_dq)))
+                           (config.forward, config.backward_dkv, config.backward_dq)),
+                         forward_backend=config.forward_backend)
     blocks = (config.forward, config.backward_dkv, config.backward_dq)
     q_pad = _round_up(q_len, max(b.block_q for b in blocks))
     kv_pad = _round_up(kv_seq, max(b.block_k for b in blocks))
@@ -580,8 +620,9 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, q_offset=
                  segments=q_seg is not None,
                  mask_kv_length=kv_lengths is not None or kv_pad != kv_seq,
                  group=num_heads // num_kv_heads, config=config, interpret=interpret)
-    if _select_backend(st, q.dtype) != "triton":
-        raise NotImplementedError("only the Triton lowering exists")
+    mosaic = _select_backend(st, q.shape, k.shape, q.dtype,
+                             kv_lengths=kv_lengths is not None, offsets=q_offset is not None)
+    st = dataclasses.replace(st, mosaic=mosaic)
 
     def pad(x, to):
         widths = [(0, 0)] * x.ndim

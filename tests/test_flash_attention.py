@@ -8,13 +8,17 @@ multiples exercise the padding; shapes are prime-ish so a swapped dim fails loud
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels.flash_attention import (FlashConfig, KernelBlocks, _segment_block_ranges,
-                                            flash_attention, flash_attention_reference)
+                                            default_config, flash_attention,
+                                            flash_attention_reference)
 
 SMALL = FlashConfig(KernelBlocks(16, 16, 4, 1), KernelBlocks(16, 16, 4, 1),
                     KernelBlocks(16, 16, 4, 1))
@@ -211,3 +215,45 @@ def test_kernels_lower_to_triton_ir(hopper_lowering, rules):
 
     text = jax.jit(grads).trace(q, k, k, ids).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("flash_attention_") >= 3  # forward, dkv, dq kernels
+
+
+def test_mosaic_forward_lowers_for_hopper_beside_the_triton_backward(hopper_lowering, monkeypatch):
+    """On Hopper, forward_backend "auto" runs the forward on Mosaic GPU for plain causal or full
+    attention, and Triton for the backward and for every case Mosaic GPU does not take. Lowered
+    for CUDA on CPU (no PTX); numerics are checked on the GPU by tools/check_attention_gpu.py."""
+    fa = importlib.import_module("pallas_kernels.flash_attention")
+    monkeypatch.setattr(fa, "_on_hopper", lambda: True)
+    q = jax.ShapeDtypeStruct((2, 256, 8, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 256, 2, 128), jnp.bfloat16)
+    ids = jnp.repeat(jnp.arange(2)[None], 128, axis=1).reshape(1, 256).repeat(2, axis=0)
+
+    def lowered(**rules):
+        loss = lambda q, k, v: flash_attention(q, k, v, **rules).astype(jnp.float32).sum()
+        grads = jax.grad(loss, argnums=(0, 1, 2))
+        return jax.jit(grads).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+
+    for causal in (True, False):
+        text = lowered(causal=causal)
+        assert "mosaic_gpu" in text and '"flash_attention_forward"' not in text
+        assert '"flash_attention_backward_dkv"' in text and '"flash_attention_backward_dq"' in text
+    text = lowered(causal=True, segment_ids=ids)  # not a Mosaic case: Triton all the way
+    assert "mosaic_gpu" not in text and '"flash_attention_forward"' in text
+
+
+def test_forced_mosaic_backend_names_what_it_does_not_take(monkeypatch):
+    fa = importlib.import_module("pallas_kernels.flash_attention")
+    mosaic = dataclasses.replace(default_config(128), forward_backend="mosaic_gpu")
+    q = jnp.ones((1, 256, 2, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="interpret mode"):
+        flash_attention(q, q, q, config=mosaic, interpret=True)
+    with pytest.raises(ValueError, match="other than Hopper"):  # this CPU
+        flash_attention(q, q, q, config=mosaic)
+    monkeypatch.setattr(fa, "_on_hopper", lambda: True)
+    with pytest.raises(ValueError, match=r"softcap, .*T=200 \(needs a multiple of 128\)"):
+        flash_attention(q[:, :200], q[:, :200], q[:, :200], softcap=5.0, config=mosaic)
+    with pytest.raises(ValueError, match="causal with T=128 != S=256"):
+        flash_attention(q[:, :128], q, q, config=mosaic)
+    with pytest.raises(ValueError, match="float32"):
+        flash_attention(*(q.astype(jnp.float32),) * 3, config=mosaic)
+    with pytest.raises(ValueError, match="forward_backend='cuda'"):
+        flash_attention(q, q, q, config=dataclasses.replace(mosaic, forward_backend="cuda"))

@@ -4,7 +4,9 @@
     python tools/bench_attention.py --seqs 512,2048,8192 --head-dims 128 --impls ours,cudnn
     python tools/bench_attention.py --quick --sweep              # also try a few tile configs
 
-Implementations: `ours` (pallas_kernels.flash_attention, Triton), `cudnn`
+Implementations: `ours` (pallas_kernels.flash_attention with its default backends: the forward on
+Mosaic GPU where it applies on Hopper, else Triton), `ours-triton` and `ours-mosaic` (the forward
+forced to one backend; the backward is Triton's in all three), `cudnn`
 (jax.nn.dot_product_attention(implementation="cudnn")), `mha` (JAX's bundled Pallas
 jax.experimental.pallas.ops.gpu.attention.mha, no GQA) and `xla` (materialized scores; skipped past
 --xla-max-seq). Inputs are bf16 [B, T, N, H] with N = 2048 / H heads and B so that B x T >= 32768
@@ -78,9 +80,15 @@ def packed_causal_mask(segment_ids):
 
 def attention_fn(impl, causal, segment_ids, config=None):
     """(q, k, v) -> out for one implementation; segment ids close over as constants."""
-    if impl == "ours":
-        return lambda q, k, v: flash_attention(q, k, v, causal=causal, segment_ids=segment_ids,
-                                               config=config)
+    if impl.startswith("ours"):
+        backend = {"ours": None, "ours-triton": "triton", "ours-mosaic": "mosaic_gpu"}[impl]
+
+        def ours(q, k, v):
+            cfg = config or default_config(q.shape[-1])
+            if backend is not None:
+                cfg = dataclasses.replace(cfg, forward_backend=backend)
+            return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, config=cfg)
+        return ours
     if impl == "cudnn":
         if segment_ids is None:
             return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,

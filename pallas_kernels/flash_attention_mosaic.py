@@ -1,0 +1,180 @@
+"""Flash attention forward for Hopper in Pallas Mosaic GPU: wgmma, TMA, warp specialization.
+
+    out, lse = mosaic_forward(q, k, v, causal=True, sm_scale=H ** -0.5)
+
+The same contract as `flash_attention._forward` for the cases it takes (`supports`): q [B, T, N, H],
+k/v [B, S, K, H] (GQA: query head n reads kv head n // G), bf16 or fp16, H 64 or 128, no
+segments, window, softcap, offsets or key lengths, and `causal` only for T == S (top-left ==
+bottom-right). Returns out [B, T, N, H] and the logsumexp [B, N, T] in float32 log2 units of the
+scaled scores, the residual format the Triton backward kernels read.
+
+Structure (the FlashAttention-3 recipe, Shah et al. 2024, sections 3.1-3.2, with the generic
+warp-specialized pipeline of Pallas Mosaic GPU):
+- one CTA per (query head, 2 * block_q query rows, batch); three warpgroups. Warpgroup 2 is the
+  producer: it streams key and value blocks of block_kv rows into a ring of `stages` shared-
+  memory slots with TMA (`plgpu.emit_pipeline_warp_specialized`). Warpgroups 0 and 1 are
+  consumers, each owning block_q query rows, loaded once by TMA;
+- per key block, each consumer computes S = Q K^T with wgmma from shared memory into registers,
+  the online softmax in base 2 (scale folded into one multiply), then O += P V with P from
+  registers; a slot is released to the producer once both consumers are done with it;
+- causal: the pipeline stops at the CTA's last diagonal block (with block_kv = 2 * block_q both
+  consumers need every block up to it), the mask is one compare per score against a per-block
+  offset, and the CTAs with the most key blocks launch first;
+- epilogue: O / l and lse to shared memory, then TMA stores.
+
+Not here: the backward (the Triton dQ and dK/dV kernels take these residuals), intra-warpgroup
+overlap of softmax with the next S = Q K^T, and the ping-pong schedule between the two
+consumers; see docs/design.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+HEAD_DIMS = (64, 128)
+DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBlocks:
+    """block_q: query rows per consumer warpgroup (64: one wgmma M tile); block_kv: key rows per
+    pipeline step; stages: shared-memory slots of the K/V ring."""
+    block_q: int = 64
+    block_kv: int = 128
+    stages: int = 2
+
+
+def supports(q_shape, k_shape, dtype, *, causal: bool, blocks: MosaicBlocks = MosaicBlocks()):
+    """None if `mosaic_forward` takes these shapes, else the constraint it breaks (a string)."""
+    _, q_len, _, head_dim = q_shape
+    kv_seq = k_shape[1]
+    if jnp.dtype(dtype) not in map(jnp.dtype, DTYPES):
+        return f"dtype {jnp.dtype(dtype).name} (needs bfloat16 or float16)"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} (needs one of {HEAD_DIMS})"
+    if q_len % (2 * blocks.block_q):
+        return f"T={q_len} (needs a multiple of {2 * blocks.block_q})"
+    if kv_seq % blocks.block_kv:
+        return f"S={kv_seq} (needs a multiple of {blocks.block_kv})"
+    if causal and q_len != kv_seq:
+        return f"causal with T={q_len} != S={kv_seq}"
+    return None
+
+
+def mosaic_forward(q, k, v, *, causal: bool, sm_scale: float,
+                   blocks: MosaicBlocks = MosaicBlocks()):
+    """(out [B, T, N, H], lse [B, N, T] float32, log2 units); see the module docstring."""
+    problem = supports(q.shape, k.shape, q.dtype, causal=causal, blocks=blocks)
+    if problem is not None:
+        raise ValueError(f"the Mosaic GPU forward does not take {problem}")
+    batch, q_len, num_heads, head_dim = q.shape
+    kv_seq, num_kv_heads = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    block_q, block_kv = blocks.block_q, blocks.block_kv
+    dtype = q.dtype
+    scale = sm_scale * LOG2E  # scores in log2 units: exp2 instead of exp
+    swizzle = plgpu.find_swizzle(head_dim * jnp.dtype(dtype).itemsize * 8)
+    transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+                  plgpu.SwizzleTransform(swizzle))
+    rows_per_cta = 2 * block_q
+
+    def kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem, lse_smem, q_barrier):
+        head, tile, b = (lax.axis_index(name) for name in ("heads", "tiles", "batch"))
+        if causal:  # the heaviest tiles (most key blocks) first: a shorter tail of light ones
+            tile = q_len // rows_per_cta - 1 - tile
+        kv_head = lax.div(head, jnp.asarray(group, head.dtype))
+        cta_first_row = tile * rows_per_cta
+        if causal:  # up to the block holding the CTA's last row
+            num_steps = lax.div(cta_first_row + rows_per_cta + block_kv - 1,
+                                jnp.asarray(block_kv, cta_first_row.dtype))
+        else:
+            num_steps = kv_seq // block_kv
+
+        def compute_context(run_pipeline):
+            wg = lax.axis_index("wg")
+            first_row = cta_first_row + wg * block_q
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(first_row, block_q), head],
+                                    q_smem.at[wg], q_barrier.at[wg])
+            plgpu.barrier_wait(q_barrier.at[wg])
+            acc = plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32),
+                                    plgpu.Layout.WGMMA)
+            m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
+                                  plgpu.Layout.WGMMA.reduce(1))
+            l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32),
+                                  plgpu.Layout.WGMMA.reduce(1))
+            acc, m, l = run_pipeline((acc, m, l))
+            # Every row saw key 0 (causal) or all keys, so l > 0.
+            q_smem[wg] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
+            lse_smem[wg] = m + jnp.log2(l)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem.at[wg], out_ref.at[b, pl.ds(first_row, block_q), head])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, head, pl.ds(first_row, block_q)])
+            plgpu.wait_smem_to_gmem(0)
+
+        def step(indices, k_smem, v_smem, carry):
+            (j,) = indices
+            acc, m, l = carry
+            wg = lax.axis_index("wg")
+            first_row = cta_first_row + wg * block_q
+            row_minus_col = None
+            if causal:
+                shape, layout = (block_q, block_kv), plgpu.Layout.WGMMA
+                row_minus_col = (plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout)
+                                 - plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=layout))
+
+            def scores(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.transpose((1, 0)))
+                return acc_ref[...]
+
+            s = pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), jnp.float32))
+            if causal:  # key j * bk + c is visible to row first_row + r iff r - c >= offset
+                offset = j * block_kv - first_row  # <= -block_kv: the whole block is visible
+                s = jnp.where(row_minus_col >= offset, s, -jnp.inf)
+            # The scale rides on the max and inside exp2's argument (one FMA per score).
+            m_new = jnp.maximum(m, s.max(axis=1) * scale)
+            p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            alpha = jnp.exp2(m - m_new)
+            l = l * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
+            def values(acc_ref):
+                plgpu.wgmma(acc_ref, p.astype(dtype), v_smem)
+
+            acc = pl.run_state(values)(plgpu.ACC.init(acc))
+            return acc, m_new, l
+
+        kv_spec = plgpu.BlockSpec((block_kv, head_dim), lambda j: (j, 0), transforms=transforms)
+        pipeline = plgpu.emit_pipeline_warp_specialized(
+            step, grid=(num_steps,), memory_registers=40, in_specs=[kv_spec, kv_spec],
+            max_concurrent_steps=blocks.stages, wg_axis="wg", num_compute_wgs=2,
+            compute_context=compute_context)
+        pipeline(k_ref.at[b, :, kv_head], v_ref.at[b, :, kv_head])
+
+    def entry(q_ref, k_ref, v_ref, out_ref, lse_ref):
+        pl.run_scoped(
+            lambda *scratch: kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, *scratch),
+            plgpu.SMEM((2, block_q, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((2, block_q), jnp.float32),
+            plgpu.Barrier(num_barriers=2),
+            collective_axes="wg",
+        )
+
+    out, lse = plgpu.kernel(
+        entry,
+        out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
+                   jax.ShapeDtypeStruct((batch, num_heads, q_len), jnp.float32)],
+        grid=(num_heads, q_len // rows_per_cta, batch),
+        grid_names=("heads", "tiles", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v)
+    return out, lse
