@@ -31,10 +31,9 @@ Lengths that are not block multiples are padded in the wrapper: padded keys are 
 key-length rule, padded query rows are computed and dropped (their cotangent is zero).
 
 Backends: every kernel here lowers through `pl.pallas_call` to Triton (`interpret=True` runs the
-same code on CPU). On Hopper the forward can run on Mosaic GPU instead
-(pallas_kernels/flash_attention_mosaic.py: wgmma, TMA, warp specialization) for the cases it
-takes; `FlashConfig.forward_backend` and `_select_backend` say when. The backward kernels are
-Triton's either way: both forwards save the same residuals.
+same code on CPU). On Hopper the forward and the backward run on Mosaic GPU instead (pallas_kernels/flash_attention_mosaic.py: wgmma, TMA, warp specialization) for the
+cases it takes; `FlashConfig.forward_backend` / `backward_backend` and `_select_backends` say
+when. Both forwards save the same residuals, so either backward follows either forward.
 """
 
 from __future__ import annotations
@@ -68,7 +67,7 @@ class KernelBlocks:
     num_stages: int
 
 
-FORWARD_BACKENDS = ("auto", "triton", "mosaic_gpu")
+BACKENDS = ("auto", "triton", "mosaic_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +76,14 @@ class FlashConfig:
 
     forward_backend: "triton" (every case, and interpret mode), "mosaic_gpu" (Hopper only, the
     cases `flash_attention_mosaic.supports` takes; anything else is an error naming the
-    constraint) or "auto" (`_select_backend`: Mosaic GPU where it applies, else Triton).
+    constraint) or "auto" (`_select_backends`: Mosaic GPU where it applies, else Triton).
+    backward_backend: the same choice for the dQ and dK/dV kernels.
     """
     forward: KernelBlocks
     backward_dkv: KernelBlocks
     backward_dq: KernelBlocks
     forward_backend: str = "auto"
+    backward_backend: str = "auto"
 
 
 def default_config(head_dim: int) -> FlashConfig:
@@ -111,6 +112,7 @@ class _Static:
     config: FlashConfig
     interpret: bool
     mosaic: bool = False  # the forward runs flash_attention_mosaic.mosaic_forward
+    mosaic_backward: bool = False  # the backward runs flash_attention_mosaic.mosaic_backward
 
 
 # ----------------------------------------------------------------------------- kernel helpers
@@ -475,6 +477,10 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, q_seg, kv_seg, q_offset, kv_l
 
 def _backward(st: _Static, residuals, do):
     q, k, v, q_seg, kv_seg, q_offset, kv_len, out, lse = residuals
+    if st.mosaic_backward:
+        from pallas_kernels.flash_attention_mosaic import mosaic_backward
+        dq, dk, dv = mosaic_backward(q, k, v, out, lse, do, causal=st.causal, sm_scale=st.sm_scale)
+        return dq, dk, dv, None, None, None, None
     delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
     args = (q, k, v, do.astype(q.dtype), lse, delta, q_seg, kv_seg, q_offset, kv_len)
     dk, dv = _dkv_call(st, *args)
@@ -512,18 +518,14 @@ def _on_hopper() -> bool:
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
-def _select_backend(st: _Static, q_shape, k_shape, dtype, *, kv_lengths: bool, offsets: bool) -> bool:
-    """Whether the forward runs on Mosaic GPU (True) or Triton (False); see FlashConfig.
+def _select_backends(st: _Static, q_shape, k_shape, dtype, *, kv_lengths: bool,
+                     offsets: bool) -> tuple[bool, bool]:
+    """Whether the forward and the backward run on Mosaic GPU; see FlashConfig.
 
-    "auto" picks Mosaic GPU on a Hopper GPU for the cases it takes. An explicit "mosaic_gpu"
-    that cannot run is an error naming the constraint; it never falls back silently.
+    "auto" picks Mosaic GPU on a Hopper GPU for the cases it takes. An explicit "mosaic_gpu" that
+    cannot run is an error naming the constraints; it never falls back silently.
     """
     from pallas_kernels.flash_attention_mosaic import supports
-    choice = st.config.forward_backend
-    if choice not in FORWARD_BACKENDS:
-        raise ValueError(f"config.forward_backend={choice!r}; choose one of {FORWARD_BACKENDS}")
-    if choice == "triton":
-        return False
     problems = [name for name, present in (
         ("interpret mode", st.interpret), ("segment_ids", st.segments),
         ("sliding_window", st.window is not None), ("softcap", st.softcap is not None),
@@ -532,10 +534,17 @@ def _select_backend(st: _Static, q_shape, k_shape, dtype, *, kv_lengths: bool, o
     shape_problem = supports(q_shape, k_shape, dtype, causal=st.causal)
     if shape_problem is not None:
         problems.append(shape_problem)
-    if choice == "mosaic_gpu" and problems:
-        raise ValueError("config.forward_backend='mosaic_gpu' does not take "
-                         + ", ".join(problems) + "; use 'triton' or 'auto'")
-    return not problems
+
+    def choose(field: str) -> bool:
+        choice = getattr(st.config, field)
+        if choice not in BACKENDS:
+            raise ValueError(f"config.{field}={choice!r}; choose one of {BACKENDS}")
+        if choice == "mosaic_gpu" and problems:
+            raise ValueError(f"config.{field}='mosaic_gpu' does not take "
+                             + ", ".join(problems) + "; use 'triton' or 'auto'")
+        return choice == "mosaic_gpu" or choice == "auto" and not problems
+
+    return choose("forward_backend"), choose("backward_backend")
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -604,7 +613,8 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, q_offset=
     config = config or default_config(head_dim)
     config = FlashConfig(*(_fit(b, q_len, kv_seq) for b in
                            (config.forward, config.backward_dkv, config.backward_dq)),
-                         forward_backend=config.forward_backend)
+                         forward_backend=config.forward_backend,
+                         backward_backend=config.backward_backend)
     blocks = (config.forward, config.backward_dkv, config.backward_dq)
     q_pad = _round_up(q_len, max(b.block_q for b in blocks))
     kv_pad = _round_up(kv_seq, max(b.block_k for b in blocks))
@@ -620,9 +630,10 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, q_offset=
                  segments=q_seg is not None,
                  mask_kv_length=kv_lengths is not None or kv_pad != kv_seq,
                  group=num_heads // num_kv_heads, config=config, interpret=interpret)
-    mosaic = _select_backend(st, q.shape, k.shape, q.dtype,
-                             kv_lengths=kv_lengths is not None, offsets=q_offset is not None)
-    st = dataclasses.replace(st, mosaic=mosaic)
+    mosaic, mosaic_backward = _select_backends(st, q.shape, k.shape, q.dtype,
+                                               kv_lengths=kv_lengths is not None,
+                                               offsets=q_offset is not None)
+    st = dataclasses.replace(st, mosaic=mosaic, mosaic_backward=mosaic_backward)
 
     def pad(x, to):
         widths = [(0, 0)] * x.ndim

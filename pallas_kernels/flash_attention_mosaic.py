@@ -1,12 +1,13 @@
-"""Flash attention forward for Hopper in Pallas Mosaic GPU: wgmma, TMA, warp specialization.
+"""Flash attention for Hopper in Pallas Mosaic GPU: wgmma, TMA, warp specialization.
 
     out, lse = mosaic_forward(q, k, v, causal=True, sm_scale=H ** -0.5)
+    dq, dk, dv = mosaic_backward(q, k, v, out, lse, do, causal=True, sm_scale=H ** -0.5)
 
 The same contract as `flash_attention._forward` for the cases it takes (`supports`): q [B, T, N, H],
 k/v [B, S, K, H] (GQA: query head n reads kv head n // G), bf16 or fp16, H 64 or 128, no
 segments, window, softcap, offsets or key lengths, and `causal` only for T == S (top-left ==
 bottom-right). Returns out [B, T, N, H] and the logsumexp [B, N, T] in float32 log2 units of the
-scaled scores, the residual format the Triton backward kernels read.
+scaled scores, the residual format both backwards (this file's and the Triton kernels') read.
 
 Structure (the FlashAttention-3 recipe, Shah et al. 2024, sections 3.1-3.2, with the generic
 warp-specialized pipeline of Pallas Mosaic GPU):
@@ -22,9 +23,9 @@ warp-specialized pipeline of Pallas Mosaic GPU):
   offset, and the CTAs with the most key blocks launch first;
 - epilogue: O / l and lse to shared memory, then TMA stores.
 
-Not here: the backward (the Triton dQ and dK/dV kernels take these residuals), intra-warpgroup
-overlap of softmax with the next S = Q K^T, and the ping-pong schedule between the two
-consumers; see docs/design.md.
+The backward (`mosaic_backward`) has the same three-warpgroup shape; its docstring says how.
+Not here: intra-warpgroup overlap of softmax with the next S = Q K^T and the ping-pong schedule
+between the two consumers; see docs/design.md.
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ class MosaicBlocks:
     block_q: int = 64
     block_kv: int = 128
     stages: int = 2
+
+
+def _pipeline(step, compute_context, grid, in_specs, stages: int):
+    """The pipeline of every kernel here: warpgroup 2 feeds `stages` shared-memory slots per input
+    with TMA; warpgroups 0 and 1 run `step` on each slot, carrying what compute_context starts."""
+    return plgpu.emit_pipeline_warp_specialized(
+        step, grid=grid, memory_registers=40, in_specs=in_specs, max_concurrent_steps=stages,
+        wg_axis="wg", num_compute_wgs=2, compute_context=compute_context)
 
 
 def supports(q_shape, k_shape, dtype, *, causal: bool, blocks: MosaicBlocks = MosaicBlocks()):
@@ -152,11 +161,8 @@ def mosaic_forward(q, k, v, *, causal: bool, sm_scale: float,
             return acc, m_new, l
 
         kv_spec = plgpu.BlockSpec((block_kv, head_dim), lambda j: (j, 0), transforms=transforms)
-        pipeline = plgpu.emit_pipeline_warp_specialized(
-            step, grid=(num_steps,), memory_registers=40, in_specs=[kv_spec, kv_spec],
-            max_concurrent_steps=blocks.stages, wg_axis="wg", num_compute_wgs=2,
-            compute_context=compute_context)
-        pipeline(k_ref.at[b, :, kv_head], v_ref.at[b, :, kv_head])
+        _pipeline(step, compute_context, (num_steps,), [kv_spec, kv_spec], blocks.stages)(
+            k_ref.at[b, :, kv_head], v_ref.at[b, :, kv_head])
 
     def entry(q_ref, k_ref, v_ref, out_ref, lse_ref):
         pl.run_scoped(
@@ -178,3 +184,240 @@ def mosaic_forward(q, k, v, *, causal: bool, sm_scale: float,
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, k, v)
     return out, lse
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBackwardBlocks:
+    """dQ: 64 query rows per consumer, key blocks of dq_block_kv stream. dK/dV: 64 key rows per
+    consumer, query blocks of dkv_block_q stream (all G query heads of the kv head in turn)."""
+    dq_block_kv: int = 64
+    dkv_block_q: int = 64
+    stages: int = 2
+
+
+def _row_vector(ref):
+    """A [64] float32 vector from shared memory, one value per row of a wgmma accumulator."""
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
+
+
+def _col_vector(ref):
+    """A [n] float32 vector from shared memory, one value per column of a wgmma accumulator."""
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
+
+
+def _iota_difference(shape, minuend_dim: int):
+    """[m, n] int32 of (index along minuend_dim) - (index along the other dim), wgmma layout."""
+    layout = plgpu.Layout.WGMMA
+    a = plgpu.broadcasted_iota(jnp.int32, shape, minuend_dim, layout=layout)
+    b = plgpu.broadcasted_iota(jnp.int32, shape, 1 - minuend_dim, layout=layout)
+    return a - b
+
+
+def mosaic_backward(q, k, v, out, lse, do, *, causal: bool, sm_scale: float,
+                    blocks: MosaicBackwardBlocks = MosaicBackwardBlocks()):
+    """(dq, dk, dv) of `mosaic_forward` from its residuals (out, lse in log2 units [B, N, T]).
+
+    The FlashAttention-2 backward (Dao 2023, algorithm 2) as two Mosaic GPU kernels with the
+    forward's structure (one producer and two consumer warpgroups): delta = rowsum(dO * O) in
+    XLA; dQ: a CTA owns 2 x 64 query rows and streams K/V blocks (S = Q K^T, P = exp2(S c - lse),
+    dP = dO V^T, dS = P (dP - delta), dQ += dS K); dK/dV: a CTA owns 2 x 64 key rows of one kv
+    head and streams Q/dO blocks of each of its G query heads (S^T = K Q^T, P^T, dV += P^T dO,
+    dP^T = V dO^T, dK += dS^T Q), so GQA needs no atomics. Causal: both stop at the diagonal.
+    """
+    problem = supports(q.shape, k.shape, q.dtype, causal=causal)
+    if problem is not None:
+        raise ValueError(f"the Mosaic GPU backward does not take {problem}")
+    batch, q_len, num_heads, head_dim = q.shape
+    kv_seq, num_kv_heads = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    dtype = q.dtype
+    scale = sm_scale * LOG2E
+    rows = 64  # per consumer warpgroup: one wgmma M tile
+    swizzle = plgpu.find_swizzle(head_dim * jnp.dtype(dtype).itemsize * 8)
+    transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+                  plgpu.SwizzleTransform(swizzle))
+    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+    do = do.astype(dtype)
+
+    # ---- dQ: like the forward, with dO, lse and delta resident beside Q.
+    block_kv = blocks.dq_block_kv
+
+    def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+                  q_smem, do_smem, lse_smem, delta_smem, barriers):
+        head, tile, b = (lax.axis_index(name) for name in ("heads", "tiles", "batch"))
+        if causal:
+            tile = q_len // (2 * rows) - 1 - tile  # heaviest first
+        kv_head = lax.div(head, jnp.asarray(group, head.dtype))
+        cta_first = tile * 2 * rows
+        num_steps = (lax.div(cta_first + 2 * rows + block_kv - 1, jnp.asarray(block_kv, tile.dtype))
+                     if causal else kv_seq // block_kv)
+
+        def compute_context(run_pipeline):
+            wg = lax.axis_index("wg")
+            first = cta_first + wg * rows
+            sources = ((q_ref.at[b, pl.ds(first, rows), head], q_smem),
+                       (do_ref.at[b, pl.ds(first, rows), head], do_smem),
+                       (lse_ref.at[b, head, pl.ds(first, rows)], lse_smem),
+                       (delta_ref.at[b, head, pl.ds(first, rows)], delta_smem))
+            for i, (src, dst) in enumerate(sources):
+                plgpu.copy_gmem_to_smem(src, dst.at[wg], barriers.at[4 * wg + i])
+            for i in range(4):
+                plgpu.barrier_wait(barriers.at[4 * wg + i])
+            dq = plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+            dq = run_pipeline((dq, _row_vector(lse_smem.at[wg]), _row_vector(delta_smem.at[wg])))[0]
+            q_smem[wg] = (dq * sm_scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[b, pl.ds(first, rows), head])
+            plgpu.wait_smem_to_gmem(0)
+
+        def step(indices, k_smem, v_smem, carry):
+            (j,) = indices
+            dq, lse, delta = carry
+            wg = lax.axis_index("wg")
+            shape = (rows, block_kv)
+
+            def scores(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.transpose((1, 0)))
+                return acc_ref[...]
+
+            def dprobs(acc_ref):
+                plgpu.wgmma(acc_ref, do_smem.at[wg], v_smem.transpose((1, 0)))
+                return acc_ref[...]
+
+            s = pl.run_scoped(scores, plgpu.ACC(shape, jnp.float32))
+            p = jnp.exp2(s * scale - lax.broadcast_in_dim(lse, shape, [0]))
+            if causal:  # query first + r sees key j * bk + c iff r - c >= j * bk - first
+                offset = j * block_kv - (cta_first + wg * rows)
+                p = jnp.where(_iota_difference(shape, 0) >= offset, p, 0.0)
+            dp = pl.run_scoped(dprobs, plgpu.ACC(shape, jnp.float32))
+            ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
+
+            def grad(acc_ref):
+                plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem)
+
+            return pl.run_state(grad)(plgpu.ACC.init(dq)), lse, delta
+
+        kv_spec = plgpu.BlockSpec((block_kv, head_dim), lambda j: (j, 0), transforms=transforms)
+        _pipeline(step, compute_context, (num_steps,), [kv_spec, kv_spec], blocks.stages)(
+            k_ref.at[b, :, kv_head], v_ref.at[b, :, kv_head])
+
+    def dq_entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref):
+        pl.run_scoped(
+            lambda *scratch: dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+                                       *scratch),
+            plgpu.SMEM((2, rows, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((2, rows, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((2, rows), jnp.float32),
+            plgpu.SMEM((2, rows), jnp.float32),
+            plgpu.Barrier(num_barriers=8),
+            collective_axes="wg",
+        )
+
+    dq = plgpu.kernel(
+        dq_entry, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        grid=(num_heads, q_len // (2 * rows), batch), grid_names=("heads", "tiles", "batch"),
+        num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, do, lse, delta)
+
+    # ---- dK, dV: K and V resident; Q, dO, lse and delta of each query head of the group stream.
+    block_q = blocks.dkv_block_q
+    q_blocks = q_len // block_q
+    # Views in which one query head's [T, H] is a column block: q [B, T, N * H], lse [B, N * T].
+    q_cols, do_cols = (x.reshape(batch, q_len, num_heads * head_dim) for x in (q, do))
+    lse_flat, delta_flat = (x.reshape(batch, num_heads * q_len) for x in (lse, delta))
+
+    def dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                   k_smem, v_smem, barriers):
+        kv_head, tile, b = (lax.axis_index(name) for name in ("kv_heads", "tiles", "batch"))
+        cta_first = tile * 2 * rows
+        first_block = lax.div(cta_first, jnp.asarray(block_q, tile.dtype)) if causal else 0
+        steps = q_blocks - first_block  # per query head
+
+        def head_and_block(t):  # pipeline step -> (query head, query block)
+            return kv_head * group + lax.div(t, steps), first_block + lax.rem(t, steps)
+
+        def compute_context(run_pipeline):
+            wg = lax.axis_index("wg")
+            first = cta_first + wg * rows
+            plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(first, rows), kv_head], k_smem.at[wg],
+                                    barriers.at[2 * wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(first, rows), kv_head], v_smem.at[wg],
+                                    barriers.at[2 * wg + 1])
+            plgpu.barrier_wait(barriers.at[2 * wg])
+            plgpu.barrier_wait(barriers.at[2 * wg + 1])
+            zeros = plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+            dk, dv = run_pipeline((zeros, zeros))
+            k_smem[wg] = (dk * sm_scale).astype(dtype)
+            v_smem[wg] = dv.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[b, pl.ds(first, rows), kv_head])
+            plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[b, pl.ds(first, rows), kv_head])
+            plgpu.wait_smem_to_gmem(0)
+
+        def step(indices, q_smem, do_smem, lse_smem, delta_smem, carry):
+            (t,) = indices
+            dk, dv = carry
+            wg = lax.axis_index("wg")
+            shape = (rows, block_q)
+
+            def scores(acc_ref):  # S^T [keys, queries]
+                plgpu.wgmma(acc_ref, k_smem.at[wg], q_smem.transpose((1, 0)))
+                return acc_ref[...]
+
+            def dprobs(acc_ref):  # dP^T
+                plgpu.wgmma(acc_ref, v_smem.at[wg], do_smem.transpose((1, 0)))
+                return acc_ref[...]
+
+            s = pl.run_scoped(scores, plgpu.ACC(shape, jnp.float32))
+            p = jnp.exp2(s * scale - lax.broadcast_in_dim(_col_vector(lse_smem), shape, [1]))
+            if causal:  # key first + r is seen by query i * bq + c iff c - r >= first - i * bq
+                _, block = head_and_block(t)
+                offset = cta_first + wg * rows - block * block_q
+                p = jnp.where(_iota_difference(shape, 1) >= offset, p, 0.0)
+
+            def values(acc_ref):
+                plgpu.wgmma(acc_ref, p.astype(dtype), do_smem)
+
+            dv = pl.run_state(values)(plgpu.ACC.init(dv))
+            dp = pl.run_scoped(dprobs, plgpu.ACC(shape, jnp.float32))
+            ds = p * (dp - lax.broadcast_in_dim(_col_vector(delta_smem), shape, [1]))
+
+            def keys(acc_ref):
+                plgpu.wgmma(acc_ref, ds.astype(dtype), q_smem)
+
+            return pl.run_state(keys)(plgpu.ACC.init(dk)), dv
+
+        def column_block(t):
+            head, block = head_and_block(t)
+            return block, head
+
+        def flat_block(t):
+            head, block = head_and_block(t)
+            return (head * q_blocks + block,)
+
+        qo_spec = plgpu.BlockSpec((block_q, head_dim), column_block, transforms=transforms)
+        vec_spec = plgpu.BlockSpec((block_q,), flat_block)
+        _pipeline(step, compute_context, (group * steps,), [qo_spec, qo_spec, vec_spec, vec_spec],
+                  blocks.stages)(q_ref.at[b], do_ref.at[b], lse_ref.at[b], delta_ref.at[b])
+
+    def dkv_entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref):
+        pl.run_scoped(
+            lambda *scratch: dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                                        dv_ref, *scratch),
+            plgpu.SMEM((2, rows, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((2, rows, head_dim), dtype, transforms=transforms),
+            plgpu.Barrier(num_barriers=4),
+            collective_axes="wg",
+        )
+
+    dk, dv = plgpu.kernel(
+        dkv_entry, out_type=[jax.ShapeDtypeStruct(k.shape, dtype)] * 2,
+        grid=(num_kv_heads, kv_seq // (2 * rows), batch), grid_names=("kv_heads", "tiles", "batch"),
+        num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q_cols, k, v, do_cols, lse_flat, delta_flat)
+    return dq, dk, dv

@@ -217,15 +217,18 @@ def test_kernels_lower_to_triton_ir(hopper_lowering, rules):
     assert text.count("flash_attention_") >= 3  # forward, dkv, dq kernels
 
 
-def test_mosaic_forward_lowers_for_hopper_beside_the_triton_backward(hopper_lowering, monkeypatch):
-    """On Hopper, forward_backend "auto" runs the forward on Mosaic GPU for plain causal or full
-    attention, and Triton for the backward and for every case Mosaic GPU does not take. Lowered
-    for CUDA on CPU (no PTX); numerics are checked on the GPU by tools/check_attention_gpu.py."""
+def test_mosaic_kernels_lower_for_hopper_where_they_apply(hopper_lowering, monkeypatch):
+    """On Hopper, the "auto" backends run forward and backward on Mosaic GPU for plain causal or
+    full attention, and Triton for every case Mosaic GPU does not take; each can be forced to one
+    side. Lowered for CUDA on CPU (no PTX); numerics are checked on the GPU by
+    tools/check_attention_gpu.py."""
     fa = importlib.import_module("pallas_kernels.flash_attention")
     monkeypatch.setattr(fa, "_on_hopper", lambda: True)
     q = jax.ShapeDtypeStruct((2, 256, 8, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((2, 256, 2, 128), jnp.bfloat16)
     ids = jnp.repeat(jnp.arange(2)[None], 128, axis=1).reshape(1, 256).repeat(2, axis=0)
+    triton = ('"flash_attention_forward"', '"flash_attention_backward_dkv"',
+              '"flash_attention_backward_dq"')
 
     def lowered(**rules):
         loss = lambda q, k, v: flash_attention(q, k, v, **rules).astype(jnp.float32).sum()
@@ -234,10 +237,13 @@ def test_mosaic_forward_lowers_for_hopper_beside_the_triton_backward(hopper_lowe
 
     for causal in (True, False):
         text = lowered(causal=causal)
-        assert "mosaic_gpu" in text and '"flash_attention_forward"' not in text
-        assert '"flash_attention_backward_dkv"' in text and '"flash_attention_backward_dq"' in text
+        assert "mosaic_gpu" in text and not any(name in text for name in triton)
     text = lowered(causal=True, segment_ids=ids)  # not a Mosaic case: Triton all the way
-    assert "mosaic_gpu" not in text and '"flash_attention_forward"' in text
+    assert "mosaic_gpu" not in text and all(name in text for name in triton)
+    forward_only = dataclasses.replace(default_config(128), backward_backend="triton")
+    text = lowered(causal=True, config=forward_only)
+    assert "mosaic_gpu" in text and '"flash_attention_forward"' not in text
+    assert all(name in text for name in triton[1:])
 
 
 def test_forced_mosaic_backend_names_what_it_does_not_take(monkeypatch):
@@ -257,3 +263,6 @@ def test_forced_mosaic_backend_names_what_it_does_not_take(monkeypatch):
         flash_attention(*(q.astype(jnp.float32),) * 3, config=mosaic)
     with pytest.raises(ValueError, match="forward_backend='cuda'"):
         flash_attention(q, q, q, config=dataclasses.replace(mosaic, forward_backend="cuda"))
+    backward = dataclasses.replace(default_config(128), backward_backend="mosaic_gpu")
+    with pytest.raises(ValueError, match="backward_backend='mosaic_gpu' does not take segment_ids"):
+        flash_attention(q, q, q, config=backward, segment_ids=jnp.zeros((1, 256), jnp.int32))

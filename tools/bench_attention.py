@@ -4,9 +4,9 @@
     python tools/bench_attention.py --seqs 512,2048,8192 --head-dims 128 --impls ours,cudnn
     python tools/bench_attention.py --quick --sweep              # also try a few tile configs
 
-Implementations: `ours` (pallas_kernels.flash_attention with its default backends: the forward on
-Mosaic GPU where it applies on Hopper, else Triton), `ours-triton` and `ours-mosaic` (the forward
-forced to one backend; the backward is Triton's in all three), `cudnn`
+Implementations: `ours` (pallas_kernels.flash_attention with its default backends: Mosaic GPU where
+it applies on Hopper, else Triton), `ours-triton` (all Triton), `ours-mosaic` (Mosaic GPU forward,
+Triton backward), `ours-mosaic-bwd` (forward and backward on Mosaic GPU), `cudnn`
 (jax.nn.dot_product_attention(implementation="cudnn")), `mha` (JAX's bundled Pallas
 jax.experimental.pallas.ops.gpu.attention.mha, no GQA) and `xla` (materialized scores; skipped past
 --xla-max-seq). Inputs are bf16 [B, T, N, H] with N = 2048 / H heads and B so that B x T >= 32768
@@ -81,12 +81,13 @@ def packed_causal_mask(segment_ids):
 def attention_fn(impl, causal, segment_ids, config=None):
     """(q, k, v) -> out for one implementation; segment ids close over as constants."""
     if impl.startswith("ours"):
-        backend = {"ours": None, "ours-triton": "triton", "ours-mosaic": "mosaic_gpu"}[impl]
+        forward, backward = {"ours": ("auto", "auto"), "ours-triton": ("triton", "triton"),
+                             "ours-mosaic": ("mosaic_gpu", "triton"),
+                             "ours-mosaic-bwd": ("mosaic_gpu", "mosaic_gpu")}[impl]
 
         def ours(q, k, v):
-            cfg = config or default_config(q.shape[-1])
-            if backend is not None:
-                cfg = dataclasses.replace(cfg, forward_backend=backend)
+            cfg = dataclasses.replace(config or default_config(q.shape[-1]),
+                                      forward_backend=forward, backward_backend=backward)
             return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, config=cfg)
         return ours
     if impl == "cudnn":

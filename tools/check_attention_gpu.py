@@ -4,9 +4,9 @@
     python tools/check_attention_gpu.py --quick    # the benchmark's key shapes only
 
 For each case, out, dq, dk, dv (jax.vjp with a random cotangent) of `ours` (the Pallas kernels
-with the automatic forward backend), `triton` and `mosaic` (the forward forced to the Triton or
-the Mosaic GPU kernel; the backward is Triton's; `mosaic` refuses cases it does not take, by
-name), `cudnn` (jax.nn.dot_product_attention(implementation="cudnn"), explicit mask where the
+with the automatic backends), `triton` (all Triton), `mosaic` (Mosaic GPU forward, Triton
+backward), `mosbwd` (forward and backward on Mosaic GPU; both Mosaic rows refuse the cases they
+do not take, by name), `cudnn` (jax.nn.dot_product_attention(implementation="cudnn"), explicit mask where the
 rule needs one) and `mha` (JAX's bundled Pallas kernel, plain MHA only) are compared
 with `flash_attention_reference` run in float32 on the same (bf16-rounded) inputs. The table shows
 relative L2 errors; a bf16 case passes at <= 2e-2 (cuDNN typically lands near 3e-3..8e-3), the
@@ -87,10 +87,13 @@ def explicit_mask(rules, batch, q_len, kv_len):
 
 def implementations(rules, batch, q_len, kv_len, num_heads, num_kv_heads):
     impls = {"ours": lambda q, k, v: flash_attention(q, k, v, **rules)}
-    for backend in ("triton", "mosaic_gpu"):  # "ours" is the automatic choice between them
-        impls[backend.split("_")[0]] = lambda q, k, v, backend=backend: flash_attention(
-            q, k, v, **rules, config=dataclasses.replace(default_config(q.shape[-1]),
-                                                         forward_backend=backend))
+    # "ours" is the automatic choice between the forced ones (forward, backward backends).
+    for name, backends in (("triton", ("triton", "triton")), ("mosaic", ("mosaic_gpu", "triton")),
+                           ("mosbwd", ("mosaic_gpu", "mosaic_gpu"))):
+        impls[name] = lambda q, k, v, backends=backends: flash_attention(
+            q, k, v, **rules, config=dataclasses.replace(
+                default_config(q.shape[-1]), forward_backend=backends[0],
+                backward_backend=backends[1]))
     plain = set(rules) <= {"causal"}
     if rules.get("softcap") is None:
         if plain:
@@ -169,7 +172,7 @@ def main():
             print_row(rows[0])
         # Ours in every backend; "mosaic" may refuse a case it does not take (an error that
         # names the constraint), which is not a failure.
-        failed |= any(impl in ("ours", "triton") and status != "ok" or impl == "mosaic" and (
+        failed |= any(impl in ("ours", "triton") and status != "ok" or impl in ("mosaic", "mosbwd") and (
             status == "FAIL" or status.startswith("ERROR") and "does not take" not in status)
             for _, impl, _, status in rows)
     sys.exit(1 if failed else 0)
