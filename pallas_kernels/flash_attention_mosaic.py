@@ -62,7 +62,8 @@ def _pipeline(step, compute_context, grid, in_specs, stages: int):
 
 
 def supports(q_shape, k_shape, dtype, *, causal: bool, blocks: MosaicBlocks = MosaicBlocks()):
-    """None if `mosaic_forward` takes these shapes, else the constraint it breaks (a string)."""
+    """None if `mosaic_forward` and `mosaic_backward` take these shapes, else the constraint they
+    break (a string)."""
     _, q_len, _, head_dim = q_shape
     kv_seq = k_shape[1]
     if jnp.dtype(dtype) not in map(jnp.dtype, DTYPES):
