@@ -31,9 +31,10 @@ Lengths that are not block multiples are padded in the wrapper: padded keys are 
 key-length rule, padded query rows are computed and dropped (their cotangent is zero).
 
 Backends: every kernel here lowers through `pl.pallas_call` to Triton (`interpret=True` runs the
-same code on CPU). On Hopper the forward and the backward run on Mosaic GPU instead (pallas_kernels/flash_attention_mosaic.py: wgmma, TMA, warp specialization) for the
-cases it takes; `FlashConfig.forward_backend` / `backward_backend` and `_select_backends` say
-when. Both forwards save the same residuals, so either backward follows either forward.
+same code on CPU). On Hopper the forward and the backward run on Mosaic GPU instead
+(pallas_kernels/flash_attention_mosaic.py: wgmma, TMA, warp specialization) for the cases it
+takes; `FlashConfig.forward_backend` / `backward_backend` and `_select_backends` say when. Both
+forwards save the same residuals, so either backward follows either forward.
 """
 
 from __future__ import annotations
@@ -515,7 +516,8 @@ _flash.defvjp(_flash_fwd, _backward)
 
 def _on_hopper() -> bool:
     device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+    capability = str(getattr(device, "compute_capability", ""))
+    return device.platform == "gpu" and capability.startswith("9")
 
 
 def _select_backends(st: _Static, q_shape, k_shape, dtype, *, kv_lengths: bool,
