@@ -478,11 +478,12 @@ def _dq_call(st: _Static, q, k, v, do, lse, delta, q_seg, kv_seg, q_offset, kv_l
 
 def _backward(st: _Static, residuals, do):
     q, k, v, q_seg, kv_seg, q_offset, kv_len, out, lse = residuals
+    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
     if st.mosaic_backward:
         from pallas_kernels.flash_attention_mosaic import mosaic_backward
-        dq, dk, dv = mosaic_backward(q, k, v, out, lse, do, causal=st.causal, sm_scale=st.sm_scale)
+        dq, dk, dv = mosaic_backward(q, k, v, lse, delta, do, causal=st.causal,
+                                     sm_scale=st.sm_scale)
         return dq, dk, dv, None, None, None, None
-    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
     args = (q, k, v, do.astype(q.dtype), lse, delta, q_seg, kv_seg, q_offset, kv_len)
     dk, dv = _dkv_call(st, *args)
     dq = _dq_call(st, *args)

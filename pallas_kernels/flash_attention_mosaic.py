@@ -1,7 +1,7 @@
 """Flash attention for Hopper in Pallas Mosaic GPU: wgmma, TMA, warp specialization.
 
     out, lse = mosaic_forward(q, k, v, causal=True, sm_scale=H ** -0.5)
-    dq, dk, dv = mosaic_backward(q, k, v, out, lse, do, causal=True, sm_scale=H ** -0.5)
+    dq, dk, dv = mosaic_backward(q, k, v, lse, delta, do, causal=True, sm_scale=H ** -0.5)
 
 The same contract as `flash_attention._forward` for the cases it takes (`supports`): q [B, T, N, H],
 k/v [B, S, K, H] (GQA: query head n reads kv head n // G), bf16 or fp16, H 64 or 128, no
@@ -31,7 +31,6 @@ between the two consumers; see docs/design.md.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-LOG2E = math.log2(math.e)
+from pallas_kernels.flash_attention import LOG2E
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -59,6 +58,49 @@ def _pipeline(step, compute_context, grid, in_specs, stages: int):
     return plgpu.emit_pipeline_warp_specialized(
         step, grid=grid, memory_registers=40, in_specs=in_specs, max_concurrent_steps=stages,
         wg_axis="wg", num_compute_wgs=2, compute_context=compute_context)
+
+
+def _smem_transforms(head_dim: int, dtype):
+    """Tiling and swizzle of the [rows, head_dim] shared-memory tiles wgmma reads."""
+    swizzle = plgpu.find_swizzle(head_dim * jnp.dtype(dtype).itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+            plgpu.SwizzleTransform(swizzle))
+
+
+def _launch(kernel, scratch, out_type, grid, grid_names, *args):
+    """Run kernel(*input refs, *output refs, *scratch refs) on `grid` with three warpgroups."""
+    def entry(*refs):
+        pl.run_scoped(lambda *scratch_refs: kernel(*refs, *scratch_refs), *scratch,
+                      collective_axes="wg")
+
+    entry.__name__ = kernel.__name__  # the kernel's name in profiles
+
+    return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=3,
+                        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+                        )(*args)
+
+
+def _query_tile(causal: bool, num_tiles: int):
+    """This CTA's query tile; causal: the heaviest tiles (most key blocks) first, for a shorter
+    tail of light ones."""
+    tile = lax.axis_index("tiles")
+    return num_tiles - 1 - tile if causal else tile
+
+
+def _key_steps(causal: bool, first_row, rows: int, block_kv: int, kv_seq: int):
+    """Key blocks the query tile [first_row, first_row + rows) reads: causal, up to the block
+    holding its last row."""
+    if not causal:
+        return kv_seq // block_kv
+    return lax.div(first_row + rows + block_kv - 1, jnp.asarray(block_kv, first_row.dtype))
+
+
+def _iota_difference(shape, minuend_dim: int):
+    """[m, n] int32 of (index along minuend_dim) - (index along the other dim), wgmma layout."""
+    layout = plgpu.Layout.WGMMA
+    a = plgpu.broadcasted_iota(jnp.int32, shape, minuend_dim, layout=layout)
+    b = plgpu.broadcasted_iota(jnp.int32, shape, 1 - minuend_dim, layout=layout)
+    return a - b
 
 
 def supports(q_shape, k_shape, dtype, *, causal: bool, blocks: MosaicBlocks = MosaicBlocks()):
@@ -91,22 +133,14 @@ def mosaic_forward(q, k, v, *, causal: bool, sm_scale: float,
     block_q, block_kv = blocks.block_q, blocks.block_kv
     dtype = q.dtype
     scale = sm_scale * LOG2E  # scores in log2 units: exp2 instead of exp
-    swizzle = plgpu.find_swizzle(head_dim * jnp.dtype(dtype).itemsize * 8)
-    transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-                  plgpu.SwizzleTransform(swizzle))
+    transforms = _smem_transforms(head_dim, dtype)
     rows_per_cta = 2 * block_q
 
-    def kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem, lse_smem, q_barrier):
-        head, tile, b = (lax.axis_index(name) for name in ("heads", "tiles", "batch"))
-        if causal:  # the heaviest tiles (most key blocks) first: a shorter tail of light ones
-            tile = q_len // rows_per_cta - 1 - tile
+    def forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem, lse_smem, q_barrier):
+        head, b = lax.axis_index("heads"), lax.axis_index("batch")
         kv_head = lax.div(head, jnp.asarray(group, head.dtype))
-        cta_first_row = tile * rows_per_cta
-        if causal:  # up to the block holding the CTA's last row
-            num_steps = lax.div(cta_first_row + rows_per_cta + block_kv - 1,
-                                jnp.asarray(block_kv, cta_first_row.dtype))
-        else:
-            num_steps = kv_seq // block_kv
+        cta_first_row = _query_tile(causal, q_len // rows_per_cta) * rows_per_cta
+        num_steps = _key_steps(causal, cta_first_row, rows_per_cta, block_kv, kv_seq)
 
         def compute_context(run_pipeline):
             wg = lax.axis_index("wg")
@@ -134,11 +168,7 @@ def mosaic_forward(q, k, v, *, causal: bool, sm_scale: float,
             acc, m, l = carry
             wg = lax.axis_index("wg")
             first_row = cta_first_row + wg * block_q
-            row_minus_col = None
-            if causal:
-                shape, layout = (block_q, block_kv), plgpu.Layout.WGMMA
-                row_minus_col = (plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout)
-                                 - plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=layout))
+            row_minus_col = _iota_difference((block_q, block_kv), 0) if causal else None
 
             def scores(acc_ref):
                 plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.transpose((1, 0)))
@@ -165,26 +195,12 @@ def mosaic_forward(q, k, v, *, causal: bool, sm_scale: float,
         _pipeline(step, compute_context, (num_steps,), [kv_spec, kv_spec], blocks.stages)(
             k_ref.at[b, :, kv_head], v_ref.at[b, :, kv_head])
 
-    def entry(q_ref, k_ref, v_ref, out_ref, lse_ref):
-        pl.run_scoped(
-            lambda *scratch: kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, *scratch),
-            plgpu.SMEM((2, block_q, head_dim), dtype, transforms=transforms),
-            plgpu.SMEM((2, block_q), jnp.float32),
-            plgpu.Barrier(num_barriers=2),
-            collective_axes="wg",
-        )
-
-    out, lse = plgpu.kernel(
-        entry,
-        out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
-                   jax.ShapeDtypeStruct((batch, num_heads, q_len), jnp.float32)],
-        grid=(num_heads, q_len // rows_per_cta, batch),
-        grid_names=("heads", "tiles", "batch"),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q, k, v)
-    return out, lse
+    scratch = (plgpu.SMEM((2, block_q, head_dim), dtype, transforms=transforms),
+               plgpu.SMEM((2, block_q), jnp.float32), plgpu.Barrier(num_barriers=2))
+    out_type = [jax.ShapeDtypeStruct(q.shape, dtype),
+                jax.ShapeDtypeStruct((batch, num_heads, q_len), jnp.float32)]
+    return tuple(_launch(forward_kernel, scratch, out_type, (num_heads, q_len // rows_per_cta, batch),
+                         ("heads", "tiles", "batch"), q, k, v))
 
 
 # ----------------------------------------------------------------------------- backward
@@ -209,21 +225,13 @@ def _col_vector(ref):
     return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
 
 
-def _iota_difference(shape, minuend_dim: int):
-    """[m, n] int32 of (index along minuend_dim) - (index along the other dim), wgmma layout."""
-    layout = plgpu.Layout.WGMMA
-    a = plgpu.broadcasted_iota(jnp.int32, shape, minuend_dim, layout=layout)
-    b = plgpu.broadcasted_iota(jnp.int32, shape, 1 - minuend_dim, layout=layout)
-    return a - b
-
-
-def mosaic_backward(q, k, v, out, lse, do, *, causal: bool, sm_scale: float,
+def mosaic_backward(q, k, v, lse, delta, do, *, causal: bool, sm_scale: float,
                     blocks: MosaicBackwardBlocks = MosaicBackwardBlocks()):
-    """(dq, dk, dv) of `mosaic_forward` from its residuals (out, lse in log2 units [B, N, T]).
+    """(dq, dk, dv) of `mosaic_forward` from its lse (log2 units, [B, N, T]) and
+    delta = rowsum(dO * O) ([B, N, T] float32, as the Triton backward computes it).
 
     The FlashAttention-2 backward (Dao 2023, algorithm 2) as two Mosaic GPU kernels with the
-    forward's structure (one producer and two consumer warpgroups): delta = rowsum(dO * O) in
-    XLA; dQ: a CTA owns 2 x 64 query rows and streams K/V blocks (S = Q K^T, P = exp2(S c - lse),
+    forward's structure (one producer and two consumer warpgroups). dQ: a CTA owns 2 x 64 query rows and streams K/V blocks (S = Q K^T, P = exp2(S c - lse),
     dP = dO V^T, dS = P (dP - delta), dQ += dS K); dK/dV: a CTA owns 2 x 64 key rows of one kv
     head and streams Q/dO blocks of each of its G query heads (S^T = K Q^T, P^T, dV += P^T dO,
     dP^T = V dO^T, dK += dS^T Q), so GQA needs no atomics. Causal: both stop at the diagonal.
@@ -237,10 +245,7 @@ def mosaic_backward(q, k, v, out, lse, do, *, causal: bool, sm_scale: float,
     dtype = q.dtype
     scale = sm_scale * LOG2E
     rows = 64  # per consumer warpgroup: one wgmma M tile
-    swizzle = plgpu.find_swizzle(head_dim * jnp.dtype(dtype).itemsize * 8)
-    transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-                  plgpu.SwizzleTransform(swizzle))
-    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+    transforms = _smem_transforms(head_dim, dtype)
     do = do.astype(dtype)
 
     # ---- dQ: like the forward, with dO, lse and delta resident beside Q.
@@ -248,13 +253,10 @@ def mosaic_backward(q, k, v, out, lse, do, *, causal: bool, sm_scale: float,
 
     def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
                   q_smem, do_smem, lse_smem, delta_smem, barriers):
-        head, tile, b = (lax.axis_index(name) for name in ("heads", "tiles", "batch"))
-        if causal:
-            tile = q_len // (2 * rows) - 1 - tile  # heaviest first
+        head, b = lax.axis_index("heads"), lax.axis_index("batch")
         kv_head = lax.div(head, jnp.asarray(group, head.dtype))
-        cta_first = tile * 2 * rows
-        num_steps = (lax.div(cta_first + 2 * rows + block_kv - 1, jnp.asarray(block_kv, tile.dtype))
-                     if causal else kv_seq // block_kv)
+        cta_first = _query_tile(causal, q_len // (2 * rows)) * 2 * rows
+        num_steps = _key_steps(causal, cta_first, 2 * rows, block_kv, kv_seq)
 
         def compute_context(run_pipeline):
             wg = lax.axis_index("wg")
@@ -305,24 +307,12 @@ def mosaic_backward(q, k, v, out, lse, do, *, causal: bool, sm_scale: float,
         _pipeline(step, compute_context, (num_steps,), [kv_spec, kv_spec], blocks.stages)(
             k_ref.at[b, :, kv_head], v_ref.at[b, :, kv_head])
 
-    def dq_entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref):
-        pl.run_scoped(
-            lambda *scratch: dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-                                       *scratch),
-            plgpu.SMEM((2, rows, head_dim), dtype, transforms=transforms),
-            plgpu.SMEM((2, rows, head_dim), dtype, transforms=transforms),
-            plgpu.SMEM((2, rows), jnp.float32),
-            plgpu.SMEM((2, rows), jnp.float32),
-            plgpu.Barrier(num_barriers=8),
-            collective_axes="wg",
-        )
-
-    dq = plgpu.kernel(
-        dq_entry, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-        grid=(num_heads, q_len // (2 * rows), batch), grid_names=("heads", "tiles", "batch"),
-        num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q, k, v, do, lse, delta)
+    rows_smem = plgpu.SMEM((2, rows, head_dim), dtype, transforms=transforms)
+    vector_smem = plgpu.SMEM((2, rows), jnp.float32)
+    dq = _launch(dq_kernel, (rows_smem, rows_smem, vector_smem, vector_smem,
+                             plgpu.Barrier(num_barriers=8)),
+                 jax.ShapeDtypeStruct(q.shape, dtype), (num_heads, q_len // (2 * rows), batch),
+                 ("heads", "tiles", "batch"), q, k, v, do, lse, delta)
 
     # ---- dK, dV: K and V resident; Q, dO, lse and delta of each query head of the group stream.
     block_q = blocks.dkv_block_q
@@ -405,20 +395,8 @@ def mosaic_backward(q, k, v, out, lse, do, *, causal: bool, sm_scale: float,
         _pipeline(step, compute_context, (group * steps,), [qo_spec, qo_spec, vec_spec, vec_spec],
                   blocks.stages)(q_ref.at[b], do_ref.at[b], lse_ref.at[b], delta_ref.at[b])
 
-    def dkv_entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref):
-        pl.run_scoped(
-            lambda *scratch: dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
-                                        dv_ref, *scratch),
-            plgpu.SMEM((2, rows, head_dim), dtype, transforms=transforms),
-            plgpu.SMEM((2, rows, head_dim), dtype, transforms=transforms),
-            plgpu.Barrier(num_barriers=4),
-            collective_axes="wg",
-        )
-
-    dk, dv = plgpu.kernel(
-        dkv_entry, out_type=[jax.ShapeDtypeStruct(k.shape, dtype)] * 2,
-        grid=(num_kv_heads, kv_seq // (2 * rows), batch), grid_names=("kv_heads", "tiles", "batch"),
-        num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q_cols, k, v, do_cols, lse_flat, delta_flat)
+    dk, dv = _launch(dkv_kernel, (rows_smem, rows_smem, plgpu.Barrier(num_barriers=4)),
+                     [jax.ShapeDtypeStruct(k.shape, dtype)] * 2,
+                     (num_kv_heads, kv_seq // (2 * rows), batch), ("kv_heads", "tiles", "batch"),
+                     q_cols, k, v, do_cols, lse_flat, delta_flat)
     return dq, dk, dv
