@@ -19,9 +19,10 @@ packed into each row: ours and mha with segment ids, cuDNN with the equivalent e
 their TFLOP/s use the plain causal count (a nominal rate: compare times).
 
 Timing: jit, `--warmup` calls, then the median over `--repeats` of host time around
-`block_until_ready`. Results print as a table and go to --out (JSON); --plot writes a PNG if
-matplotlib is installed. Every (implementation, shape) runs in its own try/except: an error
-prints and the run goes on.
+`block_until_ready`. Results print as a table and go to --out (JSON, rewritten after every
+row); --plot writes a PNG if matplotlib is installed (`--plot P --plot-from A.json,B.json` plots
+earlier runs without timing anything). Every (implementation, shape) runs in its own try/except:
+an error prints and the run goes on.
 """
 
 from __future__ import annotations
@@ -129,9 +130,9 @@ def time_it(fn, args, warmup, repeats):
 def bench_one(impl, seq, head_dim, causal, mode, args, segment_ids=None, config=None,
               label=None):
     batch, num_heads = shape_for(seq, head_dim)
-    rng = np.random.default_rng(seq + head_dim)
     shape = (batch, seq, num_heads, head_dim)
-    q, k, v, do = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for _ in range(4))
+    keys = jax.random.split(jax.random.key(seq + head_dim), 4)  # on the device: numpy takes seconds
+    q, k, v, do = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys)
     attend = attention_fn(impl, causal, segment_ids, config)
     if mode == "fwd":
         fn, inputs, factor = jax.jit(attend), (q, k, v), 1.0
@@ -145,6 +146,21 @@ def bench_one(impl, seq, head_dim, causal, mode, args, segment_ids=None, config=
     return dict(impl=label or impl, seq=seq, head_dim=head_dim, causal=causal, mode=mode,
                 batch=batch, num_heads=num_heads, packed=segment_ids is not None,
                 ms=seconds * 1e3, tflops=flops / seconds / 1e12)
+
+
+class Results(list):
+    """The rows so far, rewritten to the JSON file after each one (a killed run keeps them)."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def append(self, row):
+        super().append(row)
+        with open(self.path, "w") as f:
+            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                           flop_convention="fwd 4BNTSH (/2 causal); fwd+bwd 3.5x fwd",
+                           results=list(self)), f, indent=1)
 
 
 def run_guarded(results, *bench_args, **bench_kwargs):
@@ -188,19 +204,24 @@ def plot(results, path):
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    rows = [r for r in results if "error" not in r and not r["packed"]]
-    panels = sorted({(r["head_dim"], r["causal"], r["mode"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
-    for ax, (head_dim, causal, mode) in zip(axes[0], panels):
+    rows = [r for r in results if "error" not in r]
+    kind = lambda r: "packed" if r["packed"] else ("causal" if r["causal"] else "full")
+    panels = sorted({(r["head_dim"], kind(r), r["mode"]) for r in rows})
+    cols = min(4, len(panels))
+    lines = -(-len(panels) // cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(4 * cols, 3.5 * lines), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (head_dim, what, mode) in zip(axes.flat, panels):
         for impl in sorted({r["impl"] for r in rows}):
             pts = sorted((r["seq"], r["tflops"]) for r in rows if r["impl"] == impl and
-                         (r["head_dim"], r["causal"], r["mode"]) == (head_dim, causal, mode))
+                         (r["head_dim"], kind(r), r["mode"]) == (head_dim, what, mode))
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=impl)
         ax.set_xscale("log", base=2)
-        ax.set_title(f"H={head_dim} {'causal' if causal else 'full'} {mode}")
+        ax.set_title(f"H={head_dim} {what} {mode}")
         ax.set_xlabel("sequence length")
-        ax.set_ylabel("TFLOP/s")
+        ax.set_ylabel("TFLOP/s" + (" (nominal: causal count)" if what == "packed" else ""))
     axes[0][0].legend()
     fig.tight_layout()
     fig.savefig(path)
@@ -214,7 +235,8 @@ def main():
     parser.add_argument("--causal", choices=("both", "true", "false"), default="both")
     parser.add_argument("--impls", default="ours,cudnn,mha,xla")
     parser.add_argument("--modes", default="fwd,fwdbwd")
-    parser.add_argument("--packed", action="store_true", help="also time packed documents")
+    parser.add_argument("--packed", nargs="?", const="also", choices=("also", "only"),
+                        help="also (or only) time packed documents")
     parser.add_argument("--quick", action="store_true",
                         help="causal, H 128, seq 4096, fwd and fwd+bwd, plus packed documents")
     parser.add_argument("--sweep", action="store_true", help="also time a few tile configs (ours)")
@@ -223,7 +245,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default="bench_attention.json")
     parser.add_argument("--plot", default=None, help="PNG path (needs matplotlib)")
+    parser.add_argument("--plot-from", default=None,
+                        help="comma-separated JSON files of earlier runs: plot them, time nothing")
     args = parser.parse_args()
+    if args.plot_from:
+        if not args.plot:
+            parser.error("--plot-from needs --plot PATH")
+        rows = [row for path in args.plot_from.split(",")
+                for row in json.load(open(path))["results"]]
+        plot(rows, args.plot)
+        return
     if args.quick:
         args.seqs, args.head_dims, args.causal, args.packed = "4096", "128", "true", True
     seqs = [int(s) for s in args.seqs.split(",")]
@@ -232,8 +263,8 @@ def main():
     impls, modes = args.impls.split(","), args.modes.split(",")
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
 
-    results = []
-    for head_dim in head_dims:
+    results = Results(args.out)
+    for head_dim in head_dims if args.packed != "only" else []:
         for causal in causals:
             for seq in seqs:
                 for impl in impls:
@@ -259,10 +290,6 @@ def main():
                     for mode in modes:
                         run_guarded(results, impl, seq, head_dim, True, mode, args,
                                     segment_ids=segment_ids)
-    with open(args.out, "w") as f:
-        json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                       flop_convention="fwd 4BNTSH (/2 causal); fwd+bwd 3.5x fwd",
-                       results=results), f, indent=1)
     print(f"results written to {args.out}")
     if args.plot:
         plot(results, args.plot)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The flash-attention issue's GPU runs, for docs/benchmarks.md: numerics of every path
 # against the float32 reference, the TFLOP/s sweep with a PNG, and the 1b training step with
-# attention pallas vs cudnn. The sweep alone is a few hundred compiled programs: run the steps
-# as separate calls where a call's time is limited (STEPS="1 3", then STEPS=2 H=64, STEPS=2 H=128).
+# attention pallas vs cudnn. On one H200 step 1 takes about 10 minutes (the float32 reference and
+# the odd-length cases' Triton compiles), step 2 about 4 minutes per head_dim and step 3 about 2:
+# where a call's time is limited, run them as separate calls (STEPS=1, STEPS=2 H=64, STEPS=2
+# H=128, STEPS=3), or a part of step 1 with `check_attention_gpu.py --cases WORDS`.
 # Usage: OUT=results_dir [STEPS="1 2 3"] [H=64,128] [BATCH_1B=16] bash tools/gpu_attention_bench.sh
 set -uo pipefail
 OUT=${OUT:-bench_out}
