@@ -31,7 +31,9 @@ Dispatch (`moe_dispatch`):
   chosen once per process, not per config: `set_grouped_matmul("auto")` (the default) runs
   pallas_kernels/grouped_matmul.py on GPU and `jax.lax.ragged_dot` elsewhere (on GPU ragged_dot
   lowers to a masked dense matmul over all experts, ~100x slower at 64 experts); "pallas",
-  "pallas_interpret" (the kernel on CPU, for tests) and "ragged_dot" force one. Both have
+  "pallas_triton" (the Triton kernels also on Hopper, where "pallas" runs the forward and dx
+  on Mosaic GPU), "pallas_interpret" (the kernel on CPU, for tests) and "ragged_dot" force
+  one. Both have
   ragged_dot's semantics, so results agree to rounding; read at trace time, so set it before
   jitting.
 - "capacity": each expert takes at most C = ceil(capacity_factor * A / E) assignments of a
@@ -54,6 +56,8 @@ shard), P times the average; capacity mode bounds them by C.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import functools
 import math
@@ -153,7 +157,7 @@ def update_router_bias(bias: jax.Array, expert_load: jax.Array, rate: float) -> 
 # Dispatch within one group (one device's tokens, or all tokens without a mesh)
 
 
-GROUPED_MATMULS = ("auto", "pallas", "pallas_interpret", "ragged_dot")
+GROUPED_MATMULS = ("auto", "pallas", "pallas_triton", "pallas_interpret", "ragged_dot")
 _grouped_matmul_choice = "auto"
 
 
@@ -175,8 +179,12 @@ def _grouped_matmul(x, w, group_sizes):
     """ragged_dot semantics: x [M, D] sorted by group, w [G, D, F] -> [M, F]."""
     if _kernel_choice() == "ragged_dot":
         return jax.lax.ragged_dot(x, w, group_sizes)
-    from pallas_kernels.grouped_matmul import grouped_matmul
-    return grouped_matmul(x, w, group_sizes, interpret=_kernel_choice() == "pallas_interpret")
+    from pallas_kernels.grouped_matmul import default_config, grouped_matmul
+    config = default_config()
+    if _kernel_choice() == "pallas_triton":
+        config = dataclasses.replace(config, backend="triton")
+    return grouped_matmul(x, w, group_sizes, config=config,
+                          interpret=_kernel_choice() == "pallas_interpret")
 
 
 def fuse_gate_up(p: dict) -> dict:

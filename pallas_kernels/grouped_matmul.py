@@ -26,6 +26,9 @@ group's row tiles with dynamic loop bounds, masking rows of neighbouring groups;
 no rows runs no iteration (or one fully masked one) and writes zeros. The transposed form swaps
 the roles: dx = grouped_matmul(dy, w), dw[g] = dy_g^T x_g.
 
+On Hopper the forward and dx kernels run on Mosaic GPU instead (grouped_matmul_mosaic.py: wgmma,
+TMA, warp specialization; `GmmConfig.backend`), the weight gradient on the Triton kernel.
+
 Dims that are not tile multiples are padded with zeros in the wrapper (a no-op when aligned);
 tiles shrink to the next power of 2 (>= 16) of small dims. `interpret=True` runs the kernels on
 CPU; interpret mode fills outputs with NaN first, so an element no program writes shows up.
@@ -45,9 +48,11 @@ from jax.experimental.pallas import triton as plgpu
 
 # Shared with the attention kernels: fp32-accumulating dot (IEEE for fp32), ceil division and
 # round-up on traced ints, the smallest tl.dot tile.
-from pallas_kernels.flash_attention import MIN_BLOCK, _cdiv, _dot, _round_up
+from pallas_kernels.flash_attention import MIN_BLOCK, _cdiv, _dot, _on_hopper, _round_up
+from pallas_kernels import grouped_matmul_mosaic as mosaic
 
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+BACKENDS = ("auto", "triton", "mosaic_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +72,16 @@ class GmmBlocks:
 @dataclasses.dataclass(frozen=True)
 class GmmConfig:
     """forward: x @ w[g]; forward_transposed: x @ w[g].T (also the dx of `forward`);
-    weight_grad: dw[g] = a_g^T b_g."""
+    weight_grad: dw[g] = a_g^T b_g (Triton tiles).
+
+    backend, for forward and forward_transposed: "auto" runs them on the Mosaic GPU kernels of
+    grouped_matmul_mosaic.py on Hopper (sm_90) for bf16/fp16 where `mosaic.supports` takes the
+    padded shapes, else on Triton; "triton" or "mosaic_gpu" force one (forcing Mosaic GPU on a
+    case it does not take is an error naming the constraint). The weight gradient is Triton."""
     forward: GmmBlocks
     forward_transposed: GmmBlocks
     weight_grad: GmmBlocks
+    backend: str = "auto"
 
 
 def default_config() -> GmmConfig:
@@ -144,8 +155,29 @@ def _tile_groups(offsets, num_rows: int, block_m: int):
     return first, jnp.where(first_row < total, end, first)  # tiles past the rows: no group
 
 
+def _use_mosaic(x, w, st: _Static) -> bool:
+    """Whether this forward (or transposed forward) runs on Mosaic GPU; see GmmConfig.backend."""
+    choice = st.config.backend
+    if choice not in BACKENDS:
+        raise ValueError(f"config.backend={choice!r}; choose one of {BACKENDS}")
+    if choice == "triton":
+        return False
+    problems = [name for name, present in (
+        ("interpret mode", st.interpret),
+        ("a GPU other than Hopper (sm_90)", not st.interpret and not _on_hopper())) if present]
+    shape_problem = mosaic.supports(x.shape, w.shape, x.dtype, st.transpose_rhs)
+    if shape_problem is not None:
+        problems.append(shape_problem)
+    if choice == "mosaic_gpu" and problems:
+        raise ValueError(f"config.backend='mosaic_gpu' does not take {', '.join(problems)}; "
+                         "use 'triton' or 'auto'")
+    return not problems
+
+
 def _forward(x, w, offsets, st: _Static):
     """x [M, K] @ w[g] ([G, K, N], or [G, N, K] transposed) -> [M, N]; dims tile multiples."""
+    if _use_mosaic(x, w, st):
+        return mosaic.mosaic_grouped_matmul(x, w, offsets, transpose_rhs=st.transpose_rhs)
     blocks = st.config.forward_transposed if st.transpose_rhs else st.config.forward
     num_rows, inner = x.shape
     num_cols = w.shape[1] if st.transpose_rhs else w.shape[2]
@@ -250,7 +282,8 @@ def _fit_config(config: GmmConfig, rows: int, k_dim: int, n_dim: int) -> GmmConf
     contracts n_dim, `weight_grad` makes [k_dim, n_dim] tiles."""
     return GmmConfig(forward=_fit(config.forward, rows, k_dim, n_dim),
                      forward_transposed=_fit(config.forward_transposed, rows, n_dim, k_dim),
-                     weight_grad=_fit(config.weight_grad, rows, k_dim, n_dim))
+                     weight_grad=_fit(config.weight_grad, rows, k_dim, n_dim),
+                     backend=config.backend)
 
 
 def _check(x, w, group_sizes, transpose_rhs: bool, config: GmmConfig):

@@ -9,14 +9,18 @@ Interpret mode fills kernel outputs with NaN before running, so an unwritten ele
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxlm import moe
-from pallas_kernels.grouped_matmul import (GmmBlocks, GmmConfig,
+from pallas_kernels.grouped_matmul import (GmmBlocks, GmmConfig, default_config,
                                            grouped_matmul, grouped_matmul_reference)
+from pallas_kernels.grouped_matmul_mosaic import work_items
 
 SMALL = GmmConfig(GmmBlocks(16, 16, 16, 4, 1), GmmBlocks(16, 16, 16, 4, 1),
                   GmmBlocks(16, 16, 16, 4, 1))
@@ -156,3 +160,75 @@ def test_bad_shapes_and_choices_raise_clear_errors():
                                         SMALL.weight_grad))
     with pytest.raises(ValueError, match="choose one of"):
         moe.set_grouped_matmul("megablocks")
+
+
+@pytest.mark.parametrize("num_rows,sizes", [
+    (512, [0, 130, 5, 0, 200, 40]),  # boundaries inside tiles, empty groups, rows past the end
+    (384, [128, 128, 128]),  # aligned: one item per tile
+    (256, [0, 0, 0]),  # no rows at all: the zero group stores every row
+    (512, [300, 0, 300]),  # sum past M: clipped
+    (1024, "random"),
+])
+def test_mosaic_work_items_store_each_row_once_with_its_group(num_rows, sizes):
+    """The Mosaic GPU kernels' schedule (work_items) against a direct assignment of rows to
+    groups: each item's rows [lo, lo + rows) of its tile are stored with its group's weights, so
+    every row must belong to exactly one item, of its own group (group G: rows past the last
+    group, stored as zeros), within the static item count."""
+    if sizes == "random":
+        sizes = np.random.default_rng(8).multinomial(1000, np.ones(24) / 24)
+        sizes[[3, 4, 17]] = 0
+    num_groups = len(sizes)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    items = np.asarray(work_items(jnp.asarray(offsets), num_rows, 128))
+    assert items.shape == (4, num_rows // 128 + num_groups)
+    owner = np.full(num_rows, -1)
+    for tile, group, lo, rows in items.T:
+        assert 0 <= lo and lo + rows <= 128
+        span = slice(tile * 128 + lo, tile * 128 + lo + rows)
+        assert (owner[span] == -1).all(), "a row stored twice"
+        owner[span] = group
+    want = np.searchsorted(np.cumsum(sizes), np.arange(num_rows), side="right")
+    np.testing.assert_array_equal(owner, np.minimum(want, num_groups))
+
+
+def test_mosaic_kernels_lower_for_hopper_where_they_apply(hopper_lowering, monkeypatch):
+    """On Hopper the "auto" backend runs the forward and dx on Mosaic GPU and the weight gradient
+    on Triton; float32 (not a Mosaic case) and backend="triton" stay on Triton. Lowered for CUDA
+    on CPU (no PTX): the CPU suite cannot run Mosaic GPU kernels, so their numerics are checked
+    on the GPU (docs/benchmarks.md). Shapes unique to this test: the kernel choice is read at
+    trace time and jit caches traces by shape."""
+    gm = importlib.import_module("pallas_kernels.grouped_matmul")
+    monkeypatch.setattr(gm, "_on_hopper", lambda: True)
+    sizes = jax.ShapeDtypeStruct((3,), jnp.int32)
+    triton = ('name = "grouped_matmul"', 'name = "grouped_matmul_transposed"')
+
+    def lowered(dtype, config=None):
+        x = jax.ShapeDtypeStruct((384, 192), dtype)
+        w = jax.ShapeDtypeStruct((3, 192, 768), dtype)
+
+        def grads(x, w, sizes):
+            loss = lambda x, w: grouped_matmul(x, w, sizes, config=config).astype(
+                jnp.float32).sum()
+            return jax.grad(loss, argnums=(0, 1))(x, w)
+
+        return jax.jit(grads).trace(x, w, sizes).lower(lowering_platforms=("cuda",)).as_text()
+
+    text = lowered(jnp.bfloat16)
+    assert "mosaic_gpu" in text and 'name = "grouped_matmul_weight_grad"' in text
+    assert not any(name in text for name in triton)
+    for text in (lowered(jnp.float32), lowered(jnp.float16, dataclasses.replace(
+            default_config(), backend="triton"))):
+        assert "mosaic_gpu" not in text and all(name in text for name in triton)
+
+
+def test_forced_mosaic_backend_names_what_it_does_not_take():
+    x, w, sizes = jnp.ones((256, 64), jnp.float32), jnp.ones((2, 64, 256)), jnp.asarray([100, 50])
+    forced = dataclasses.replace(default_config(), backend="mosaic_gpu")
+    with pytest.raises(ValueError, match=r"does not take a GPU other than Hopper \(sm_90\), "
+                                         r"dtype float32 .*use 'triton' or 'auto'"):
+        grouped_matmul(x, w, sizes, config=forced)
+    with pytest.raises(ValueError, match="interpret mode"):
+        grouped_matmul(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), sizes, config=forced,
+                       interpret=True)
+    with pytest.raises(ValueError, match="choose one of"):
+        grouped_matmul(x, w, sizes, config=dataclasses.replace(forced, backend="cuda"))

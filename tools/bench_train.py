@@ -23,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from jaxlm import accounting, optim, sharding, train
+from jaxlm import accounting, moe, optim, sharding, train
 from jaxlm.config import Config, TrainConfig, load_config
 
 
@@ -54,7 +54,10 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--moe-kernel", default="auto", choices=moe.GROUPED_MATMULS,
+                        help="grouped matmul of MoE layers (moe.set_grouped_matmul)")
     args, args.overrides = parser.parse_known_args(argv)
+    moe.set_grouped_matmul(args.moe_kernel)
     cfg = build_config(args, jax.device_count())
     mesh = sharding.make_mesh(cfg.mesh)
     tx = optim.make_optimizer(cfg.model, cfg.train)
@@ -78,7 +81,8 @@ def main(argv=None) -> int:
     peak = train.device_peak_flops()
     flops = accounting.training_flops_per_token(cfg.model, args.seq)
     result = {
-        "config": args.config, "overrides": args.overrides, "seq": args.seq, "batch": args.batch,
+        "config": args.config, "overrides": args.overrides, "moe_kernel": args.moe_kernel,
+        "seq": args.seq, "batch": args.batch,
         "grad_accum": args.grad_accum, "remat": args.remat, "zero1": args.zero1, "mesh": dict(mesh.shape),
         "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
         "attention_impl": cfg.model.attention_impl, "compute_dtype": cfg.model.compute_dtype,
