@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
+import pathlib
 import pkgutil
+import sys
 import types
 import typing
 from typing import Any, Literal, Optional
@@ -254,10 +257,28 @@ class Config:
 # Presets
 
 
+def _configs_package() -> types.ModuleType:
+    """`jaxlm.configs`: the installed package (the install maps the top-level configs/ folder to
+    it), or, run from a source checkout that is not installed (`PYTHONPATH=.`), that folder."""
+    try:
+        return importlib.import_module("jaxlm.configs")
+    except ImportError:
+        folder = pathlib.Path(__file__).resolve().parent.parent / "configs"
+        if not (folder / "__init__.py").is_file():
+            raise ConfigError("the presets (jaxlm.configs) are not importable and no configs/ "
+                              f"folder is next to {pathlib.Path(__file__).parent}; install jaxlm "
+                              "(pip install -e . or uv sync)") from None
+        spec = importlib.util.spec_from_file_location(
+            "jaxlm.configs", folder / "__init__.py", submodule_search_locations=[str(folder)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["jaxlm.configs"] = package
+        spec.loader.exec_module(package)
+        return package
+
+
 def list_presets() -> list[str]:
     """Names of the presets in configs/ (module names, e.g. 'tiny', '125m')."""
-    from jaxlm import configs
-
+    configs = _configs_package()
     return sorted(m.name for m in pkgutil.iter_modules(configs.__path__) if not m.name.startswith("_"))
 
 

@@ -1,6 +1,9 @@
 """Presets, dotted overrides and their errors."""
 
 import dataclasses
+import pathlib
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -72,3 +75,17 @@ def test_dict_round_trip():
     with pytest.raises(ConfigError, match="unknown keys"):
         config.from_dict(config.ModelConfig, {"hidden": 3})
     assert dataclasses.is_dataclass(cfg.model)
+
+
+def test_presets_load_from_a_source_checkout_that_is_not_installed(tmp_path):
+    """`PYTHONPATH=. python tools/bench_train.py ...` in a checkout that was never installed:
+    jaxlm.configs does not exist there (installing maps the top-level configs/ folder to it), so
+    the presets load from the folder. `-S` leaves out site-packages and with them any installed
+    jaxlm; config.py needs only the standard library."""
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from jaxlm import config; "
+            "print(','.join(config.list_presets())); print(config.load_preset('1b').model)")
+    out = subprocess.run([sys.executable, "-S", "-c", code, str(repo)], cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].split(",") == config.list_presets()
+    assert out[1] == str(config.load_preset("1b").model)
