@@ -14,14 +14,16 @@ Structure:
   tiles past offsets[G], which a zero group stores zeros into. A tile that straddles a group
   boundary is one item per group, so no rows are masked in the product: each item computes the
   whole tile with its group's weights and stores only its own rows;
-- one CTA per (work item, 2 * block_n output columns); three warpgroups. Warpgroup 2 is the
-  producer: it streams x's [block_m, block_k] and w[g]'s [block_k, 2 * block_n] blocks into a
-  ring of `stages` shared-memory slots with TMA. Warpgroups 0 and 1 each own block_n columns
-  and accumulate with wgmma in registers, keeping one wgmma in flight (a slot is released a step
-  late);
-- epilogue: the accumulator goes to shared memory, then TMA stores its rows [lo, lo + rows) as a
-  ladder of power-of-2 row counts (a TMA copy has a static shape: 128 = 64 + 32 + ... + 1 covers
-  every count with at most 8 copies; a whole tile is one).
+- persistent: one CTA per SM walks the (work item, 2 * block_n output columns) pairs, column
+  tiles fastest; three warpgroups. Warpgroup 2 is the producer: it streams x's
+  [block_m, block_k] and w[g]'s [block_k, 2 * block_n] blocks into a ring of `stages`
+  shared-memory slots with TMA, and starts the next pair's loads while the consumers store the
+  last one. Warpgroups 0 and 1 each own block_n columns and accumulate with wgmma in
+  registers, keeping one wgmma in flight (a slot is released a step late);
+- epilogue, per 64-row half of the tile: the accumulator's half goes to shared memory, then
+  TMA stores the half's share of rows [lo, lo + rows) as a ladder of power-of-2 row counts (a
+  TMA copy has a static shape: copies of 64, 32, ..., 1 rows cover any count up to 64 with at
+  most 6 of them; a whole half is one).
 
 The weight gradient stays on the Triton kernel of grouped_matmul.py: its contraction runs over a
 group's rows, which TMA cannot mask at the group's edges.
