@@ -5,7 +5,7 @@
 # the odd-length cases' Triton compiles), step 2 about 4 minutes per head_dim and step 3 about 2:
 # where a call's time is limited, run them as separate calls (STEPS=1, STEPS=2 H=64, STEPS=2
 # H=128, STEPS=3), or a part of step 1 with `check_attention_gpu.py --cases WORDS`.
-# Usage: OUT=results_dir [STEPS="1 2 3"] [H=64,128] [BATCH_1B=16] bash tools/gpu_attention_bench.sh
+# Usage: OUT=results_dir [STEPS="1 2 3"] [H=64,128] [BATCH_1B=32] bash tools/gpu_attention_bench.sh
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -25,7 +25,7 @@ for step in $STEPS; do case $step in
         --plot "$OUT/attention_$tag.png" 2>&1 | quiet | tee "$OUT/attention_$tag.txt" ;;
 3)  # End to end: the 1b preset's training step, cudnn before and after pallas.
     for run in cudnn_1 pallas cudnn_2; do
-        python3 tools/bench_train.py --config 1b --seq 2048 --batch "${BATCH_1B:-16}" \
+        python3 tools/bench_train.py --config 1b --seq 2048 --batch "${BATCH_1B:-32}" \
             --remat save_dots --model.attention_impl=${run%_*} --out "$OUT/train_1b_$run.json" \
             > "$OUT/train_1b_$run.log" 2>&1
         python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[2], \
