@@ -58,7 +58,6 @@ shard), P times the average; capacity mode bounds them by C.
 from __future__ import annotations
 
 import dataclasses
-
 import functools
 import math
 

@@ -538,16 +538,19 @@ def _select_backends(st: _Static, q_shape, k_shape, dtype, *, kv_lengths: bool,
     if shape_problem is not None:
         problems.append(shape_problem)
 
-    def choose(field: str) -> bool:
-        choice = getattr(st.config, field)
-        if choice not in BACKENDS:
-            raise ValueError(f"config.{field}={choice!r}; choose one of {BACKENDS}")
-        if choice == "mosaic_gpu" and problems:
-            raise ValueError(f"config.{field}='mosaic_gpu' does not take "
-                             + ", ".join(problems) + "; use 'triton' or 'auto'")
-        return choice == "mosaic_gpu" or choice == "auto" and not problems
+    return (_mosaic_chosen("forward_backend", st.config.forward_backend, problems),
+            _mosaic_chosen("backward_backend", st.config.backward_backend, problems))
 
-    return choose("forward_backend"), choose("backward_backend")
+
+def _mosaic_chosen(field: str, choice: str, problems: list[str]) -> bool:
+    """Whether config.<field> = choice runs on Mosaic GPU, given why Mosaic GPU cannot take the
+    case (problems; empty if it can). Shared with grouped_matmul.py."""
+    if choice not in BACKENDS:
+        raise ValueError(f"config.{field}={choice!r}; choose one of {BACKENDS}")
+    if choice == "mosaic_gpu" and problems:
+        raise ValueError(f"config.{field}='mosaic_gpu' does not take "
+                         + ", ".join(problems) + "; use 'triton' or 'auto'")
+    return choice == "mosaic_gpu" or choice == "auto" and not problems
 
 
 def _round_up(x: int, multiple: int) -> int:

@@ -47,12 +47,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 # Shared with the attention kernels: fp32-accumulating dot (IEEE for fp32), ceil division and
-# round-up on traced ints, the smallest tl.dot tile.
-from pallas_kernels.flash_attention import MIN_BLOCK, _cdiv, _dot, _on_hopper, _round_up
+# round-up on traced ints, the smallest tl.dot tile, the Hopper check and the backend choice.
+from pallas_kernels.flash_attention import (MIN_BLOCK, _cdiv, _dot, _mosaic_chosen, _on_hopper,
+                                            _round_up)
 from pallas_kernels import grouped_matmul_mosaic as mosaic
 
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-BACKENDS = ("auto", "triton", "mosaic_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,21 +157,13 @@ def _tile_groups(offsets, num_rows: int, block_m: int):
 
 def _use_mosaic(x, w, st: _Static) -> bool:
     """Whether this forward (or transposed forward) runs on Mosaic GPU; see GmmConfig.backend."""
-    choice = st.config.backend
-    if choice not in BACKENDS:
-        raise ValueError(f"config.backend={choice!r}; choose one of {BACKENDS}")
-    if choice == "triton":
-        return False
     problems = [name for name, present in (
         ("interpret mode", st.interpret),
         ("a GPU other than Hopper (sm_90)", not st.interpret and not _on_hopper())) if present]
     shape_problem = mosaic.supports(x.shape, w.shape, x.dtype, st.transpose_rhs)
     if shape_problem is not None:
         problems.append(shape_problem)
-    if choice == "mosaic_gpu" and problems:
-        raise ValueError(f"config.backend='mosaic_gpu' does not take {', '.join(problems)}; "
-                         "use 'triton' or 'auto'")
-    return not problems
+    return _mosaic_chosen("backend", st.config.backend, problems)
 
 
 def _forward(x, w, offsets, st: _Static):
