@@ -242,16 +242,25 @@ def _token_log_prob(logits: jax.Array, token: jax.Array) -> jax.Array:
     return jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), static_argnames="with_log_probs")
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5),
+                   static_argnames=("with_log_probs", "pallas_step"))
 def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, params, tokens,
-                   lengths, key, with_log_probs=False):
+                   lengths, key, with_log_probs=False, pallas_step=False):
     """Prefill, then decode until every sequence is done; [B, max_new_tokens] with PAD after.
 
     with_log_probs: also [B, max_new_tokens] float32 log-probs of the emitted tokens (0 after).
+    pallas_step: decode steps (not prefill) by pallas_kernels/fused_decode.py (batch 1): its
+    one-launch form on GPU, one kernel per stage in interpret mode elsewhere.
     """
+    from pallas_kernels import fused_decode
+
+    step_weights = fused_decode.prepare(cfg, params) if pallas_step else None
     params = model.inference_params(cfg, params)  # one copy per call, none per step
     cache = _new_cache(cfg, tokens.shape[0], cache_len, quantize)
     logits, cache = _prefill(cfg, params, tokens, cache, lengths)
+    plan = None
+    if pallas_step:
+        plan = fused_decode.make_plan(cfg, cache, interpret=jax.default_backend() != "gpu")
     token = sample(logits, jax.random.fold_in(key, 0), sampling)
     out = jnp.full((tokens.shape[0], max_new_tokens), PAD, jnp.int32).at[:, 0].set(token)
     log_probs = jnp.zeros(out.shape, jnp.float32)
@@ -264,7 +273,12 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
 
     def body(state):
         step, token, done, out, log_probs, cache = state
-        logits, cache = model.forward(cfg, params, token[:, None], cache=cache)
+        if pallas_step:
+            logits, cache = fused_decode.decode_token(cfg, step_weights, token, cache, plan=plan,
+                                                      one_launch=not plan.interpret)
+            logits = logits[:, None]
+        else:
+            logits, cache = model.forward(cfg, params, token[:, None], cache=cache)
         token = sample(logits[:, 0], jax.random.fold_in(key, step), sampling)
         out = out.at[:, step].set(jnp.where(done, PAD, token))
         if with_log_probs:
@@ -282,7 +296,8 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
              max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, seed: int = 0, eos_id: Optional[int] = None,
              mesh: Optional[Mesh] = None, quantize_cache: bool = False,
-             return_log_probs: bool = False, vocab_limit: Optional[int] = None):
+             return_log_probs: bool = False, vocab_limit: Optional[int] = None,
+             pallas_step: bool = False):
     """The new tokens of each prompt (up to max_new_tokens, ending at eos_id when it comes).
 
     temperature 0 is greedy. mesh: params sharded on it (model.param_shardings); the cache is
@@ -290,15 +305,28 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     return_log_probs: return (tokens, log_probs), log_probs[i][j] = log p(tokens[i][j]) under the
     model itself (log_softmax of the raw logits: temperature, top-k and top-p not applied), the
     quantity an RL trainer recomputes (jaxlm/align). vocab_limit: never emit ids >= it (pass
-    the tokenizer's size when the model's vocab is padded beyond it).
+    the tokenizer's size when the model's vocab is padded beyond it). pallas_step: run the
+    decode steps (prefill stays on `model.forward`) with pallas_kernels/fused_decode.py, the
+    whole step in one Pallas kernel instead of XLA's ~275; one prompt, no mesh, a bf16/float32
+    cache (on CPU it runs in interpret mode: for tests, slow).
     """
     sampling = Sampling(float(temperature), top_k, top_p, vocab_limit)
     check_request(cfg, prompts, max_new_tokens, sampling, eos_id)
+    if pallas_step:
+        from pallas_kernels import fused_decode
+
+        reason = fused_decode.unsupported(cfg, {"k_scale": None} if quantize_cache else {},
+                                          len(prompts))
+        if mesh is not None:
+            reason = "; ".join(filter(None, [reason, "a mesh (it runs on one device)"]))
+        if reason:
+            raise ValueError(f"pallas_step=True cannot run this request: {reason}; "
+                             "use pallas_step=False")
     tokens, lengths, cache_len = _batch(prompts, mesh, 0, max_new_tokens)
     with _maybe_mesh(mesh):
         out = _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize_cache,
                              params, tokens, lengths, jax.random.key(seed),
-                             with_log_probs=return_log_probs)
+                             with_log_probs=return_log_probs, pallas_step=pallas_step)
     out, log_probs = (np.asarray(out[0]), np.asarray(out[1])) if return_log_probs else (np.asarray(out), None)
     results = [_trim(out[i], max_new_tokens, max_new_tokens, eos_id) for i in range(len(prompts))]
     if not return_log_probs:

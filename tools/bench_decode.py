@@ -49,22 +49,25 @@ def copy_bandwidth(nbytes: int) -> float:
 
 
 def bench_generate(cfg, params, batch: int, prompt_len: int, new_tokens: int,
-                   repeats: int = 1) -> float:
+                   repeats: int = 1, pallas_step: bool = False) -> float:
     prompts = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
     return timed(lambda: decode.generate(cfg, params, prompts, max_new_tokens=new_tokens,
-                                         temperature=0.0), repeats)
+                                         temperature=0.0, pallas_step=pallas_step), repeats)
 
 
-def bench_step(name: str, cfg, params, prompt_len: int, new_tokens: int, bandwidth: float) -> None:
+def bench_step(name: str, cfg, params, prompt_len: int, new_tokens: int, bandwidth: float,
+               pallas_step: bool = False) -> None:
     """Batch-1 time per decoded token, prefill excluded: (t(n new) - t(1 new)) / (n - 1)."""
-    one = bench_generate(cfg, params, 1, prompt_len, 1, repeats=3)
-    full = bench_generate(cfg, params, 1, prompt_len, new_tokens, repeats=3)
+    one = bench_generate(cfg, params, 1, prompt_len, 1, repeats=3, pallas_step=pallas_step)
+    full = bench_generate(cfg, params, 1, prompt_len, new_tokens, repeats=3,
+                          pallas_step=pallas_step)
     step = (full - one) / (new_tokens - 1)
     step_bytes = accounting.decode_step_bytes(cfg, 1, prompt_len + new_tokens // 2)
     print(json.dumps({"model": name, "batch": 1, "decode_tokens_per_s": round(1 / step, 1),
                       "step_ms": round(step * 1e3, 3), "step_bytes": step_bytes,
                       "roofline_fraction": round(step_bytes / bandwidth / step, 3),
-                      "attention_impl": cfg.attention_impl}), flush=True)
+                      "attention_impl": cfg.attention_impl, "pallas_step": pallas_step,
+                      "batch1_tokens_per_s": round(new_tokens / full, 1)}), flush=True)
 
 
 def bench_model(name: str, args, bandwidth: float) -> None:
@@ -77,6 +80,9 @@ def bench_model(name: str, args, bandwidth: float) -> None:
     prompt_len, new_tokens = (32, 16) if tiny else (512, 64 if args.quick else 256)
     params = model.init_params(cfg, jax.random.key(0))
     bench_step(name, cfg, params, prompt_len, new_tokens, bandwidth)
+    if args.pallas_step:  # the Pallas decode step, batch 1, against XLA's just above
+        bench_step(name, cfg, params, prompt_len, new_tokens, bandwidth, pallas_step=True)
+        return
     for batch in ((1, 2) if tiny else (1, 8) if args.quick else (1, 8, 64)):
         seconds = bench_generate(cfg, params, batch, prompt_len, new_tokens)
         print(json.dumps({"model": name, "batch": batch, "prompt": prompt_len, "new": new_tokens,
@@ -164,6 +170,8 @@ def main() -> None:
     parser.add_argument("--config", action="append", help="preset(s) (default 125m and 1b)")
     parser.add_argument("--quick", action="store_true", help="64 new tokens, batches 1 and 8")
     parser.add_argument("--baseline-hf", action="store_true", help="also transformers generate")
+    parser.add_argument("--pallas-step", action="store_true",
+                        help="batch 1 only: XLA's decode step, then generate(pallas_step=True)")
     parser.add_argument("--attention-impl", default=None, choices=("xla", "cudnn", "pallas"),
                         help="model attention (default pallas; xla for tiny)")
     args = parser.parse_args()

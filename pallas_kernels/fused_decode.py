@@ -1,0 +1,639 @@
+"""A batch-1 decode step in one kernel launch (Pallas, Triton GPU backend), or one launch per
+stage.
+
+Why: at batch 1 a decode step reads every weight once and does almost no arithmetic, so its
+floor is weight bytes / memory bandwidth. A 125m model's 0.27 GB take about 90 us at 3 TB/s;
+XLA runs the step as ~275 small kernels (matrix-vector products, norms, RoPE, the cache write,
+attention, the residual adds), each paying a launch gap and a ramp-up that its few microseconds
+of memory traffic cannot hide.
+
+Here each layer is five stages, each spread over `programs` (= the SM count) programs:
+
+  1. qkv:       rms_norm(x) @ [Wq | Wk | Wv]               rows of the output split over programs
+  2. attention: split-K over the cache: unit (kv head, split) scores its slice of the keys for
+                the G query heads of the kv head (each K/V byte read once), with RoPE applied
+                to q and, by the unit owning the new slot, to k, which it also writes to the
+                cache; partial (max, sum, output) per unit
+  3. o-proj:    every program merges the partials (cheap, from L2), then its rows of
+                x += attn @ Wo
+  4. gate/up:   h = silu(rms_norm(x) @ Wg) * (rms_norm(x) @ Wu), rows split over programs
+  5. down:      x += h @ Wd
+and after the last layer logits = rms_norm(x) @ W_out. Weights are matrix-vector friendly:
+`prepare` transposes each matrix to [out, in] once per generate call, so each program streams
+whole contiguous rows. Activations that cross programs go through small float32 scratch
+buffers in global memory, read with volatile loads (from L2, never a stale L1 line).
+
+`one_launch=True` runs all stages in one kernel with a grid-wide barrier between stages (each
+program raises its own flag, then polls all flags; programs never outnumber the SMs, so all
+are resident and the spin cannot deadlock), each stage issuing the loads of its first weight
+tile before it waits. Otherwise each stage is its own launch (5 L + 1 launches): the reference
+for the barrier, and how the CPU tests run several programs (interpret mode runs programs one
+after another, so a barrier would wait forever there; the one-launch form is tested with one).
+
+Numerics follow `model.forward` in the compute dtype: with bf16, every value the model rounds
+to bf16 (normed x, q/k/v, rotated q/k, attention output, projections, the residual stream, the
+MLP hidden) is rounded here at the same point; sums accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+MASK_VALUE = -1e30
+TILE_ELEMENTS = 32768  # weight elements a program holds in registers per row block (64 KB bf16)
+MAX_CHUNK = 512  # widest column chunk of a weight row block
+BLOCK_KEYS = 32
+STAGES = ("qkv", "attention", "o_proj", "gate_up", "down")
+WEIGHTS = ("attn_norm", "mlp_norm", "final_norm", "wqkv", "wo", "gate", "up", "down", "head")
+STATE = ("x", "qkv", "part_o", "part_m", "part_l", "hidden", "logits", "k", "v", "flags",
+         "polls")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static shapes and tiling of one compiled step."""
+
+    layers: int
+    embed: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    mlp: int
+    vocab: int
+    cache_len: int
+    eps: float
+    programs: int
+    splits: int  # attention units per kv head
+    round_bf16: bool
+    interpret: bool
+    num_warps: int = 8
+    # Timing experiments only (tools/check_fused_decode.py): stages (or "barrier") to leave
+    # out; the results are then wrong.
+    skip: tuple = ()
+    prefetch: bool = True
+    workers: int = 0
+
+    @property
+    def active(self) -> int:
+        """Programs that take work (experiments may leave some idle, at the barriers only)."""
+        return self.workers or self.programs
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+    @property
+    def qkv_rows(self) -> int:
+        return (self.heads + 2 * self.kv_heads) * self.head_dim
+
+
+def unsupported(cfg, cache: dict, batch: int) -> Optional[str]:
+    """Why the fused step cannot run this model/cache (None when it can)."""
+    reasons = []
+    if batch != 1:
+        reasons.append(f"batch {batch} (it runs batch 1)")
+    if cfg.num_experts:
+        reasons.append("MoE layers")
+    for flag in ("qkv_bias", "qk_norm", "sliding_window"):
+        if getattr(cfg, flag):
+            reasons.append(flag)
+    if cfg.parameterization != "standard":
+        reasons.append(f"parameterization {cfg.parameterization}")
+    if "k_scale" in cache:
+        reasons.append("an int8 cache")
+    group = cfg.num_heads // cfg.num_kv_heads
+    head_dim = cfg.resolved_head_dim
+    if group & (group - 1) or head_dim & (head_dim - 1) or head_dim < 16:
+        reasons.append(f"query heads per kv head {group} and head_dim {head_dim} must be powers "
+                       "of 2 (head_dim >= 16)")
+    for name, dim in (("embed_dim", cfg.embed_dim), ("mlp_dim", cfg.mlp_dim)):
+        if dim % 16:
+            reasons.append(f"{name} {dim} must be a multiple of 16")
+    return "; ".join(reasons) or None
+
+
+def prepare(cfg, params: dict) -> dict:
+    """The weights in the layouts the kernel reads, in the compute dtype (one copy per call).
+
+    Matrices become [out, in] (rows contiguous for matrix-vector products), q/k/v one matrix;
+    the output projection [L, D, K, G, H] so a row block's slice for one kv head is one tile.
+    """
+    dtype = jnp.dtype(cfg.compute_dtype)
+    blocks = params["blocks"]
+    if isinstance(blocks, (list, tuple)):
+        blocks = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+    attn, mlp = blocks["attn"], blocks["mlp"]
+    L, D = attn["q"].shape[:2]
+    K, H = attn["k"].shape[2:]
+    N = attn["q"].shape[2]
+    qkv = jnp.concatenate([attn[name].reshape(L, D, -1) for name in ("q", "k", "v")], axis=-1)
+    if cfg.tie_embeddings:
+        head = params["embed"]
+    else:
+        head = params["lm_head"].T
+    return {
+        "embed": params["embed"].astype(dtype),
+        "attn_norm": blocks["attn_norm"].astype(jnp.float32),
+        "mlp_norm": blocks["mlp_norm"].astype(jnp.float32),
+        "final_norm": params["final_norm"].astype(jnp.float32),
+        "wqkv": jnp.swapaxes(qkv, 1, 2).astype(dtype),
+        "wo": jnp.transpose(attn["o"], (0, 3, 1, 2)).reshape(L, D, K, N // K, H).astype(dtype),
+        "gate": jnp.swapaxes(mlp["gate"], 1, 2).astype(dtype),
+        "up": jnp.swapaxes(mlp["up"], 1, 2).astype(dtype),
+        "down": jnp.swapaxes(mlp["down"], 1, 2).astype(dtype),
+        "head": head.astype(dtype),
+    }
+
+
+# ----------------------------------------------------------------------------- kernel pieces
+
+
+def _chunking(width: int) -> tuple[int, int]:
+    """(chunk, count): the widest power-of-2 chunk <= MAX_CHUNK that divides `width`."""
+    chunk = min(MAX_CHUNK, width & -width)
+    return chunk, width // chunk
+
+
+def _row_block(rows: int, width: int, programs: int) -> int:
+    """Rows per block: enough for one block per program where registers allow."""
+    want = pl.next_power_of_2(-(-rows // programs))
+    fit = max(1, 1 << int(math.log2(max(1, TILE_ELEMENTS // width))))
+    return max(1, min(want, fit))
+
+
+def _i(value: int) -> jax.Array:
+    """A static index as an int32 scalar (Pallas' masked loads and atomics take no Python ints
+    among array indices)."""
+    return jnp.int32(value)
+
+
+def _grid_sync(flags_ref, pid, epoch, programs: int, interpret: bool):
+    """Barrier number `epoch` (1, 2, ...) across all programs.
+
+    Each program raises its own flag to `epoch` (an atomic max with release semantics, after a
+    CTA barrier so all its threads' stores come first), then polls all flags (volatile loads)
+    until the smallest reaches `epoch`. Flags rather than one counter: raising a flag to a
+    value is idempotent, so it does not matter how many threads of the program perform the
+    atomic. Flags past `programs` (padding to a power of 2) hold INT32_MAX.
+    """
+    epoch = jnp.asarray(epoch, jnp.int32)
+    if not interpret:
+        plgpu.debug_barrier()  # this program's stores are done before it announces them
+    plgpu.atomic_max(flags_ref, (pid,), epoch)
+    width = pl.next_power_of_2(programs)
+
+    def poll(carry):
+        # NOTE: the loop also counts its polls, and the caller must use the count. With the
+        # flags' minimum as its only carry (a body that ignores its input) the loop did not
+        # wait on an H200 with jax 0.11.2 (docs/benchmarks.md, "one-launch decode step").
+        _, polls = carry
+        return jnp.min(plgpu.load(flags_ref.at[pl.ds(0, width)], volatile=True)), polls + 1
+
+    _, polls = lax.while_loop(lambda carry: carry[0] < epoch, poll, (epoch - 1, jnp.int32(0)))
+    if not interpret:
+        plgpu.debug_barrier()
+    return polls
+
+
+class _Kernel:
+    """The stages, closed over one program's refs. Each stage: `prefetch(layer)` issues the
+    loads that do not depend on other programs; `run(layer, prefetched)` does the rest."""
+
+    def __init__(self, plan: Plan, scalars, freq, w: dict, s: dict):
+        self.p, self.w, self.s, self.freq = plan, w, s, freq
+        self.pid = pl.program_id(0)
+        self.pos = scalars[1]
+
+    # -- helpers
+
+    def rnd(self, x):
+        return x.astype(jnp.bfloat16).astype(jnp.float32) if self.p.round_bf16 else x
+
+    def load_act(self, ref, mask=None, other=None):
+        """Activations written by other programs: volatile loads (from L2), never a stale L1
+        line. (`cache_modifier=".cg"` would say it better; this JAX's lowering rejects it.)"""
+        return plgpu.load(ref, mask=mask, other=other, volatile=True)
+
+    def my_rows(self, total: int):
+        n = self.p.active
+        return (jnp.minimum(self.pid * total // n, total),
+                jnp.minimum((self.pid + 1) * total // n, total))
+
+    def load_rows(self, ref, index, r0, hi, rows: int, width: int):
+        """Rows [r0, r0 + rows) (those < hi) of ref[index] [.., width], as column chunks."""
+        chunk, count = _chunking(width)
+        ok = (r0 + jnp.arange(rows) < hi)[:, None]
+        return [plgpu.load(ref.at[(*index, pl.ds(r0, rows), pl.ds(c * chunk, chunk))],
+                           mask=jnp.broadcast_to(ok, (rows, chunk)), other=0.0)
+                for c in range(count)]
+
+    def vector(self, ref, width: int):
+        chunk, count = _chunking(width)
+        return [self.load_act(ref.at[pl.ds(c * chunk, chunk)]) for c in range(count)]
+
+    def norm_scale(self, scale_ref, index):
+        """A norm's scale as column chunks (a weight: loaded before the barrier)."""
+        chunk, count = _chunking(self.p.embed)
+        return [scale_ref[(*index, pl.ds(c * chunk, chunk))] for c in range(count)]
+
+    def normed(self, scales):
+        """rms_norm(x) as column chunks (every program computes it whole: D floats from L2)."""
+        xs = self.vector(self.s["x"], self.p.embed)
+        mean_square = sum(jnp.sum(x * x) for x in xs) / self.p.embed
+        inv = lax.rsqrt(mean_square + self.p.eps)
+        return [self.rnd(x * inv * scale) for x, scale in zip(xs, scales)]
+
+    @staticmethod
+    def matvec(tiles, xs):
+        return sum(jnp.sum(t.astype(jnp.float32) * x[None, :], axis=1) for t, x in zip(tiles, xs))
+
+    def row_loop(self, total: int, rows: int, load, compute, first):
+        """This program's rows of `total`, `rows` at a time; each block's loads are issued before
+        the previous block is computed (first = the prefetched first block)."""
+        lo, hi = self.my_rows(total)
+
+        def body(i, tiles):
+            upcoming = load(lo + (i + 1) * rows, hi)
+            compute(lo + i * rows, hi, tiles)
+            return upcoming
+
+        lax.fori_loop(0, lax.div(hi - lo + rows - 1, rows), body, first)
+
+    def store_rows(self, ref, r0, hi, values):
+        idx = r0 + jnp.arange(values.shape[0])
+        plgpu.store(ref.at[pl.ds(r0, values.shape[0])], values, mask=idx < hi)
+
+    # -- matrix stages: (rows of the output, rows per block, weight names, input width)
+
+    def _matrix_stage(self, names, width, total):
+        rows = _row_block(total, width * len(names), self.p.active)
+        lo, hi = self.my_rows(total)
+
+        def load(layer, r0, hi_):
+            index = () if layer is None else (layer,)
+            return [self.load_rows(self.w[n], index, r0, hi_, rows, width) for n in names]
+
+        return rows, lo, hi, load
+
+    def prefetch_matrix(self, layer, names, width, total):
+        _, lo, hi, load = self._matrix_stage(names, width, total)
+        return load(layer, lo, hi)
+
+    def run_matrix(self, layer, names, width, total, xs, epilogue, first):
+        rows, _, _, load = self._matrix_stage(names, width, total)
+        self.row_loop(total, rows, lambda r0, hi: load(layer, r0, hi),
+                      lambda r0, hi, tiles: epilogue(r0, hi, [self.matvec(t, xs) for t in tiles]),
+                      first)
+
+    # -- stage 1: q, k, v
+
+    def prefetch_qkv(self, layer):
+        return (self.prefetch_matrix(layer, ("wqkv",), self.p.embed, self.p.qkv_rows),
+                self.norm_scale(self.w["attn_norm"], (layer,)))
+
+    def run_qkv(self, layer, prefetched):
+        first, scales = prefetched
+        xs = self.normed(scales)
+        self.run_matrix(layer, ("wqkv",), self.p.embed, self.p.qkv_rows, xs,
+                        lambda r0, hi, ys: self.store_rows(self.s["qkv"], r0, hi,
+                                                           self.rnd(ys[0])), first)
+
+    # -- stage 2: attention, split-K over the cache
+
+    def _unit_range(self, split):
+        """Keys [start, end) of split `split`: [0, pos] (pos = the new token) cut in splits."""
+        p = self.p
+        total = self.pos + 1
+        per = lax.div(lax.div(total + p.splits - 1, p.splits) + BLOCK_KEYS - 1,
+                      BLOCK_KEYS) * BLOCK_KEYS
+        start = split * per
+        return start, jnp.minimum(start + per, total)
+
+    def _load_keys(self, layer, kv_head, k0, old_end):
+        """A block of cached keys and values from k0 (slots < old_end), as halves of head_dim."""
+        half = self.p.head_dim // 2
+        ok = jnp.broadcast_to((k0 + jnp.arange(BLOCK_KEYS) < old_end)[:, None], (BLOCK_KEYS, half))
+        out = []
+        for name in ("k", "v"):
+            for h0 in (0, half):
+                ref = self.s[name].at[layer, _i(0), kv_head, pl.ds(k0, BLOCK_KEYS), pl.ds(h0, half)]
+                out.append(plgpu.load(ref, mask=ok, other=0.0))
+        return out
+
+    def prefetch_attention(self, layer):
+        p = self.p
+        unit = jnp.minimum(self.pid, p.kv_heads * p.splits - 1)
+        start, end = self._unit_range(unit % p.splits)
+        return self._load_keys(layer, unit // p.splits, start, jnp.minimum(end, self.pos))
+
+    def _rope(self, a, b):
+        """Rotate halves a, b [..., H/2] by pos * frequency (layers.apply_rope)."""
+        angles = self.pos.astype(jnp.float32) * self.freq[...]
+        cos, sin = jnp.cos(angles), jnp.sin(angles)
+        return self.rnd(a * cos - b * sin), self.rnd(b * cos + a * sin)
+
+    def _head_vector(self, head, count):
+        """Halves of `count` consecutive heads' rows of the qkv scratch: 2 x [count, H/2]."""
+        H, half = self.p.head_dim, self.p.head_dim // 2
+        base = (head + jnp.arange(count))[:, None] * H + jnp.arange(half)[None, :]
+        return [self.load_act(self.s["qkv"].at[base + h0]) for h0 in (0, half)]
+
+    def run_attention(self, layer, first):
+        p = self.p
+        G, H, half = p.group, p.head_dim, p.head_dim // 2
+        scale = H ** -0.5
+        units = p.kv_heads * p.splits
+
+        def unit_body(i, prefetched):
+            unit = self.pid + i * p.active
+            kv_head, split = unit // p.splits, unit % p.splits
+            start, end = self._unit_range(split)
+            old_end = jnp.minimum(end, self.pos)
+            # This step's q, k, v of the kv head: all loads issued at once, before any math.
+            q_raw = self._head_vector(kv_head * G, G)  # halves, [G, H/2] each
+            k_raw = self._head_vector(p.heads + kv_head, 1)
+            v1, v2 = self._head_vector(p.heads + p.kv_heads + kv_head, 1)
+            q1, q2 = self._rope(*q_raw)
+            q1, q2 = q1 * scale, q2 * scale
+
+            def scores(k1, k2):  # [G, n]
+                return (jnp.sum(q1[:, None, :] * k1[None].astype(jnp.float32), axis=2)
+                        + jnp.sum(q2[:, None, :] * k2[None].astype(jnp.float32), axis=2))
+
+            def block(j, carry):
+                tiles, m, l, o1, o2 = carry
+                k0 = start + j * BLOCK_KEYS
+                upcoming = self._load_keys(layer, kv_head, k0 + BLOCK_KEYS, old_end)
+                k1, k2, v1, v2 = tiles
+                s = scores(k1, k2)
+                valid = jnp.broadcast_to((k0 + jnp.arange(BLOCK_KEYS) < old_end)[None, :], s.shape)
+                s = jnp.where(valid, s, MASK_VALUE)
+                m_new = jnp.maximum(m, jnp.max(s, axis=1))
+                prob = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
+                alpha = jnp.exp(m - m_new)
+                o1 = o1 * alpha[:, None] + jnp.sum(prob[:, :, None] * v1[None].astype(jnp.float32), axis=1)
+                o2 = o2 * alpha[:, None] + jnp.sum(prob[:, :, None] * v2[None].astype(jnp.float32), axis=1)
+                return upcoming, m_new, l * alpha + jnp.sum(prob, axis=1), o1, o2
+
+            blocks = lax.div(jnp.maximum(old_end - start, 0) + BLOCK_KEYS - 1, BLOCK_KEYS)
+            carry = (prefetched, jnp.full((G,), MASK_VALUE, jnp.float32), jnp.zeros((G,), jnp.float32),
+                     jnp.zeros((G, half), jnp.float32), jnp.zeros((G, half), jnp.float32))
+            _, m, l, o1, o2 = lax.fori_loop(0, blocks, block, carry)
+
+            # The new token (slot pos) belongs to the unit whose range holds it: that unit rotates
+            # its key, writes k and v to the cache and adds it to its softmax.
+            owner = (start <= self.pos) & (self.pos < end)
+            k1, k2 = self._rope(*k_raw)
+            for name, a, b in (("k", k1, k2), ("v", v1, v2)):
+                ref = self.s[name]
+                for h0, part in ((0, a), (half, b)):
+                    plgpu.store(ref.at[layer, _i(0), kv_head, pl.ds(self.pos, 1), pl.ds(h0, half)],
+                                part.astype(ref.dtype), mask=jnp.broadcast_to(owner, (1, half)))
+            s_new = jnp.where(owner, jnp.sum(scores(k1, k2), axis=1), MASK_VALUE)  # [G]
+            m_new = jnp.maximum(m, s_new)
+            alpha, beta = jnp.exp(m - m_new), jnp.where(owner, jnp.exp(s_new - m_new), 0.0)
+            o1 = o1 * alpha[:, None] + beta[:, None] * v1
+            o2 = o2 * alpha[:, None] + beta[:, None] * v2
+            l = l * alpha + beta
+            m = m_new
+
+            for ref, value in ((self.s["part_o"].at[kv_head, split, :, pl.ds(0, half)], o1),
+                               (self.s["part_o"].at[kv_head, split, :, pl.ds(half, half)], o2),
+                               (self.s["part_m"].at[kv_head, split, :], m),
+                               (self.s["part_l"].at[kv_head, split, :], l)):
+                plgpu.store(ref, value)
+            nxt = self.pid + (i + 1) * p.active
+            nxt_unit = jnp.minimum(nxt, units - 1)
+            n_start, n_end = self._unit_range(nxt_unit % p.splits)
+            return self._load_keys(layer, nxt_unit // p.splits, n_start,
+                                   jnp.where(nxt < units, jnp.minimum(n_end, self.pos), n_start))
+
+        count = jnp.where(self.pid < p.active,
+                          lax.div(jnp.maximum(units - self.pid, 0) + p.active - 1, p.active), 0)
+        lax.fori_loop(0, count, unit_body, first)
+
+    # -- stage 3: merge the splits, then x += attn @ Wo
+
+    def merged_attention(self):
+        """The attention output as one [G, H] tile per kv head (every program merges all)."""
+        p = self.p
+        splits = pl.next_power_of_2(p.splits)
+        ok = jnp.arange(splits) < p.splits
+        out = []
+        for kv_head in range(p.kv_heads):
+            m = self.load_act(self.s["part_m"].at[_i(kv_head), pl.ds(0, splits), :],
+                              mask=jnp.broadcast_to(ok[:, None], (splits, p.group)), other=MASK_VALUE)
+            l = self.load_act(self.s["part_l"].at[_i(kv_head), pl.ds(0, splits), :],
+                              mask=jnp.broadcast_to(ok[:, None], (splits, p.group)), other=0.0)
+            o = self.load_act(self.s["part_o"].at[_i(kv_head), pl.ds(0, splits), :, :],
+                              mask=jnp.broadcast_to(ok[:, None, None], (splits, p.group, p.head_dim)),
+                              other=0.0)
+            peak = jnp.max(m, axis=0)
+            weight = jnp.exp(m - peak[None, :])  # [splits, G]; empty splits: l = 0, o = 0
+            total = jnp.sum(weight * l, axis=0)
+            out.append(self.rnd(jnp.sum(weight[:, :, None] * o, axis=0) / total[:, None]))
+        return out
+
+    def _load_wo(self, layer, r0, hi, rows):
+        p = self.p
+        ok = jnp.broadcast_to((r0 + jnp.arange(rows) < hi)[:, None, None], (rows, p.group, p.head_dim))
+        return [plgpu.load(self.w["wo"].at[layer, pl.ds(r0, rows), _i(kv_head), :, :], mask=ok, other=0.0)
+                for kv_head in range(p.kv_heads)]
+
+    def _wo_rows(self):
+        return _row_block(self.p.embed, self.p.heads * self.p.head_dim, self.p.active)
+
+    def prefetch_o_proj(self, layer):
+        lo, hi = self.my_rows(self.p.embed)
+        return self._load_wo(layer, lo, hi, self._wo_rows())
+
+    def run_o_proj(self, layer, first):
+        attn = self.merged_attention()
+        rows = self._wo_rows()
+
+        def compute(r0, hi, tiles):
+            y = sum(jnp.sum(jnp.sum(t.astype(jnp.float32) * a[None], axis=2), axis=1)
+                    for t, a in zip(tiles, attn))
+            self.add_to_residual(r0, hi, y)
+
+        self.row_loop(self.p.embed, rows, lambda r0, hi: self._load_wo(layer, r0, hi, rows),
+                      compute, first)
+
+    def add_to_residual(self, r0, hi, y):
+        idx = r0 + jnp.arange(y.shape[0])
+        ref = self.s["x"].at[pl.ds(r0, y.shape[0])]
+        x = self.load_act(ref, mask=idx < hi, other=0.0)
+        plgpu.store(ref, self.rnd(x + self.rnd(y)), mask=idx < hi)
+
+    # -- stage 4: gate/up; stage 5: down
+
+    def prefetch_gate_up(self, layer):
+        return (self.prefetch_matrix(layer, ("gate", "up"), self.p.embed, self.p.mlp),
+                self.norm_scale(self.w["mlp_norm"], (layer,)))
+
+    def run_gate_up(self, layer, prefetched):
+        first, scales = prefetched
+        xs = self.normed(scales)
+
+        def epilogue(r0, hi, ys):
+            gate, up = (self.rnd(y) for y in ys)
+            self.store_rows(self.s["hidden"], r0, hi,
+                            self.rnd(self.rnd(gate * jax.nn.sigmoid(gate)) * up))
+
+        self.run_matrix(layer, ("gate", "up"), self.p.embed, self.p.mlp, xs, epilogue, first)
+
+    def prefetch_down(self, layer):
+        return self.prefetch_matrix(layer, ("down",), self.p.mlp, self.p.embed)
+
+    def run_down(self, layer, first):
+        xs = self.vector(self.s["hidden"], self.p.mlp)
+        self.run_matrix(layer, ("down",), self.p.mlp, self.p.embed, xs,
+                        lambda r0, hi, ys: self.add_to_residual(r0, hi, ys[0]), first)
+
+    # -- output layer
+
+    def prefetch_head(self):
+        return (self.prefetch_matrix(None, ("head",), self.p.embed, self.p.vocab),
+                self.norm_scale(self.w["final_norm"], ()))
+
+    def run_head(self, prefetched):
+        first, scales = prefetched
+        xs = self.normed(scales)
+        self.run_matrix(None, ("head",), self.p.embed, self.p.vocab, xs,
+                        lambda r0, hi, ys: self.store_rows(self.s["logits"], r0, hi,
+                                                           self.rnd(ys[0])), first)
+
+
+def _kernel(*refs, plan: Plan, stage: Optional[str]):
+    scalars, freq = refs[0], refs[1]
+    w = dict(zip(WEIGHTS, refs[2:2 + len(WEIGHTS)]))
+    s = dict(zip(STATE, refs[2 + len(WEIGHTS) + len(STATE):]))  # the outputs (aliased inputs)
+    k = _Kernel(plan, scalars, freq, w, s)
+    if stage == "head":
+        k.run_head(k.prefetch_head())
+        return
+    if stage is not None:
+        layer = scalars[2]
+        getattr(k, f"run_{stage}")(layer, getattr(k, f"prefetch_{stage}")(layer))
+        return
+
+    def sync(epoch):
+        if "barrier" in plan.skip:
+            return jnp.int32(0)
+        return _grid_sync(s["flags"], k.pid, epoch, plan.programs, plan.interpret)
+
+    def layer_body(layer, polls):
+        for i, name in enumerate(STAGES):
+            epoch = layer * len(STAGES) + i + 1
+            if name in plan.skip:
+                polls += sync(epoch)
+                continue
+            if plan.prefetch:
+                first = getattr(k, f"prefetch_{name}")(layer)
+                polls += sync(epoch)
+            else:
+                polls += sync(epoch)
+                first = getattr(k, f"prefetch_{name}")(layer)
+            getattr(k, f"run_{name}")(layer, first)
+        return polls
+
+    polls = lax.fori_loop(0, plan.layers, layer_body, jnp.int32(0))
+    # The poll counts are stored: a while loop whose count is never used loses it to dead-code
+    # elimination, and that form (a loop body ignoring its carry) did not wait on an H200.
+    if "head" in plan.skip:
+        s["polls"][k.pid] = polls
+        return
+    first = k.prefetch_head()
+    s["polls"][k.pid] = polls + sync(plan.layers * len(STAGES) + 1)
+    k.run_head(first)
+
+
+def _launch(plan: Plan, stage: Optional[str], scalars, freq, weights: dict, state: dict) -> dict:
+    n_in = 2 + len(WEIGHTS)
+    args = [scalars, freq, *(weights[n] for n in WEIGHTS), *(state[n] for n in STATE)]
+    out = pl.pallas_call(
+        functools.partial(_kernel, plan=plan, stage=stage),
+        grid=(plan.programs,),
+        out_shape=[jax.ShapeDtypeStruct(state[n].shape, state[n].dtype) for n in STATE],
+        input_output_aliases={n_in + i: i for i in range(len(STATE))},
+        compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=1),
+        interpret=plan.interpret,
+        name=f"fused_decode_{stage or 'step'}",
+    )(*args)
+    return dict(zip(STATE, out))
+
+
+def _initial_flags(programs: int, pos) -> jax.Array:
+    """0 for each program, INT32_MAX for the padding. NOTE: built from pos, not a constant."""
+    width = pl.next_power_of_2(programs)
+    return jnp.where(jnp.arange(width) < programs, jnp.minimum(pos, 0),
+                     jnp.iinfo(jnp.int32).max).astype(jnp.int32)
+
+
+def make_plan(cfg, cache: dict, *, programs: Optional[int] = None, splits: Optional[int] = None,
+              interpret: bool = False, **options) -> Plan:
+    if programs is None:
+        programs = 1 if interpret else int(getattr(jax.devices()[0], "core_count", 0) or 132)
+    K = cfg.num_kv_heads
+    return Plan(layers=cfg.num_layers, embed=cfg.embed_dim, heads=cfg.num_heads, kv_heads=K,
+                head_dim=cfg.resolved_head_dim, mlp=cfg.mlp_dim, vocab=cfg.vocab_size,
+                cache_len=cache["k"].shape[3], eps=float(cfg.norm_eps), programs=programs,
+                splits=splits or max(1, programs // K),
+                round_bf16=jnp.dtype(cfg.compute_dtype) == jnp.bfloat16, interpret=interpret,
+                **options)
+
+
+def decode_token(cfg, weights: dict, token: jax.Array, cache: dict, *, plan: Plan,
+                 one_launch: bool = False) -> tuple[jax.Array, dict]:
+    """One decode step of one sequence: token [1] int -> (logits [1, V] float32, cache).
+
+    weights: `prepare(cfg, params)`; cache: kv_cache's layout, batch 1, k/v in the compute
+    dtype; the token goes to slot cache["lengths"][0] and lengths grows by one.
+    """
+    state = step_state(cfg, weights, token, cache, plan=plan, one_launch=one_launch)
+    new_cache = {**cache, "k": state["k"], "v": state["v"], "lengths": cache["lengths"] + 1}
+    return state["logits"][None], new_cache
+
+
+def step_state(cfg, weights: dict, token: jax.Array, cache: dict, *, plan: Plan,
+               one_launch: bool = False) -> dict:
+    """`decode_token`'s kernel state after the step (scratch buffers included: for tests)."""
+    from jaxlm.layers import rope_inverse_frequencies
+
+    p = plan
+    pos = cache["lengths"][0]
+    scalars = jnp.stack([token[0].astype(jnp.int32), pos, jnp.int32(0)])
+    freq = jnp.asarray(rope_inverse_frequencies(p.head_dim, cfg.rope_theta, cfg.rope_scaling))
+    x = jnp.take(weights["embed"], token[0], axis=0).astype(jnp.float32)
+    f32 = jnp.float32
+    state = {
+        "x": x, "qkv": jnp.zeros((p.qkv_rows,), f32),
+        "part_o": jnp.zeros((p.kv_heads, p.splits, p.group, p.head_dim), f32),
+        "part_m": jnp.zeros((p.kv_heads, p.splits, p.group), f32),
+        "part_l": jnp.zeros((p.kv_heads, p.splits, p.group), f32),
+        "hidden": jnp.zeros((p.mlp,), f32), "logits": jnp.zeros((p.vocab,), f32),
+        "k": cache["k"], "v": cache["v"], "flags": _initial_flags(p.programs, pos),
+        "polls": jnp.zeros((p.programs,), jnp.int32),
+    }
+    if one_launch:
+        state = _launch(p, None, scalars, freq, weights, state)
+    else:
+        def layer_body(layer, state):
+            for name in STAGES:
+                if name not in p.skip:
+                    state = _launch(p, name, scalars.at[2].set(layer), freq, weights, state)
+            return state
+
+        state = lax.fori_loop(0, p.layers, layer_body, state)
+        if "head" not in p.skip:
+            state = _launch(p, "head", scalars, freq, weights, state)
+    return state

@@ -1,0 +1,148 @@
+"""pallas_kernels/fused_decode.py (interpret mode on CPU) against model.forward's cached decode
+step: logits and the cache it writes, for MHA, GQA and MQA, several programs and splits."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import decode, kv_cache, model
+from jaxlm.config import ModelConfig, RopeScaling
+from pallas_kernels import fused_decode
+
+PROMPT, STEPS = 9, 3
+
+
+def _config(kv_heads=2, dtype="float32", **extra):
+    return ModelConfig(vocab_size=320, embed_dim=64, num_layers=2, num_heads=4,
+                       num_kv_heads=kv_heads, head_dim=16, mlp_dim=96, max_seq_len=128,
+                       compute_dtype=dtype, **extra)
+
+
+def _params(cfg, seed=0):
+    # Weights x6: peaked attention and logits far apart, so a wrong key or row shows.
+    params = model.init_params(cfg, jax.random.key(seed))
+    return jax.tree.map(lambda w: w * 6 if w.ndim >= 2 else w, params)
+
+
+def _compare(cfg, params, plan_options, one_launch=False):
+    """Max |logits - forward|, max |cache - forward's cache| / max |cache| over STEPS decode
+    steps, and max |forward's logits|."""
+    tokens = jax.random.randint(jax.random.key(1), (1, PROMPT + STEPS), 0, cfg.vocab_size)
+    cache = kv_cache.init_cache(cfg, 1, 32)
+    _, cache = model.forward(cfg, params, tokens[:, :PROMPT], cache=cache)
+    ref_cache = jax.tree.map(jnp.copy, cache)
+    plan = fused_decode.make_plan(cfg, cache, interpret=True, **plan_options)
+    weights = fused_decode.prepare(cfg, params)
+    step = jax.jit(lambda w, t, c: fused_decode.decode_token(cfg, w, t, c, plan=plan,
+                                                             one_launch=one_launch))
+    logit_error = cache_error = 0.0
+    scale = 0.0
+    for i in range(STEPS):
+        token = tokens[0, PROMPT + i:PROMPT + i + 1]
+        logits, cache = step(weights, token, cache)
+        ref, ref_cache = model.forward(cfg, params, token[None], cache=ref_cache)
+        logit_error = max(logit_error, float(jnp.max(jnp.abs(logits - ref[:, 0]))))
+        scale = max(scale, float(jnp.max(jnp.abs(ref))))
+        for name in ("k", "v"):  # relative to the largest cached value
+            ref_values = ref_cache[name].astype(jnp.float32)
+            cache_error = max(cache_error, float(
+                jnp.max(jnp.abs(cache[name].astype(jnp.float32) - ref_values))
+                / jnp.max(jnp.abs(ref_values))))
+    assert int(cache["lengths"][0]) == int(ref_cache["lengths"][0]) == PROMPT + STEPS
+    return logit_error, cache_error, scale
+
+
+@pytest.mark.parametrize("kv_heads,programs,splits", [
+    (2, 3, 2),  # GQA: 2 query heads per kv head, rows split unevenly over 3 programs
+    (4, 5, 3),  # MHA, 3 splits of the keys per head
+    (1, 2, 4),  # MQA
+])
+def test_one_kernel_per_stage_matches_forward(kv_heads, programs, splits):
+    cfg = _config(kv_heads)
+    logit_error, cache_error, scale = _compare(cfg, _params(cfg),
+                                               {"programs": programs, "splits": splits})
+    assert scale > 1.0  # the logits are not all near 0
+    assert logit_error < 2e-5 * scale
+    assert cache_error < 1e-5
+
+
+def test_one_launch_matches_forward():
+    """The one-launch form (grid barriers; one program on CPU: interpret runs programs in turn)."""
+    cfg = _config(2)
+    logit_error, cache_error, scale = _compare(cfg, _params(cfg), {"programs": 1, "splits": 3},
+                                               one_launch=True)
+    assert logit_error < 2e-5 * scale
+    assert cache_error < 1e-5
+
+
+def test_llama3_rope_scaling():
+    cfg = _config(2, rope_scaling=RopeScaling(factor=8.0, original_max_seq_len=16))
+    logit_error, _, scale = _compare(cfg, _params(cfg), {"programs": 2, "splits": 2})
+    assert logit_error < 2e-5 * scale
+
+
+def test_bf16_rounds_where_the_model_rounds():
+    cfg = _config(2, dtype="bfloat16")
+    params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), _params(cfg))
+    logit_error, cache_error, scale = _compare(cfg, params, {"programs": 3, "splits": 2})
+    # Same rounding points, different summation order: a few bf16 ulps of the logits.
+    assert logit_error < 0.03 * scale
+    assert cache_error < 0.01
+
+
+def test_generate_with_the_pallas_step_equals_generate():
+    cfg = _config(2)
+    params = _params(cfg, seed=3)
+    prompt = [[5, 17, 42, 99, 3, 250]]
+    expected = decode.generate(cfg, params, prompt, max_new_tokens=8, temperature=0.0)
+    got = decode.generate(cfg, params, prompt, max_new_tokens=8, temperature=0.0,
+                          pallas_step=True)
+    assert got == expected
+    assert len(got[0]) == 8
+
+
+@pytest.mark.parametrize("change,call,message", [
+    ({}, {"prompts": [[1, 2], [3]]}, "batch 2"),
+    ({}, {"quantize_cache": True}, "int8 cache"),
+    ({"qk_norm": True}, {}, "qk_norm"),
+    ({"num_heads": 6, "num_kv_heads": 2}, {}, "powers of 2"),
+])
+def test_generate_refuses_what_the_step_cannot_run(change, call, message):
+    cfg = dataclasses.replace(_config(2), **change)
+    params = model.init_params(cfg, jax.random.key(0))
+    kwargs = {"prompts": [[1, 2, 3]], **call}
+    with pytest.raises(ValueError, match=message):
+        decode.generate(cfg, params, kwargs.pop("prompts"), max_new_tokens=2, pallas_step=True,
+                        **kwargs)
+
+
+def test_row_blocks_cover_every_row_once():
+    """Each program's rows [lo, hi) in blocks of _row_block rows: a partition of all rows."""
+    for rows, width, programs in [(2304, 768, 132), (768, 2048, 132), (50304, 768, 132),
+                                  (96, 64, 5), (7, 64, 3)]:
+        block = fused_decode._row_block(rows, width, programs)
+        assert block & (block - 1) == 0 and block * width <= max(fused_decode.TILE_ELEMENTS, width)
+        seen = np.zeros(rows, int)
+        for pid in range(programs):
+            lo, hi = pid * rows // programs, (pid + 1) * rows // programs
+            for start in range(lo, hi, block):
+                seen[start:min(start + block, hi)] += 1
+        assert (seen == 1).all()
+
+
+@pytest.mark.parametrize("one_launch", [False, True])
+def test_lowers_to_triton_ir(hopper_lowering, one_launch):
+    """Both forms lower for CUDA (Triton IR; PTX needs a GPU: tools/check_fused_decode.py)."""
+    cfg = _config(2, dtype="bfloat16")
+    params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+    cache = jax.eval_shape(lambda: kv_cache.init_cache(cfg, 1, 64))
+    weights = jax.eval_shape(lambda p: fused_decode.prepare(cfg, p), params)
+    plan = fused_decode.make_plan(cfg, cache, programs=6)
+    step = jax.jit(lambda w, t, c: fused_decode.decode_token(cfg, w, t, c, plan=plan,
+                                                             one_launch=one_launch))
+    lowered = step.trace(weights, jax.ShapeDtypeStruct((1,), jnp.int32), cache).lower(
+        lowering_platforms=("cuda",))
+    assert "fused_decode" in lowered.as_text()

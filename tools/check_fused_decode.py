@@ -1,0 +1,143 @@
+"""The Pallas batch-1 decode step (pallas_kernels/fused_decode.py) on a GPU: numerics against
+`model.forward` with the same cache, and its step time (one launch per stage, and the
+experimental one-launch form) against XLA's step (model.forward).
+
+    python tools/check_fused_decode.py --config 125m            # bf16 + float32 checks, timings
+    python tools/check_fused_decode.py --config 1b --no-float32
+
+Numerics: a 512-token random prompt is prefilled by model.forward, then `--steps` tokens are
+decoded greedily by the Pallas step; the XLA step is fed the same tokens from its own copy of the
+cache, and the logits are compared at every step. In float32 (compute dtype float32) the two
+must agree to float32 rounding: a missed barrier or a stale read would show as an O(1) error.
+In bf16 they round at the same points, so they agree to a few bf16 ulps.
+
+Timing: a jitted loop of `--steps` greedy steps (each step's argmax is the next token), median
+of `--repeats`, per step; the roofline is the weight + KV bytes of a step over the copy
+bandwidth measured here. One JSON object per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+
+import jax
+import jax.numpy as jnp
+
+from bench_decode import copy_bandwidth  # tools/, next to this script
+from bench_forward import time_step
+from jaxlm import accounting, kv_cache, model
+from jaxlm.config import load_config
+from pallas_kernels import fused_decode
+
+
+def setup(name: str, dtype: str, prompt_len: int, steps: int):
+    cfg = dataclasses.replace(load_config(name).model, param_dtype=dtype, compute_dtype=dtype,
+                              attention_impl="xla")
+    params = model.init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (1, prompt_len), 0, cfg.vocab_size)
+    cache_len = -(-(prompt_len + steps) // 64) * 64
+    prefill = jax.jit(lambda p, t: model.forward(cfg, p, t, cache=kv_cache.init_cache(
+        cfg, 1, cache_len))[1])
+    return cfg, params, tokens, prefill(params, tokens)
+
+
+def check(name: str, dtype: str, steps: int, one_launch: bool) -> dict:
+    cfg, params, tokens, cache = setup(name, dtype, 512, steps)
+    plan = fused_decode.make_plan(cfg, cache)
+    weights = jax.jit(lambda p: fused_decode.prepare(cfg, p))(params)
+    fused_step = jax.jit(lambda w, t, c: fused_decode.decode_token(cfg, w, t, c, plan=plan,
+                                                                   one_launch=one_launch),
+                         donate_argnums=2)
+    infer = jax.jit(lambda p: model.inference_params(cfg, p))(params)
+    xla_step = jax.jit(lambda p, t, c: model.forward(cfg, p, t[None], cache=c), donate_argnums=2)
+    xla_cache = jax.tree.map(jnp.copy, cache)
+    token = tokens[0, -1:]
+    errors, agree, scale = [], 0, 0.0
+    for _ in range(steps):
+        logits, cache = fused_step(weights, token, cache)
+        ref, xla_cache = xla_step(infer, token, xla_cache)
+        ref = ref[0]
+        errors.append(float(jnp.max(jnp.abs(logits - ref))))
+        scale = max(scale, float(jnp.max(jnp.abs(ref))))
+        agree += int(jnp.argmax(logits[0]) == jnp.argmax(ref[0]))
+        token = jnp.argmax(logits[0])[None].astype(jnp.int32)
+    cache_error = float(jnp.max(jnp.abs(cache["k"].astype(jnp.float32)
+                                        - xla_cache["k"].astype(jnp.float32))))
+    return {"check": name, "dtype": dtype, "one_launch": one_launch, "steps": steps,
+            "max_logit_error": errors and max(errors), "logit_scale": scale,
+            "argmax_agree": f"{agree}/{steps}", "cache_k_error": cache_error,
+            "programs": plan.programs, "splits": plan.splits}
+
+
+BREAKDOWN = {  # one-launch variants that leave parts out (wrong results, timing only)
+    "no_barriers": ("barrier",),
+    "barriers_only": fused_decode.STAGES + ("head",),
+    "barriers_head": fused_decode.STAGES,
+    "no_attention": ("attention", "o_proj"),
+}
+
+
+def bench(name: str, steps: int, repeats: int, bandwidth: float, breakdown: bool) -> None:
+    cfg, params, tokens, cache = setup(name, "bfloat16", 512, steps)
+    plan = fused_decode.make_plan(cfg, cache)
+    weights = jax.jit(lambda p: fused_decode.prepare(cfg, p))(params)
+    infer = jax.jit(lambda p: model.inference_params(cfg, p))(params)
+
+    def loop(step, params, cache):
+        def body(_, carry):
+            token, cache = carry
+            logits, cache = step(params, token, cache)
+            return jnp.argmax(logits.reshape(-1, logits.shape[-1])[0])[None].astype(jnp.int32), cache
+        return jax.lax.fori_loop(0, steps, body, (tokens[0, -1:], cache))
+
+    variants = {
+        "pallas": (weights, lambda w, t, c: fused_decode.decode_token(cfg, w, t, c, plan=plan)),
+        "one_launch": (weights, lambda w, t, c: fused_decode.decode_token(
+            cfg, w, t, c, plan=plan, one_launch=True)),
+        "xla": (infer, lambda p, t, c: model.forward(cfg, p, t[None], cache=c)),
+    }
+    if breakdown:
+        for label, skip in BREAKDOWN.items():
+            variant = dataclasses.replace(plan, skip=skip)
+            variants[label] = (weights, lambda w, t, c, variant=variant: fused_decode.decode_token(
+                cfg, w, t, c, plan=variant, one_launch=True))
+    step_bytes = accounting.decode_step_bytes(cfg, 1, 512 + steps // 2)
+    for label, (args, step) in variants.items():
+        run = jax.jit(lambda p, c, step=step: loop(step, p, c))
+        times = time_step(run, args, cache, warmup=1, repeats=repeats)
+        per_step = statistics.median(times) / steps
+        print(json.dumps({"bench": name, "step": label, "step_us": round(per_step * 1e6, 1),
+                          "tokens_per_s": round(1 / per_step, 1), "step_bytes": step_bytes,
+                          "roofline_fraction": round(step_bytes / bandwidth / per_step, 3),
+                          "times_s": [round(t, 4) for t in times]}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action="append", help="preset(s) (default 125m)")
+    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--check-steps", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-float32", action="store_true", help="skip the float32 check")
+    parser.add_argument("--no-bench", action="store_true")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time one-launch variants without barriers / stages (BREAKDOWN)")
+    args = parser.parse_args()
+    print(json.dumps({"device": str(jax.devices()[0]),
+                      "core_count": getattr(jax.devices()[0], "core_count", None)}), flush=True)
+    bandwidth = copy_bandwidth(1 << 30)
+    print(json.dumps({"copy_bandwidth_GBps": round(bandwidth / 1e9, 1)}), flush=True)
+    for name in args.config or ["125m"]:
+        dtypes = ["bfloat16"] + ([] if args.no_float32 else ["float32"])
+        for dtype in dtypes:
+            for one_launch in (False, True):
+                print(json.dumps(check(name, dtype, args.check_steps, one_launch)), flush=True)
+        if not args.no_bench:
+            bench(name, args.steps, args.repeats, bandwidth, args.breakdown)
+
+
+if __name__ == "__main__":
+    main()
