@@ -51,7 +51,7 @@ from jax.experimental.pallas import triton as plgpu
 MASK_VALUE = -1e30
 TILE_ELEMENTS = 32768  # weight elements a program holds in registers per row block (64 KB bf16)
 MAX_CHUNK = 512  # widest column chunk of a weight row block
-BLOCK_KEYS = 32
+BLOCK_KEYS = 64  # keys per attention block: at 125m/1b's splits, one block per unit
 STAGES = ("qkv", "attention", "o_proj", "gate_up", "down")
 WEIGHTS = ("attn_norm", "mlp_norm", "final_norm", "wqkv", "wo", "gate", "up", "down", "head")
 STATE = ("x", "qkv", "part_o", "part_m", "part_l", "hidden", "logits", "k", "v", "flags",
@@ -424,33 +424,36 @@ class _Kernel:
     # -- stage 3: merge the splits, then x += attn @ Wo
 
     def merged_attention(self):
-        """The attention output as one [G, H] tile per kv head (every program merges all)."""
+        """The attention output [K', G, H] (K' = kv heads padded to a power of 2, zeros there):
+        every program merges all splits of all heads, as one tile (few reductions)."""
         p = self.p
-        splits = pl.next_power_of_2(p.splits)
-        ok = jnp.arange(splits) < p.splits
-        out = []
-        for kv_head in range(p.kv_heads):
-            m = self.load_act(self.s["part_m"].at[_i(kv_head), pl.ds(0, splits), :],
-                              mask=jnp.broadcast_to(ok[:, None], (splits, p.group)), other=MASK_VALUE)
-            l = self.load_act(self.s["part_l"].at[_i(kv_head), pl.ds(0, splits), :],
-                              mask=jnp.broadcast_to(ok[:, None], (splits, p.group)), other=0.0)
-            o = self.load_act(self.s["part_o"].at[_i(kv_head), pl.ds(0, splits), :, :],
-                              mask=jnp.broadcast_to(ok[:, None, None], (splits, p.group, p.head_dim)),
-                              other=0.0)
-            peak = jnp.max(m, axis=0)
-            weight = jnp.exp(m - peak[None, :])  # [splits, G]; empty splits: l = 0, o = 0
-            total = jnp.sum(weight * l, axis=0)
-            out.append(self.rnd(jnp.sum(weight[:, :, None] * o, axis=0) / total[:, None]))
-        return out
+        heads, splits = pl.next_power_of_2(p.kv_heads), pl.next_power_of_2(p.splits)
+        ok = ((jnp.arange(heads) < p.kv_heads)[:, None, None]
+              & (jnp.arange(splits) < p.splits)[None, :, None])  # [K', S', 1]
+        stat = (heads, splits, p.group)
+        m = self.load_act(self.s["part_m"].at[pl.ds(0, heads), pl.ds(0, splits), :],
+                          mask=jnp.broadcast_to(ok, stat), other=MASK_VALUE)
+        l = self.load_act(self.s["part_l"].at[pl.ds(0, heads), pl.ds(0, splits), :],
+                          mask=jnp.broadcast_to(ok, stat), other=0.0)
+        o = self.load_act(self.s["part_o"].at[pl.ds(0, heads), pl.ds(0, splits), :, :],
+                          mask=jnp.broadcast_to(ok[..., None], (*stat, p.head_dim)), other=0.0)
+        peak = jnp.max(m, axis=1)  # [K', G]
+        weight = jnp.exp(m - peak[:, None, :])  # empty splits: l = 0, o = 0
+        total = jnp.sum(weight * l, axis=1)
+        total = jnp.where(total > 0.0, total, 1.0)  # padded heads
+        return self.rnd(jnp.sum(weight[..., None] * o, axis=1) / total[..., None])
 
     def _load_wo(self, layer, r0, hi, rows):
         p = self.p
-        ok = jnp.broadcast_to((r0 + jnp.arange(rows) < hi)[:, None, None], (rows, p.group, p.head_dim))
-        return [plgpu.load(self.w["wo"].at[layer, pl.ds(r0, rows), _i(kv_head), :, :], mask=ok, other=0.0)
-                for kv_head in range(p.kv_heads)]
+        heads = pl.next_power_of_2(p.kv_heads)
+        ok = ((r0 + jnp.arange(rows) < hi)[:, None, None, None]
+              & (jnp.arange(heads) < p.kv_heads)[None, :, None, None])
+        return plgpu.load(self.w["wo"].at[layer, pl.ds(r0, rows), pl.ds(0, heads), :, :],
+                          mask=jnp.broadcast_to(ok, (rows, heads, p.group, p.head_dim)), other=0.0)
 
     def _wo_rows(self):
-        return _row_block(self.p.embed, self.p.heads * self.p.head_dim, self.p.active)
+        heads = pl.next_power_of_2(self.p.kv_heads) * self.p.group
+        return _row_block(self.p.embed, heads * self.p.head_dim, self.p.active)
 
     def prefetch_o_proj(self, layer):
         lo, hi = self.my_rows(self.p.embed)
@@ -460,9 +463,9 @@ class _Kernel:
         attn = self.merged_attention()
         rows = self._wo_rows()
 
-        def compute(r0, hi, tiles):
-            y = sum(jnp.sum(jnp.sum(t.astype(jnp.float32) * a[None], axis=2), axis=1)
-                    for t, a in zip(tiles, attn))
+        def compute(r0, hi, tile):
+            y = jnp.sum(jnp.sum(jnp.sum(tile.astype(jnp.float32) * attn[None], axis=3), axis=2),
+                        axis=1)
             self.add_to_residual(r0, hi, y)
 
         self.row_loop(self.p.embed, rows, lambda r0, hi: self._load_wo(layer, r0, hi, rows),
