@@ -313,15 +313,7 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     sampling = Sampling(float(temperature), top_k, top_p, vocab_limit)
     check_request(cfg, prompts, max_new_tokens, sampling, eos_id)
     if pallas_step:
-        from pallas_kernels import fused_decode
-
-        reason = fused_decode.unsupported(cfg, {"k_scale": None} if quantize_cache else {},
-                                          len(prompts))
-        if mesh is not None:
-            reason = "; ".join(filter(None, [reason, "a mesh (it runs on one device)"]))
-        if reason:
-            raise ValueError(f"pallas_step=True cannot run this request: {reason}; "
-                             "use pallas_step=False")
+        _check_pallas_step(cfg, len(prompts), quantize_cache, mesh)
     tokens, lengths, cache_len = _batch(prompts, mesh, 0, max_new_tokens)
     with _maybe_mesh(mesh):
         out = _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize_cache,
@@ -334,6 +326,27 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     return results, [[float(x) for x in log_probs[i, :len(row)]] for i, row in enumerate(results)]
 
 
+def _check_pallas_step(cfg: ModelConfig, batch: int, quantize_cache: bool,
+                       mesh: Optional[Mesh]) -> None:
+    from pallas_kernels import fused_decode
+
+    reason = fused_decode.unsupported(cfg, {"k_scale": None} if quantize_cache else {}, batch)
+    if mesh is not None:
+        reason = "; ".join(filter(None, [reason, "a mesh (it runs on one device)"]))
+    if reason:
+        raise ValueError(f"pallas_step=True cannot run this request: {reason}; "
+                         "use pallas_step=False")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=4)
+def _pallas_step(cfg, plan, weights, token, cache):
+    """One Pallas decode step (token [1]) -> logits [1, V] and the cache."""
+    from pallas_kernels import fused_decode
+
+    return fused_decode.decode_token(cfg, weights, token, cache, plan=plan,
+                                     one_launch=not plan.interpret)
+
+
 def _maybe_mesh(mesh: Optional[Mesh]):
     import contextlib
 
@@ -343,13 +356,23 @@ def _maybe_mesh(mesh: Optional[Mesh]):
 def stream(cfg: ModelConfig, params: dict, prompt: Sequence[int], *, max_new_tokens: int,
            temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
            seed: int = 0, eos_id: Optional[int] = None,
-           quantize_cache: bool = False, vocab_limit: Optional[int] = None) -> Iterator[int]:
-    """Yield the new tokens of one prompt as they are made (same tokens as `generate`)."""
+           quantize_cache: bool = False, vocab_limit: Optional[int] = None,
+           pallas_step: bool = False) -> Iterator[int]:
+    """Yield the new tokens of one prompt as they are made (same tokens as `generate`).
+
+    pallas_step: decode steps by pallas_kernels/fused_decode.py, as in `generate`."""
     sampling = Sampling(float(temperature), top_k, top_p, vocab_limit)
     check_request(cfg, [prompt], max_new_tokens, sampling, eos_id)
+    if pallas_step:
+        _check_pallas_step(cfg, 1, quantize_cache, None)
     tokens, lengths, cache_len = _batch([prompt], None, 0, max_new_tokens)
     cache = init_cache(cfg, 1, cache_len, quantize=quantize_cache)
     key = jax.random.key(seed)
+    if pallas_step:
+        from pallas_kernels import fused_decode
+
+        weights = jax.jit(fused_decode.prepare, static_argnums=0)(cfg, params)
+        plan = fused_decode.make_plan(cfg, cache, interpret=jax.default_backend() != "gpu")
     params = _inference_params(cfg, params)  # per-layer, compute dtype: no copies per step
     logits, cache = prefill(cfg, params, tokens, cache, lengths)
     for step in range(max_new_tokens):
@@ -358,8 +381,11 @@ def stream(cfg: ModelConfig, params: dict, prompt: Sequence[int], *, max_new_tok
         yield value
         if value == eos_id or step + 1 == max_new_tokens:
             return
-        logits, cache = decode_step(cfg, params, token[:, None], cache)
-        logits = logits[:, 0]
+        if pallas_step:
+            logits, cache = _pallas_step(cfg, plan, weights, token, cache)
+        else:
+            logits, cache = decode_step(cfg, params, token[:, None], cache)
+            logits = logits[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, help="--hf: parameter/compute dtype, e.g. bfloat16")
     parser.add_argument("--attention-impl", default=None, choices=("xla", "cudnn", "pallas"))
     parser.add_argument("--int8-cache", action="store_true", help="int8 KV cache")
+    parser.add_argument("--pallas-step", action="store_true",
+                        help="decode steps as one Pallas kernel per token (GPU; faster on small "
+                             "models, see docs/benchmarks.md)")
     return parser
 
 
@@ -78,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     for token in stream(cfg, params, prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         seed=args.seed, eos_id=eos_id, quantize_cache=args.int8_cache,
-                        vocab_limit=vocab_limit_of(cfg, tokenizer)):
+                        vocab_limit=vocab_limit_of(cfg, tokenizer),
+                        pallas_step=args.pallas_step):
         times.append(time.perf_counter())
         ids.append(token)
         if tokenizer is None:

@@ -79,13 +79,6 @@ class Plan:
     # Timing experiments only (tools/check_fused_decode.py): stages (or "barrier") to leave
     # out; the results are then wrong.
     skip: tuple = ()
-    prefetch: bool = True
-    workers: int = 0
-
-    @property
-    def active(self) -> int:
-        """Programs that take work (experiments may leave some idle, at the barriers only)."""
-        return self.workers or self.programs
 
     @property
     def group(self) -> int:
@@ -110,6 +103,8 @@ def unsupported(cfg, cache: dict, batch: int) -> Optional[str]:
         reasons.append(f"parameterization {cfg.parameterization}")
     if "k_scale" in cache:
         reasons.append("an int8 cache")
+    if jnp.dtype(cfg.compute_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        reasons.append(f"compute dtype {cfg.compute_dtype} (it rounds like bfloat16 or float32)")
     group = cfg.num_heads // cfg.num_kv_heads
     head_dim = cfg.resolved_head_dim
     if group & (group - 1) or head_dim & (head_dim - 1) or head_dim < 16:
@@ -194,7 +189,7 @@ def _grid_sync(flags_ref, pid, epoch, programs: int, interpret: bool):
     def poll(carry):
         # NOTE: the loop also counts its polls, and the caller must use the count. With the
         # flags' minimum as its only carry (a body that ignores its input) the loop did not
-        # wait on an H200 with jax 0.11.2 (docs/benchmarks.md, "one-launch decode step").
+        # wait on an H200 with jax 0.11.2 (docs/benchmarks.md, "A Pallas decode step").
         _, polls = carry
         return jnp.min(plgpu.load(flags_ref.at[pl.ds(0, width)], volatile=True)), polls + 1
 
@@ -224,9 +219,8 @@ class _Kernel:
         return plgpu.load(ref, mask=mask, other=other, volatile=True)
 
     def my_rows(self, total: int):
-        n = self.p.active
-        return (jnp.minimum(self.pid * total // n, total),
-                jnp.minimum((self.pid + 1) * total // n, total))
+        n = self.p.programs
+        return self.pid * total // n, (self.pid + 1) * total // n
 
     def load_rows(self, ref, index, r0, hi, rows: int, width: int):
         """Rows [r0, r0 + rows) (those < hi) of ref[index] [.., width], as column chunks."""
@@ -275,7 +269,7 @@ class _Kernel:
     # -- matrix stages: (rows of the output, rows per block, weight names, input width)
 
     def _matrix_stage(self, names, width, total):
-        rows = _row_block(total, width * len(names), self.p.active)
+        rows = _row_block(total, width * len(names), self.p.programs)
         lo, hi = self.my_rows(total)
 
         def load(layer, r0, hi_):
@@ -354,7 +348,7 @@ class _Kernel:
         units = p.kv_heads * p.splits
 
         def unit_body(i, prefetched):
-            unit = self.pid + i * p.active
+            unit = self.pid + i * p.programs
             kv_head, split = unit // p.splits, unit % p.splits
             start, end = self._unit_range(split)
             old_end = jnp.minimum(end, self.pos)
@@ -411,14 +405,13 @@ class _Kernel:
                                (self.s["part_m"].at[kv_head, split, :], m),
                                (self.s["part_l"].at[kv_head, split, :], l)):
                 plgpu.store(ref, value)
-            nxt = self.pid + (i + 1) * p.active
+            nxt = self.pid + (i + 1) * p.programs
             nxt_unit = jnp.minimum(nxt, units - 1)
             n_start, n_end = self._unit_range(nxt_unit % p.splits)
             return self._load_keys(layer, nxt_unit // p.splits, n_start,
                                    jnp.where(nxt < units, jnp.minimum(n_end, self.pos), n_start))
 
-        count = jnp.where(self.pid < p.active,
-                          lax.div(jnp.maximum(units - self.pid, 0) + p.active - 1, p.active), 0)
+        count = lax.div(jnp.maximum(units - self.pid, 0) + p.programs - 1, p.programs)
         lax.fori_loop(0, count, unit_body, first)
 
     # -- stage 3: merge the splits, then x += attn @ Wo
@@ -453,7 +446,7 @@ class _Kernel:
 
     def _wo_rows(self):
         heads = pl.next_power_of_2(self.p.kv_heads) * self.p.group
-        return _row_block(self.p.embed, heads * self.p.head_dim, self.p.active)
+        return _row_block(self.p.embed, heads * self.p.head_dim, self.p.programs)
 
     def prefetch_o_proj(self, layer):
         lo, hi = self.my_rows(self.p.embed)
@@ -540,12 +533,8 @@ def _kernel(*refs, plan: Plan, stage: Optional[str]):
             if name in plan.skip:
                 polls += sync(epoch)
                 continue
-            if plan.prefetch:
-                first = getattr(k, f"prefetch_{name}")(layer)
-                polls += sync(epoch)
-            else:
-                polls += sync(epoch)
-                first = getattr(k, f"prefetch_{name}")(layer)
+            first = getattr(k, f"prefetch_{name}")(layer)
+            polls += sync(epoch)
             getattr(k, f"run_{name}")(layer, first)
         return polls
 

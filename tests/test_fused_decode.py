@@ -93,7 +93,7 @@ def test_bf16_rounds_where_the_model_rounds():
     assert cache_error < 0.01
 
 
-def test_generate_with_the_pallas_step_equals_generate():
+def test_generate_and_stream_with_the_pallas_step_equal_generate():
     cfg = _config(2)
     params = _params(cfg, seed=3)
     prompt = [[5, 17, 42, 99, 3, 250]]
@@ -102,6 +102,9 @@ def test_generate_with_the_pallas_step_equals_generate():
                           pallas_step=True)
     assert got == expected
     assert len(got[0]) == 8
+    streamed = list(decode.stream(cfg, params, prompt[0], max_new_tokens=8, temperature=0.0,
+                                  pallas_step=True))
+    assert streamed == expected[0]
 
 
 @pytest.mark.parametrize("change,call,message", [
@@ -109,6 +112,7 @@ def test_generate_with_the_pallas_step_equals_generate():
     ({}, {"quantize_cache": True}, "int8 cache"),
     ({"qk_norm": True}, {}, "qk_norm"),
     ({"num_heads": 6, "num_kv_heads": 2}, {}, "powers of 2"),
+    ({"compute_dtype": "float16"}, {}, "compute dtype"),
 ])
 def test_generate_refuses_what_the_step_cannot_run(change, call, message):
     cfg = dataclasses.replace(_config(2), **change)

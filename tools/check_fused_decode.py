@@ -44,9 +44,9 @@ def setup(name: str, dtype: str, prompt_len: int, steps: int):
     return cfg, params, tokens, prefill(params, tokens)
 
 
-def check(name: str, dtype: str, steps: int, one_launch: bool) -> dict:
+def check(name: str, dtype: str, steps: int, one_launch: bool, num_warps: int = 8) -> dict:
     cfg, params, tokens, cache = setup(name, dtype, 512, steps)
-    plan = fused_decode.make_plan(cfg, cache)
+    plan = fused_decode.make_plan(cfg, cache, num_warps=num_warps)
     weights = jax.jit(lambda p: fused_decode.prepare(cfg, p))(params)
     fused_step = jax.jit(lambda w, t, c: fused_decode.decode_token(cfg, w, t, c, plan=plan,
                                                                    one_launch=one_launch),
@@ -80,9 +80,10 @@ BREAKDOWN = {  # one-launch variants that leave parts out (wrong results, timing
 }
 
 
-def bench(name: str, steps: int, repeats: int, bandwidth: float, breakdown: bool) -> None:
+def bench(name: str, steps: int, repeats: int, bandwidth: float, breakdown: bool,
+          num_warps: int = 8) -> None:
     cfg, params, tokens, cache = setup(name, "bfloat16", 512, steps)
-    plan = fused_decode.make_plan(cfg, cache)
+    plan = fused_decode.make_plan(cfg, cache, num_warps=num_warps)
     weights = jax.jit(lambda p: fused_decode.prepare(cfg, p))(params)
     infer = jax.jit(lambda p: model.inference_params(cfg, p))(params)
 
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-float32", action="store_true", help="skip the float32 check")
     parser.add_argument("--no-bench", action="store_true")
+    parser.add_argument("--num-warps", type=int, default=8, help="warps per program")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time one-launch variants without barriers / stages (BREAKDOWN)")
     args = parser.parse_args()
@@ -134,9 +136,10 @@ def main() -> None:
         dtypes = ["bfloat16"] + ([] if args.no_float32 else ["float32"])
         for dtype in dtypes:
             for one_launch in (False, True):
-                print(json.dumps(check(name, dtype, args.check_steps, one_launch)), flush=True)
+                print(json.dumps(check(name, dtype, args.check_steps, one_launch,
+                                       args.num_warps)), flush=True)
         if not args.no_bench:
-            bench(name, args.steps, args.repeats, bandwidth, args.breakdown)
+            bench(name, args.steps, args.repeats, bandwidth, args.breakdown, args.num_warps)
 
 
 if __name__ == "__main__":
