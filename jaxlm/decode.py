@@ -252,15 +252,11 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
     pallas_step: decode steps (not prefill) by pallas_kernels/fused_decode.py (batch 1): its
     one-launch form on GPU, one kernel per stage in interpret mode elsewhere.
     """
-    from pallas_kernels import fused_decode
-
-    step_weights = fused_decode.prepare(cfg, params) if pallas_step else None
+    step_weights = _pallas_weights(cfg, params) if pallas_step else None
     params = model.inference_params(cfg, params)  # one copy per call, none per step
     cache = _new_cache(cfg, tokens.shape[0], cache_len, quantize)
     logits, cache = _prefill(cfg, params, tokens, cache, lengths)
-    plan = None
-    if pallas_step:
-        plan = fused_decode.make_plan(cfg, cache, interpret=jax.default_backend() != "gpu")
+    plan = _pallas_plan(cfg, cache) if pallas_step else None
     token = sample(logits, jax.random.fold_in(key, 0), sampling)
     out = jnp.full((tokens.shape[0], max_new_tokens), PAD, jnp.int32).at[:, 0].set(token)
     log_probs = jnp.zeros(out.shape, jnp.float32)
@@ -274,16 +270,15 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
     def body(state):
         step, token, done, out, log_probs, cache = state
         if pallas_step:
-            logits, cache = fused_decode.decode_token(cfg, step_weights, token, cache, plan=plan,
-                                                      one_launch=not plan.interpret)
-            logits = logits[:, None]
+            logits, cache = _pallas_decode(cfg, plan, step_weights, token, cache)
         else:
             logits, cache = model.forward(cfg, params, token[:, None], cache=cache)
-        token = sample(logits[:, 0], jax.random.fold_in(key, step), sampling)
+            logits = logits[:, 0]
+        token = sample(logits, jax.random.fold_in(key, step), sampling)
         out = out.at[:, step].set(jnp.where(done, PAD, token))
         if with_log_probs:
             log_probs = log_probs.at[:, step].set(
-                jnp.where(done, 0.0, _token_log_prob(logits[:, 0], token)))
+                jnp.where(done, 0.0, _token_log_prob(logits, token)))
         done = done | _is_eos(token, eos_id)
         return step + 1, token, done, out, log_probs, cache
 
@@ -338,13 +333,30 @@ def _check_pallas_step(cfg: ModelConfig, batch: int, quantize_cache: bool,
                          "use pallas_step=False")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=4)
-def _pallas_step(cfg, plan, weights, token, cache):
-    """One Pallas decode step (token [1]) -> logits [1, V] and the cache."""
+def _pallas_weights(cfg: ModelConfig, params: dict) -> dict:
+    from pallas_kernels import fused_decode
+
+    return fused_decode.prepare(cfg, params)
+
+
+def _pallas_plan(cfg: ModelConfig, cache: dict):
+    """The Pallas step's plan: on GPU over all SMs, elsewhere in interpret mode (tests)."""
+    from pallas_kernels import fused_decode
+
+    return fused_decode.make_plan(cfg, cache, interpret=jax.default_backend() != "gpu")
+
+
+def _pallas_decode(cfg, plan, weights, token, cache):
+    """One Pallas decode step (token [1]) -> logits [1, V] and the cache: one launch on GPU,
+    one kernel per stage in interpret mode (there a barrier would wait forever)."""
     from pallas_kernels import fused_decode
 
     return fused_decode.decode_token(cfg, weights, token, cache, plan=plan,
                                      one_launch=not plan.interpret)
+
+
+_pallas_step = jax.jit(_pallas_decode, static_argnums=(0, 1), donate_argnums=4)
+_pallas_weights_jit = jax.jit(_pallas_weights, static_argnums=0)
 
 
 def _maybe_mesh(mesh: Optional[Mesh]):
@@ -369,10 +381,7 @@ def stream(cfg: ModelConfig, params: dict, prompt: Sequence[int], *, max_new_tok
     cache = init_cache(cfg, 1, cache_len, quantize=quantize_cache)
     key = jax.random.key(seed)
     if pallas_step:
-        from pallas_kernels import fused_decode
-
-        weights = jax.jit(fused_decode.prepare, static_argnums=0)(cfg, params)
-        plan = fused_decode.make_plan(cfg, cache, interpret=jax.default_backend() != "gpu")
+        weights, plan = _pallas_weights_jit(cfg, params), _pallas_plan(cfg, cache)
     params = _inference_params(cfg, params)  # per-layer, compute dtype: no copies per step
     logits, cache = prefill(cfg, params, tokens, cache, lengths)
     for step in range(max_new_tokens):

@@ -48,6 +48,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxlm.layers import rope_inverse_frequencies
+
 MASK_VALUE = -1e30
 TILE_ELEMENTS = 32768  # weight elements a program holds in registers per row block (64 KB bf16)
 MAX_CHUNK = 512  # widest column chunk of a weight row block
@@ -69,7 +71,6 @@ class Plan:
     head_dim: int
     mlp: int
     vocab: int
-    cache_len: int
     eps: float
     programs: int
     splits: int  # attention units per kv head
@@ -565,7 +566,8 @@ def _launch(plan: Plan, stage: Optional[str], scalars, freq, weights: dict, stat
 
 
 def _initial_flags(programs: int, pos) -> jax.Array:
-    """0 for each program, INT32_MAX for the padding. NOTE: built from pos, not a constant."""
+    """0 for each program, INT32_MAX for the padding. Built from pos rather than as a constant:
+    the kernel writes the flags in place, and a fresh buffer per step is the point."""
     width = pl.next_power_of_2(programs)
     return jnp.where(jnp.arange(width) < programs, jnp.minimum(pos, 0),
                      jnp.iinfo(jnp.int32).max).astype(jnp.int32)
@@ -578,7 +580,7 @@ def make_plan(cfg, cache: dict, *, programs: Optional[int] = None, splits: Optio
     K = cfg.num_kv_heads
     return Plan(layers=cfg.num_layers, embed=cfg.embed_dim, heads=cfg.num_heads, kv_heads=K,
                 head_dim=cfg.resolved_head_dim, mlp=cfg.mlp_dim, vocab=cfg.vocab_size,
-                cache_len=cache["k"].shape[3], eps=float(cfg.norm_eps), programs=programs,
+                eps=float(cfg.norm_eps), programs=programs,
                 splits=splits or max(1, programs // K),
                 round_bf16=jnp.dtype(cfg.compute_dtype) == jnp.bfloat16, interpret=interpret,
                 **options)
@@ -599,8 +601,6 @@ def decode_token(cfg, weights: dict, token: jax.Array, cache: dict, *, plan: Pla
 def step_state(cfg, weights: dict, token: jax.Array, cache: dict, *, plan: Plan,
                one_launch: bool = False) -> dict:
     """`decode_token`'s kernel state after the step (scratch buffers included: for tests)."""
-    from jaxlm.layers import rope_inverse_frequencies
-
     p = plan
     pos = cache["lengths"][0]
     scalars = jnp.stack([token[0].astype(jnp.int32), pos, jnp.int32(0)])
