@@ -292,7 +292,7 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
              top_p: Optional[float] = None, seed: int = 0, eos_id: Optional[int] = None,
              mesh: Optional[Mesh] = None, quantize_cache: bool = False,
              return_log_probs: bool = False, vocab_limit: Optional[int] = None,
-             pallas_step: bool = False):
+             pallas_step: Optional[bool] = None):
     """The new tokens of each prompt (up to max_new_tokens, ending at eos_id when it comes).
 
     temperature 0 is greedy. mesh: params sharded on it (model.param_shardings); the cache is
@@ -303,12 +303,12 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     the tokenizer's size when the model's vocab is padded beyond it). pallas_step: run the
     decode steps (prefill stays on `model.forward`) with pallas_kernels/fused_decode.py, the
     whole step in one Pallas kernel instead of XLA's ~275; one prompt, no mesh, a bf16/float32
-    cache (on CPU it runs in interpret mode: for tests, slow).
+    cache (on CPU it runs in interpret mode: for tests, slow). None (default): on a GPU where
+    it is faster (`use_pallas_step`), True: always (an error where it cannot run), False: never.
     """
     sampling = Sampling(float(temperature), top_k, top_p, vocab_limit)
     check_request(cfg, prompts, max_new_tokens, sampling, eos_id)
-    if pallas_step:
-        _check_pallas_step(cfg, len(prompts), quantize_cache, mesh)
+    pallas_step = use_pallas_step(cfg, len(prompts), quantize_cache, mesh, pallas_step)
     tokens, lengths, cache_len = _batch(prompts, mesh, 0, max_new_tokens)
     with _maybe_mesh(mesh):
         out = _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize_cache,
@@ -321,16 +321,30 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     return results, [[float(x) for x in log_probs[i, :len(row)]] for i, row in enumerate(results)]
 
 
-def _check_pallas_step(cfg: ModelConfig, batch: int, quantize_cache: bool,
-                       mesh: Optional[Mesh]) -> None:
+# The Pallas step beats XLA's up to the 350m preset (embed 1024: 2.4x) and loses at 1b (embed
+# 2048: 0.93x) on an H200 (docs/benchmarks.md, "A Pallas decode step").
+PALLAS_STEP_MAX_EMBED = 1024
+
+
+def use_pallas_step(cfg: ModelConfig, batch: int, quantize_cache: bool = False,
+                    mesh: Optional[Mesh] = None, requested: Optional[bool] = None) -> bool:
+    """Whether decode steps run as the Pallas step. requested=None: where it can run and is
+    faster (a GPU, batch 1, no mesh, embed_dim <= PALLAS_STEP_MAX_EMBED); True: raises a
+    ValueError naming the reason where it cannot run; False: never."""
+    if requested is False:
+        return False
+    if requested is None and not (jax.default_backend() == "gpu" and batch == 1
+                                  and mesh is None and cfg.embed_dim <= PALLAS_STEP_MAX_EMBED):
+        return False
     from pallas_kernels import fused_decode
 
     reason = fused_decode.unsupported(cfg, {"k_scale": None} if quantize_cache else {}, batch)
     if mesh is not None:
         reason = "; ".join(filter(None, [reason, "a mesh (it runs on one device)"]))
-    if reason:
+    if reason and requested:
         raise ValueError(f"pallas_step=True cannot run this request: {reason}; "
-                         "use pallas_step=False")
+                         "use pallas_step=False (or None: where it can run and is faster)")
+    return reason is None
 
 
 def _pallas_weights(cfg: ModelConfig, params: dict) -> dict:
@@ -369,14 +383,13 @@ def stream(cfg: ModelConfig, params: dict, prompt: Sequence[int], *, max_new_tok
            temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
            seed: int = 0, eos_id: Optional[int] = None,
            quantize_cache: bool = False, vocab_limit: Optional[int] = None,
-           pallas_step: bool = False) -> Iterator[int]:
+           pallas_step: Optional[bool] = None) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are made (same tokens as `generate`).
 
     pallas_step: decode steps by pallas_kernels/fused_decode.py, as in `generate`."""
     sampling = Sampling(float(temperature), top_k, top_p, vocab_limit)
     check_request(cfg, [prompt], max_new_tokens, sampling, eos_id)
-    if pallas_step:
-        _check_pallas_step(cfg, 1, quantize_cache, None)
+    pallas_step = use_pallas_step(cfg, 1, quantize_cache, None, pallas_step)
     tokens, lengths, cache_len = _batch([prompt], None, 0, max_new_tokens)
     cache = init_cache(cfg, 1, cache_len, quantize=quantize_cache)
     key = jax.random.key(seed)

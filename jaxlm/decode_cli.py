@@ -40,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, help="--hf: parameter/compute dtype, e.g. bfloat16")
     parser.add_argument("--attention-impl", default=None, choices=("xla", "cudnn", "pallas"))
     parser.add_argument("--int8-cache", action="store_true", help="int8 KV cache")
-    parser.add_argument("--pallas-step", action="store_true",
-                        help="decode steps as one Pallas kernel per token (GPU; faster on small "
-                             "models, see docs/benchmarks.md)")
+    parser.add_argument("--pallas-step", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode steps as one Pallas kernel per token; default: on a GPU "
+                             "for models up to embed 1024 (where it is faster, see "
+                             "docs/benchmarks.md)")
     return parser
 
 

@@ -24,11 +24,12 @@ whole contiguous rows. Activations that cross programs go through small float32 
 buffers in global memory, read with volatile loads (from L2, never a stale L1 line).
 
 `one_launch=True` runs all stages in one kernel with a grid-wide barrier between stages (each
-program raises its own flag, then polls all flags; programs never outnumber the SMs, so all
+program adds one to an arrival counter, then polls it; programs never outnumber the SMs, so all
 are resident and the spin cannot deadlock), each stage issuing the loads of its first weight
-tile before it waits. Otherwise each stage is its own launch (5 L + 1 launches): the reference
-for the barrier, and how the CPU tests run several programs (interpret mode runs programs one
-after another, so a barrier would wait forever there; the one-launch form is tested with one).
+tile between its arrival and its wait (with `lookahead`, a stage earlier). Otherwise each
+stage is its own launch (5 L + 1 launches): the reference for the barrier, and how the CPU
+tests run several programs (interpret mode runs programs one after another, so a barrier would
+wait forever there; the one-launch form is tested with one).
 
 Numerics follow `model.forward` in the compute dtype: with bf16, every value the model rounds
 to bf16 (normed x, q/k/v, rotated q/k, attention output, projections, the residual stream, the
@@ -56,7 +57,7 @@ MAX_CHUNK = 512  # widest column chunk of a weight row block
 BLOCK_KEYS = 64  # keys per attention block: at 125m/1b's splits, one block per unit
 STAGES = ("qkv", "attention", "o_proj", "gate_up", "down")
 WEIGHTS = ("attn_norm", "mlp_norm", "final_norm", "wqkv", "wo", "gate", "up", "down", "head")
-STATE = ("x", "qkv", "part_o", "part_m", "part_l", "hidden", "logits", "k", "v", "flags",
+STATE = ("x", "qkv", "part_o", "part_m", "part_l", "hidden", "logits", "k", "v", "counter",
          "polls")
 
 
@@ -77,6 +78,8 @@ class Plan:
     round_bf16: bool
     interpret: bool
     num_warps: int = 8
+    tile_elements: int = TILE_ELEMENTS
+    lookahead: bool = False  # one launch: load each stage's first weight tile a stage early
     # Timing experiments only (tools/check_fused_decode.py): stages (or "barrier") to leave
     # out; the results are then wrong.
     skip: tuple = ()
@@ -159,10 +162,10 @@ def _chunking(width: int) -> tuple[int, int]:
     return chunk, width // chunk
 
 
-def _row_block(rows: int, width: int, programs: int) -> int:
+def _row_block(rows: int, width: int, programs: int, tile: int = TILE_ELEMENTS) -> int:
     """Rows per block: enough for one block per program where registers allow."""
     want = pl.next_power_of_2(-(-rows // programs))
-    fit = max(1, 1 << int(math.log2(max(1, TILE_ELEMENTS // width))))
+    fit = max(1, 1 << int(math.log2(max(1, tile // width))))
     return max(1, min(want, fit))
 
 
@@ -172,30 +175,31 @@ def _i(value: int) -> jax.Array:
     return jnp.int32(value)
 
 
-def _grid_sync(flags_ref, pid, epoch, programs: int, interpret: bool):
-    """Barrier number `epoch` (1, 2, ...) across all programs.
+def _arrive(counter_ref, epoch, plan: Plan):
+    """This program has reached barrier number `epoch` (1, 2, ...): one atomic add to the
+    arrival counter (a scalar atomic: performed once per program), after a CTA barrier so all
+    the program's stores come first (the atomic has release semantics)."""
+    del epoch  # the counter counts arrivals; _wait knows how many to expect
+    if not plan.interpret:
+        plgpu.debug_barrier()
+    plgpu.atomic_add(counter_ref, (_i(0),), jnp.int32(1))
 
-    Each program raises its own flag to `epoch` (an atomic max with release semantics, after a
-    CTA barrier so all its threads' stores come first), then polls all flags (volatile loads)
-    until the smallest reaches `epoch`. Flags rather than one counter: raising a flag to a
-    value is idempotent, so it does not matter how many threads of the program perform the
-    atomic. Flags past `programs` (padding to a power of 2) hold INT32_MAX.
-    """
-    epoch = jnp.asarray(epoch, jnp.int32)
-    if not interpret:
-        plgpu.debug_barrier()  # this program's stores are done before it announces them
-    plgpu.atomic_max(flags_ref, (pid,), epoch)
-    width = pl.next_power_of_2(programs)
+
+def _wait(counter_ref, epoch, plan: Plan):
+    """Poll the counter (volatile loads) until every program has arrived at barrier `epoch`.
+    Programs never outnumber the SMs, so all are resident and the spin cannot deadlock.
+    Returns the poll count."""
+    target = jnp.asarray(epoch, jnp.int32) * plan.programs
 
     def poll(carry):
         # NOTE: the loop also counts its polls, and the caller must use the count. With the
-        # flags' minimum as its only carry (a body that ignores its input) the loop did not
-        # wait on an H200 with jax 0.11.2 (docs/benchmarks.md, "A Pallas decode step").
+        # polled value as its only carry (a body that ignores its input) the loop did not wait
+        # on an H200 with jax 0.11.2 (docs/benchmarks.md, "A Pallas decode step").
         _, polls = carry
-        return jnp.min(plgpu.load(flags_ref.at[pl.ds(0, width)], volatile=True)), polls + 1
+        return jnp.max(plgpu.load(counter_ref.at[pl.ds(0, 1)], volatile=True)), polls + 1
 
-    _, polls = lax.while_loop(lambda carry: carry[0] < epoch, poll, (epoch - 1, jnp.int32(0)))
-    if not interpret:
+    _, polls = lax.while_loop(lambda carry: carry[0] < target, poll, (target - 1, jnp.int32(0)))
+    if not plan.interpret:
         plgpu.debug_barrier()
     return polls
 
@@ -270,7 +274,8 @@ class _Kernel:
     # -- matrix stages: (rows of the output, rows per block, weight names, input width)
 
     def _matrix_stage(self, names, width, total):
-        rows = _row_block(total, width * len(names), self.p.programs)
+        rows = _row_block(total, width * len(names), self.p.programs,
+                          self.p.tile_elements)
         lo, hi = self.my_rows(total)
 
         def load(layer, r0, hi_):
@@ -279,9 +284,10 @@ class _Kernel:
 
         return rows, lo, hi, load
 
-    def prefetch_matrix(self, layer, names, width, total):
+    def prefetch_matrix(self, layer, names, width, total, active=True):
+        """The first row block's loads (none where `active` is false)."""
         _, lo, hi, load = self._matrix_stage(names, width, total)
-        return load(layer, lo, hi)
+        return load(layer, lo, jnp.where(active, hi, lo))
 
     def run_matrix(self, layer, names, width, total, xs, epilogue, first):
         rows, _, _, load = self._matrix_stage(names, width, total)
@@ -291,8 +297,10 @@ class _Kernel:
 
     # -- stage 1: q, k, v
 
-    def prefetch_qkv(self, layer):
-        return (self.prefetch_matrix(layer, ("wqkv",), self.p.embed, self.p.qkv_rows),
+    def prefetch_qkv(self, layer, active=True):
+        """(Also for the layer after the last one, inactive: clamped, nothing loaded.)"""
+        layer = jnp.minimum(layer, self.p.layers - 1)
+        return (self.prefetch_matrix(layer, ("wqkv",), self.p.embed, self.p.qkv_rows, active),
                 self.norm_scale(self.w["attn_norm"], (layer,)))
 
     def run_qkv(self, layer, prefetched):
@@ -447,7 +455,8 @@ class _Kernel:
 
     def _wo_rows(self):
         heads = pl.next_power_of_2(self.p.kv_heads) * self.p.group
-        return _row_block(self.p.embed, heads * self.p.head_dim, self.p.programs)
+        return _row_block(self.p.embed, heads * self.p.head_dim, self.p.programs,
+                          self.p.tile_elements)
 
     def prefetch_o_proj(self, layer):
         lo, hi = self.my_rows(self.p.embed)
@@ -523,30 +532,53 @@ def _kernel(*refs, plan: Plan, stage: Optional[str]):
         getattr(k, f"run_{stage}")(layer, getattr(k, f"prefetch_{stage}")(layer))
         return
 
-    def sync(epoch):
-        if "barrier" in plan.skip:
-            return jnp.int32(0)
-        return _grid_sync(s["flags"], k.pid, epoch, plan.programs, plan.interpret)
+    def prefetch(layer, name, active=True):
+        if name in plan.skip:
+            return None
+        if name == "qkv":
+            return k.prefetch_qkv(layer, active)
+        return getattr(k, f"prefetch_{name}")(layer)
 
-    def layer_body(layer, polls):
+    def barrier(epoch, prefetch):
+        """Barrier `epoch`, with `prefetch` (weight loads) issued after the arrival: the arrival's
+        release semantics would otherwise hold it back until the loads are done.
+        -> (prefetched, polls)."""
+        if "barrier" in plan.skip:
+            return prefetch(), jnp.int32(0)
+        _arrive(s["counter"], epoch, plan)
+        first = prefetch()
+        return first, _wait(s["counter"], epoch, plan)
+
+    def layer_body(layer, carry):
+        polls, pending = carry
         for i, name in enumerate(STAGES):
             epoch = layer * len(STAGES) + i + 1
-            if name in plan.skip:
-                polls += sync(epoch)
-                continue
-            first = getattr(k, f"prefetch_{name}")(layer)
-            polls += sync(epoch)
-            getattr(k, f"run_{name}")(layer, first)
-        return polls
+            if plan.lookahead:
+                # the next stage's first weight tile is loaded while this one waits and runs
+                if i + 1 < len(STAGES):
+                    after = functools.partial(prefetch, layer, STAGES[i + 1])
+                else:
+                    after = functools.partial(prefetch, layer + 1, "qkv", layer + 1 < plan.layers)
+                upcoming, count = barrier(epoch, after)
+                first = pending
+            else:
+                first, count = barrier(epoch, functools.partial(prefetch, layer, name))
+                upcoming = None
+            polls += count
+            if name not in plan.skip:
+                getattr(k, f"run_{name}")(layer, first)
+            pending = upcoming
+        return polls, pending
 
-    polls = lax.fori_loop(0, plan.layers, layer_body, jnp.int32(0))
+    pending = prefetch(0, "qkv") if plan.lookahead else None
+    polls, _ = lax.fori_loop(0, plan.layers, layer_body, (jnp.int32(0), pending))
     # The poll counts are stored: a while loop whose count is never used loses it to dead-code
     # elimination, and that form (a loop body ignoring its carry) did not wait on an H200.
     if "head" in plan.skip:
         s["polls"][k.pid] = polls
         return
-    first = k.prefetch_head()
-    s["polls"][k.pid] = polls + sync(plan.layers * len(STAGES) + 1)
+    first, count = barrier(plan.layers * len(STAGES) + 1, k.prefetch_head)
+    s["polls"][k.pid] = polls + count
     k.run_head(first)
 
 
@@ -565,12 +597,10 @@ def _launch(plan: Plan, stage: Optional[str], scalars, freq, weights: dict, stat
     return dict(zip(STATE, out))
 
 
-def _initial_flags(programs: int, pos) -> jax.Array:
-    """0 for each program, INT32_MAX for the padding. Built from pos rather than as a constant:
-    the kernel writes the flags in place, and a fresh buffer per step is the point."""
-    width = pl.next_power_of_2(programs)
-    return jnp.where(jnp.arange(width) < programs, jnp.minimum(pos, 0),
-                     jnp.iinfo(jnp.int32).max).astype(jnp.int32)
+def _zero_counter(pos) -> jax.Array:
+    """The barrier's arrival counter, 0. Built from pos rather than as a constant: the kernel
+    writes it in place, and a fresh buffer per step is the point."""
+    return jnp.minimum(pos, 0).astype(jnp.int32)[None]
 
 
 def make_plan(cfg, cache: dict, *, programs: Optional[int] = None, splits: Optional[int] = None,
@@ -578,6 +608,9 @@ def make_plan(cfg, cache: dict, *, programs: Optional[int] = None, splits: Optio
     if programs is None:
         programs = 1 if interpret else int(getattr(jax.devices()[0], "core_count", 0) or 132)
     K = cfg.num_kv_heads
+    # Loading a stage ahead holds two stages' tiles in registers: 3% faster up to embed 1024,
+    # 30% slower at 1b's 2048 (docs/benchmarks.md).
+    options.setdefault("lookahead", cfg.embed_dim <= 1024)
     return Plan(layers=cfg.num_layers, embed=cfg.embed_dim, heads=cfg.num_heads, kv_heads=K,
                 head_dim=cfg.resolved_head_dim, mlp=cfg.mlp_dim, vocab=cfg.vocab_size,
                 eps=float(cfg.norm_eps), programs=programs,
@@ -613,7 +646,7 @@ def step_state(cfg, weights: dict, token: jax.Array, cache: dict, *, plan: Plan,
         "part_m": jnp.zeros((p.kv_heads, p.splits, p.group), f32),
         "part_l": jnp.zeros((p.kv_heads, p.splits, p.group), f32),
         "hidden": jnp.zeros((p.mlp,), f32), "logits": jnp.zeros((p.vocab,), f32),
-        "k": cache["k"], "v": cache["v"], "flags": _initial_flags(p.programs, pos),
+        "k": cache["k"], "v": cache["v"], "counter": _zero_counter(pos),
         "polls": jnp.zeros((p.programs,), jnp.int32),
     }
     if one_launch:

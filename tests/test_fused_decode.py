@@ -69,11 +69,19 @@ def test_one_kernel_per_stage_matches_forward(kv_heads, programs, splits):
     assert cache_error < 1e-5
 
 
-def test_one_launch_matches_forward():
-    """The one-launch form (grid barriers; one program on CPU: interpret runs programs in turn)."""
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_one_launch_matches_forward(lookahead):
+    """The one-launch form (grid barriers; one program on CPU: interpret runs programs in turn),
+    with weight tiles loaded at the barrier before their stage or one stage earlier."""
     cfg = _config(2)
-    logit_error, cache_error, scale = _compare(cfg, _params(cfg), {"programs": 1, "splits": 3},
-                                               one_launch=True)
+    options = {"programs": 1, "splits": 3, "lookahead": lookahead}
+    logit_error, cache_error, scale = _compare(cfg, _params(cfg), options, one_launch=True)
+    # Every program arrived at every barrier once: 5 stages a layer and the output layer.
+    cache = kv_cache.init_cache(cfg, 1, 32)
+    plan = fused_decode.make_plan(cfg, cache, interpret=True, **options)
+    state = fused_decode.step_state(cfg, fused_decode.prepare(cfg, _params(cfg)),
+                                    jnp.array([3]), cache, plan=plan, one_launch=True)
+    assert int(state["counter"][0]) == (len(fused_decode.STAGES) * cfg.num_layers + 1)
     assert logit_error < 2e-5 * scale
     assert cache_error < 1e-5
 
@@ -123,6 +131,22 @@ def test_generate_refuses_what_the_step_cannot_run(change, call, message):
                         **kwargs)
 
 
+def test_the_default_picks_the_pallas_step_only_where_it_runs_and_is_faster(monkeypatch):
+    small = _config(2)
+    assert not decode.use_pallas_step(small, 1)  # on CPU: XLA's step (interpret mode is slow)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert decode.use_pallas_step(small, 1)
+    assert not decode.use_pallas_step(small, 2)  # batch 2
+    assert not decode.use_pallas_step(small, 1, quantize_cache=True)  # int8 cache: unsupported
+    assert not decode.use_pallas_step(dataclasses.replace(small, qk_norm=True), 1)
+    wide = dataclasses.replace(small, embed_dim=decode.PALLAS_STEP_MAX_EMBED * 2)
+    assert not decode.use_pallas_step(wide, 1)  # slower than XLA's step there
+    assert decode.use_pallas_step(wide, 1, requested=True)  # unless asked for
+    assert not decode.use_pallas_step(small, 1, requested=False)
+    with pytest.raises(ValueError, match="batch 2"):
+        decode.use_pallas_step(small, 2, requested=True)
+
+
 def test_row_blocks_cover_every_row_once():
     """Each program's rows [lo, hi) in blocks of _row_block rows: a partition of all rows."""
     for rows, width, programs in [(2304, 768, 132), (768, 2048, 132), (50304, 768, 132),
@@ -137,14 +161,14 @@ def test_row_blocks_cover_every_row_once():
         assert (seen == 1).all()
 
 
-@pytest.mark.parametrize("one_launch", [False, True])
-def test_lowers_to_triton_ir(hopper_lowering, one_launch):
+@pytest.mark.parametrize("one_launch,lookahead", [(False, False), (True, False), (True, True)])
+def test_lowers_to_triton_ir(hopper_lowering, one_launch, lookahead):
     """Both forms lower for CUDA (Triton IR; PTX needs a GPU: tools/check_fused_decode.py)."""
     cfg = _config(2, dtype="bfloat16")
     params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
     cache = jax.eval_shape(lambda: kv_cache.init_cache(cfg, 1, 64))
     weights = jax.eval_shape(lambda p: fused_decode.prepare(cfg, p), params)
-    plan = fused_decode.make_plan(cfg, cache, programs=6)
+    plan = fused_decode.make_plan(cfg, cache, programs=6, lookahead=lookahead)
     step = jax.jit(lambda w, t, c: fused_decode.decode_token(cfg, w, t, c, plan=plan,
                                                              one_launch=one_launch))
     lowered = step.trace(weights, jax.ShapeDtypeStruct((1,), jnp.int32), cache).lower(

@@ -49,7 +49,7 @@ def copy_bandwidth(nbytes: int) -> float:
 
 
 def bench_generate(cfg, params, batch: int, prompt_len: int, new_tokens: int,
-                   repeats: int = 1, pallas_step: bool = False) -> float:
+                   repeats: int = 1, pallas_step=None) -> float:
     prompts = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
     return timed(lambda: decode.generate(cfg, params, prompts, max_new_tokens=new_tokens,
                                          temperature=0.0, pallas_step=pallas_step), repeats)
@@ -84,10 +84,11 @@ def bench_model(name: str, args, bandwidth: float) -> None:
         bench_step(name, cfg, params, prompt_len, new_tokens, bandwidth, pallas_step=True)
         return
     for batch in ((1, 2) if tiny else (1, 8) if args.quick else (1, 8, 64)):
-        seconds = bench_generate(cfg, params, batch, prompt_len, new_tokens)
+        seconds = bench_generate(cfg, params, batch, prompt_len, new_tokens)  # generate's default
         print(json.dumps({"model": name, "batch": batch, "prompt": prompt_len, "new": new_tokens,
                           "throughput_tokens_per_s": round(batch * new_tokens / seconds, 1),
-                          "seconds": round(seconds, 3)}), flush=True)
+                          "seconds": round(seconds, 3),
+                          "pallas_step": decode.use_pallas_step(cfg, batch)}), flush=True)
     if args.baseline_hf and not tiny:
         bench_hf(cfg, name, prompt_len, new_tokens, args.quick)
 

@@ -44,9 +44,9 @@ def setup(name: str, dtype: str, prompt_len: int, steps: int):
     return cfg, params, tokens, prefill(params, tokens)
 
 
-def check(name: str, dtype: str, steps: int, one_launch: bool, num_warps: int = 8) -> dict:
+def check(name: str, dtype: str, steps: int, one_launch: bool, **plan_options) -> dict:
     cfg, params, tokens, cache = setup(name, dtype, 512, steps)
-    plan = fused_decode.make_plan(cfg, cache, num_warps=num_warps)
+    plan = fused_decode.make_plan(cfg, cache, **plan_options)
     weights = jax.jit(lambda p: fused_decode.prepare(cfg, p))(params)
     fused_step = jax.jit(lambda w, t, c: fused_decode.decode_token(cfg, w, t, c, plan=plan,
                                                                    one_launch=one_launch),
@@ -69,7 +69,7 @@ def check(name: str, dtype: str, steps: int, one_launch: bool, num_warps: int = 
     return {"check": name, "dtype": dtype, "one_launch": one_launch, "steps": steps,
             "max_logit_error": errors and max(errors), "logit_scale": scale,
             "argmax_agree": f"{agree}/{steps}", "cache_k_error": cache_error,
-            "programs": plan.programs, "splits": plan.splits}
+            "programs": plan.programs, "splits": plan.splits, **plan_options}
 
 
 BREAKDOWN = {  # one-launch variants that leave parts out (wrong results, timing only)
@@ -81,9 +81,11 @@ BREAKDOWN = {  # one-launch variants that leave parts out (wrong results, timing
 
 
 def bench(name: str, steps: int, repeats: int, bandwidth: float, breakdown: bool,
-          num_warps: int = 8) -> None:
+          extra: dict = {}, **plan_options) -> None:
+    """Times XLA's step and the Pallas step (both forms; with `breakdown`, the BREAKDOWN
+    variants; `extra`: label -> Plan fields for more one-launch variants)."""
     cfg, params, tokens, cache = setup(name, "bfloat16", 512, steps)
-    plan = fused_decode.make_plan(cfg, cache, num_warps=num_warps)
+    plan = fused_decode.make_plan(cfg, cache, **plan_options)
     weights = jax.jit(lambda p: fused_decode.prepare(cfg, p))(params)
     infer = jax.jit(lambda p: model.inference_params(cfg, p))(params)
 
@@ -100,11 +102,12 @@ def bench(name: str, steps: int, repeats: int, bandwidth: float, breakdown: bool
             cfg, w, t, c, plan=plan, one_launch=True)),
         "xla": (infer, lambda p, t, c: model.forward(cfg, p, t[None], cache=c)),
     }
-    if breakdown:
-        for label, skip in BREAKDOWN.items():
-            variant = dataclasses.replace(plan, skip=skip)
-            variants[label] = (weights, lambda w, t, c, variant=variant: fused_decode.decode_token(
-                cfg, w, t, c, plan=variant, one_launch=True))
+    changes = {**extra, **({label: {"skip": skip} for label, skip in BREAKDOWN.items()}
+                           if breakdown else {})}
+    for label, fields in changes.items():
+        variant = dataclasses.replace(plan, **fields)
+        variants[label] = (weights, lambda w, t, c, variant=variant: fused_decode.decode_token(
+            cfg, w, t, c, plan=variant, one_launch=True))
     step_bytes = accounting.decode_step_bytes(cfg, 1, 512 + steps // 2)
     for label, (args, step) in variants.items():
         run = jax.jit(lambda p, c, step=step: loop(step, p, c))
@@ -114,6 +117,20 @@ def bench(name: str, steps: int, repeats: int, bandwidth: float, breakdown: bool
                           "tokens_per_s": round(1 / per_step, 1), "step_bytes": step_bytes,
                           "roofline_fraction": round(step_bytes / bandwidth / per_step, 3),
                           "times_s": [round(t, 4) for t in times]}), flush=True)
+
+
+def parse_field(item: str) -> tuple:
+    """'name=value' -> (name, value) with ints and booleans converted."""
+    name, sep, value = item.partition("=")
+    fields = {f.name for f in dataclasses.fields(fused_decode.Plan)}
+    if not sep or name not in fields:
+        raise SystemExit(f"--plan {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+    if value.lower() in ("true", "false"):
+        return name, value.lower() == "true"
+    try:
+        return name, int(value)
+    except ValueError:
+        return name, value
 
 
 def main() -> None:
@@ -127,7 +144,12 @@ def main() -> None:
     parser.add_argument("--num-warps", type=int, default=8, help="warps per program")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time one-launch variants without barriers / stages (BREAKDOWN)")
+    parser.add_argument("--plan", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a fused_decode.Plan field for every Pallas run, e.g. lookahead=true "
+                             "(ints and true/false are converted)")
     args = parser.parse_args()
+    plan_options = dict(parse_field(item) for item in args.plan)
+    plan_options.setdefault("num_warps", args.num_warps)
     print(json.dumps({"device": str(jax.devices()[0]),
                       "core_count": getattr(jax.devices()[0], "core_count", None)}), flush=True)
     bandwidth = copy_bandwidth(1 << 30)
@@ -137,9 +159,9 @@ def main() -> None:
         for dtype in dtypes:
             for one_launch in (False, True):
                 print(json.dumps(check(name, dtype, args.check_steps, one_launch,
-                                       args.num_warps)), flush=True)
+                                       **plan_options)), flush=True)
         if not args.no_bench:
-            bench(name, args.steps, args.repeats, bandwidth, args.breakdown, args.num_warps)
+            bench(name, args.steps, args.repeats, bandwidth, args.breakdown, **plan_options)
 
 
 if __name__ == "__main__":
