@@ -13,9 +13,9 @@ Here each layer is five stages, each spread over `programs` (= the SM count) pro
   2. attention: split-K over the cache: unit (kv head, split) scores its slice of the keys for
                 the G query heads of the kv head (each K/V byte read once), with RoPE applied
                 to q and, by the unit owning the new slot, to k, which it also writes to the
-                cache; partial (max, sum, output) per unit
-  3. o-proj:    every program merges the partials (cheap, from L2), then its rows of
-                x += attn @ Wo
+                cache; partial (max, sum, output) per unit; the last unit of a kv head to
+                finish (an atomic count) merges the head's partials
+  3. o-proj:    x += attn @ Wo
   4. gate/up:   h = silu(rms_norm(x) @ Wg) * (rms_norm(x) @ Wu), rows split over programs
   5. down:      x += h @ Wd
 and after the last layer logits = rms_norm(x) @ W_out. Weights are matrix-vector friendly:
@@ -57,7 +57,8 @@ MAX_CHUNK = 512  # widest column chunk of a weight row block
 BLOCK_KEYS = 64  # keys per attention block: at 125m/1b's splits, one block per unit
 STAGES = ("qkv", "attention", "o_proj", "gate_up", "down")
 WEIGHTS = ("attn_norm", "mlp_norm", "final_norm", "wqkv", "wo", "gate", "up", "down", "head")
-STATE = ("x", "qkv", "part_o", "part_m", "part_l", "hidden", "logits", "k", "v", "counter",
+STATE = ("x", "qkv", "part_o", "part_m", "part_l", "attn", "arrivals", "hidden", "logits", "k",
+         "v", "counter",
          "polls")
 
 
@@ -145,7 +146,7 @@ def prepare(cfg, params: dict) -> dict:
         "mlp_norm": blocks["mlp_norm"].astype(jnp.float32),
         "final_norm": params["final_norm"].astype(jnp.float32),
         "wqkv": jnp.swapaxes(qkv, 1, 2).astype(dtype),
-        "wo": jnp.transpose(attn["o"], (0, 3, 1, 2)).reshape(L, D, K, N // K, H).astype(dtype),
+        "wo": jnp.transpose(attn["o"], (0, 3, 1, 2)).reshape(L, D, N * H).astype(dtype),
         "gate": jnp.swapaxes(mlp["gate"], 1, 2).astype(dtype),
         "up": jnp.swapaxes(mlp["up"], 1, 2).astype(dtype),
         "down": jnp.swapaxes(mlp["down"], 1, 2).astype(dtype),
@@ -414,6 +415,7 @@ class _Kernel:
                                (self.s["part_m"].at[kv_head, split, :], m),
                                (self.s["part_l"].at[kv_head, split, :], l)):
                 plgpu.store(ref, value)
+            self.merge_if_last(layer, kv_head)
             nxt = self.pid + (i + 1) * p.programs
             nxt_unit = jnp.minimum(nxt, units - 1)
             n_start, n_end = self._unit_range(nxt_unit % p.splits)
@@ -423,56 +425,47 @@ class _Kernel:
         count = lax.div(jnp.maximum(units - self.pid, 0) + p.programs - 1, p.programs)
         lax.fori_loop(0, count, unit_body, first)
 
-    # -- stage 3: merge the splits, then x += attn @ Wo
+    def merge_if_last(self, layer, kv_head):
+        """The last unit of a kv head to finish merges its splits into the attention output.
 
-    def merged_attention(self):
-        """The attention output [K', G, H] (K' = kv heads padded to a power of 2, zeros there):
-        every program merges all splits of all heads, as one tile (few reductions)."""
+        Each unit counts itself in arrivals[kv_head] (an atomic with release semantics, after a
+        CTA barrier: its partials are stored first); the one that brings the count to
+        splits x (layer + 1) loads all the head's partials (masked for the others, so no
+        traffic) and writes the attention output of the kv head's G query heads, rounded like
+        the model's."""
         p = self.p
-        heads, splits = pl.next_power_of_2(p.kv_heads), pl.next_power_of_2(p.splits)
-        ok = ((jnp.arange(heads) < p.kv_heads)[:, None, None]
-              & (jnp.arange(splits) < p.splits)[None, :, None])  # [K', S', 1]
-        stat = (heads, splits, p.group)
-        m = self.load_act(self.s["part_m"].at[pl.ds(0, heads), pl.ds(0, splits), :],
-                          mask=jnp.broadcast_to(ok, stat), other=MASK_VALUE)
-        l = self.load_act(self.s["part_l"].at[pl.ds(0, heads), pl.ds(0, splits), :],
-                          mask=jnp.broadcast_to(ok, stat), other=0.0)
-        o = self.load_act(self.s["part_o"].at[pl.ds(0, heads), pl.ds(0, splits), :, :],
-                          mask=jnp.broadcast_to(ok[..., None], (*stat, p.head_dim)), other=0.0)
-        peak = jnp.max(m, axis=1)  # [K', G]
-        weight = jnp.exp(m - peak[:, None, :])  # empty splits: l = 0, o = 0
-        total = jnp.sum(weight * l, axis=1)
-        total = jnp.where(total > 0.0, total, 1.0)  # padded heads
-        return self.rnd(jnp.sum(weight[..., None] * o, axis=1) / total[..., None])
+        if not p.interpret:
+            plgpu.debug_barrier()
+        # (a traced 1: interpret mode's atomic rule turns a constant operand into a jaxpr
+        # constant, which the while loop around this (a dynamic unit count) cannot discharge)
+        one = jnp.minimum(self.pos, 0) + 1
+        before = plgpu.atomic_add(self.s["arrivals"], (kv_head,), one)
+        last = before == p.splits * (layer + 1) - 1
+        splits = pl.next_power_of_2(p.splits)  # the partials are padded with empty splits
+        ok = jnp.broadcast_to(last, (splits,))
+        for g in range(p.group):  # query head kv_head * G + g
+            g = _i(g)
+            m = self.load_act(self.s["part_m"].at[kv_head, :, g], mask=ok, other=MASK_VALUE)
+            l = self.load_act(self.s["part_l"].at[kv_head, :, g], mask=ok, other=0.0)
+            o = self.load_act(self.s["part_o"].at[kv_head, :, g, :],
+                              mask=jnp.broadcast_to(last, (splits, p.head_dim)), other=0.0)
+            weight = jnp.exp(m - jnp.max(m))  # empty splits: l = 0, o = 0
+            total = jnp.sum(weight * l)
+            total = jnp.where(total > 0.0, total, 1.0)  # (the other units: nothing loaded)
+            merged = self.rnd(jnp.sum(weight[:, None] * o, axis=0) / total)
+            head = kv_head * p.group + g
+            plgpu.store(self.s["attn"].at[pl.ds(head * p.head_dim, p.head_dim)], merged,
+                        mask=jnp.broadcast_to(last, (p.head_dim,)))
 
-    def _load_wo(self, layer, r0, hi, rows):
-        p = self.p
-        heads = pl.next_power_of_2(p.kv_heads)
-        ok = ((r0 + jnp.arange(rows) < hi)[:, None, None, None]
-              & (jnp.arange(heads) < p.kv_heads)[None, :, None, None])
-        return plgpu.load(self.w["wo"].at[layer, pl.ds(r0, rows), pl.ds(0, heads), :, :],
-                          mask=jnp.broadcast_to(ok, (rows, heads, p.group, p.head_dim)), other=0.0)
-
-    def _wo_rows(self):
-        heads = pl.next_power_of_2(self.p.kv_heads) * self.p.group
-        return _row_block(self.p.embed, heads * self.p.head_dim, self.p.programs,
-                          self.p.tile_elements)
+    # -- stage 3: x += attn @ Wo
 
     def prefetch_o_proj(self, layer):
-        lo, hi = self.my_rows(self.p.embed)
-        return self._load_wo(layer, lo, hi, self._wo_rows())
+        return self.prefetch_matrix(layer, ("wo",), self.p.heads * self.p.head_dim, self.p.embed)
 
     def run_o_proj(self, layer, first):
-        attn = self.merged_attention()
-        rows = self._wo_rows()
-
-        def compute(r0, hi, tile):
-            y = jnp.sum(jnp.sum(jnp.sum(tile.astype(jnp.float32) * attn[None], axis=3), axis=2),
-                        axis=1)
-            self.add_to_residual(r0, hi, y)
-
-        self.row_loop(self.p.embed, rows, lambda r0, hi: self._load_wo(layer, r0, hi, rows),
-                      compute, first)
+        width = self.p.heads * self.p.head_dim
+        self.run_matrix(layer, ("wo",), width, self.p.embed, self.vector(self.s["attn"], width),
+                        lambda r0, hi, ys: self.add_to_residual(r0, hi, ys[0]), first)
 
     def add_to_residual(self, r0, hi, y):
         idx = r0 + jnp.arange(y.shape[0])
@@ -640,11 +633,15 @@ def step_state(cfg, weights: dict, token: jax.Array, cache: dict, *, plan: Plan,
     freq = jnp.asarray(rope_inverse_frequencies(p.head_dim, cfg.rope_theta, cfg.rope_scaling))
     x = jnp.take(weights["embed"], token[0], axis=0).astype(jnp.float32)
     f32 = jnp.float32
+    splits = pl.next_power_of_2(p.splits)
     state = {
         "x": x, "qkv": jnp.zeros((p.qkv_rows,), f32),
-        "part_o": jnp.zeros((p.kv_heads, p.splits, p.group, p.head_dim), f32),
-        "part_m": jnp.zeros((p.kv_heads, p.splits, p.group), f32),
-        "part_l": jnp.zeros((p.kv_heads, p.splits, p.group), f32),
+        # (splits padded to a power of 2 with empty ones: max -inf, sum 0, output 0)
+        "part_o": jnp.zeros((p.kv_heads, splits, p.group, p.head_dim), f32),
+        "part_m": jnp.full((p.kv_heads, splits, p.group), MASK_VALUE, f32),
+        "part_l": jnp.zeros((p.kv_heads, splits, p.group), f32),
+        "attn": jnp.zeros((p.heads * p.head_dim,), f32),
+        "arrivals": _zero_counter(pos).repeat(p.kv_heads),
         "hidden": jnp.zeros((p.mlp,), f32), "logits": jnp.zeros((p.vocab,), f32),
         "k": cache["k"], "v": cache["v"], "counter": _zero_counter(pos),
         "polls": jnp.zeros((p.programs,), jnp.int32),
