@@ -43,10 +43,12 @@ def _compare(cfg, params, plan_options, one_launch=False):
     for i in range(STEPS):
         token = tokens[0, PROMPT + i:PROMPT + i + 1]
         logits, cache = step(weights, token, cache)
+        assert bool(jnp.all(jnp.isfinite(logits)))  # (a NaN would slip through max() below)
         ref, ref_cache = model.forward(cfg, params, token[None], cache=ref_cache)
         logit_error = max(logit_error, float(jnp.max(jnp.abs(logits - ref[:, 0]))))
         scale = max(scale, float(jnp.max(jnp.abs(ref))))
         for name in ("k", "v"):  # relative to the largest cached value
+            assert bool(jnp.all(jnp.isfinite(cache[name].astype(jnp.float32))))
             ref_values = ref_cache[name].astype(jnp.float32)
             cache_error = max(cache_error, float(
                 jnp.max(jnp.abs(cache[name].astype(jnp.float32) - ref_values))
