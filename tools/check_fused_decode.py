@@ -125,6 +125,8 @@ def parse_field(item: str) -> tuple:
     fields = {f.name for f in dataclasses.fields(fused_decode.Plan)}
     if not sep or name not in fields:
         raise SystemExit(f"--plan {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+    if name == "skip":  # stages to leave out, comma-separated
+        return name, tuple(value.split(","))
     if value.lower() in ("true", "false"):
         return name, value.lower() == "true"
     try:
