@@ -303,8 +303,9 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     the tokenizer's size when the model's vocab is padded beyond it). pallas_step: run the
     decode steps (prefill stays on `model.forward`) with pallas_kernels/fused_decode.py, the
     whole step in one Pallas kernel instead of XLA's ~275; one prompt, no mesh, a bf16/float32
-    cache (on CPU it runs in interpret mode: for tests, slow). None (default): on a GPU where
-    it is faster (`use_pallas_step`), True: always (an error where it cannot run), False: never.
+    cache (on CPU it runs in interpret mode: for tests, slow). None (default): where it was
+    measured faster (`use_pallas_step`), True: always (an error where it cannot run), False:
+    never.
     """
     sampling = Sampling(float(temperature), top_k, top_p, vocab_limit)
     check_request(cfg, prompts, max_new_tokens, sampling, eos_id)
@@ -321,20 +322,27 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     return results, [[float(x) for x in log_probs[i, :len(row)]] for i, row in enumerate(results)]
 
 
-# The Pallas step beats XLA's up to the 350m preset (embed 1024: 2.4x) and loses at 1b (embed
-# 2048: 0.93x) on an H200 (docs/benchmarks.md, "A Pallas decode step").
+# The Pallas step beats XLA's up to the 350m preset (embed 1024: 2.2x end to end) and loses at
+# 1b (embed 2048: 0.83x) on an H200 (docs/benchmarks.md, "The Pallas decode step, tenth session").
 PALLAS_STEP_MAX_EMBED = 1024
+
+
+def _measured_gpu() -> bool:
+    """A Hopper GPU (compute capability 9.x: H100, H200), where the Pallas step was measured."""
+    if jax.default_backend() != "gpu":
+        return False
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
 
 
 def use_pallas_step(cfg: ModelConfig, batch: int, quantize_cache: bool = False,
                     mesh: Optional[Mesh] = None, requested: Optional[bool] = None) -> bool:
-    """Whether decode steps run as the Pallas step. requested=None: where it can run and is
-    faster (a GPU, batch 1, no mesh, embed_dim <= PALLAS_STEP_MAX_EMBED); True: raises a
-    ValueError naming the reason where it cannot run; False: never."""
+    """Whether decode steps run as the Pallas step. requested=None: where it can run and was
+    measured faster (a Hopper GPU, batch 1, no mesh, embed_dim <= PALLAS_STEP_MAX_EMBED); True:
+    raises a ValueError naming the reason where it cannot run; False: never."""
     if requested is False:
         return False
-    if requested is None and not (jax.default_backend() == "gpu" and batch == 1
-                                  and mesh is None and cfg.embed_dim <= PALLAS_STEP_MAX_EMBED):
+    if requested is None and not (_measured_gpu() and batch == 1 and mesh is None
+                                  and cfg.embed_dim <= PALLAS_STEP_MAX_EMBED):
         return False
     from pallas_kernels import fused_decode
 

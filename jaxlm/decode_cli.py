@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention-impl", default=None, choices=("xla", "cudnn", "pallas"))
     parser.add_argument("--int8-cache", action="store_true", help="int8 KV cache")
     parser.add_argument("--pallas-step", action=argparse.BooleanOptionalAction, default=None,
-                        help="decode steps as one Pallas kernel per token; default: on a GPU "
-                             "for models up to embed 1024 (where it is faster, see "
-                             "docs/benchmarks.md)")
+                        help="decode steps as one Pallas kernel per token; default: on a "
+                             "Hopper GPU for models up to embed 1024 (where it was measured "
+                             "faster, see docs/benchmarks.md)")
     return parser
 
 
