@@ -176,11 +176,10 @@ def _i(value: int) -> jax.Array:
     return jnp.int32(value)
 
 
-def _arrive(counter_ref, epoch, plan: Plan):
-    """This program has reached barrier number `epoch` (1, 2, ...): one atomic add to the
-    arrival counter (a scalar atomic: performed once per program), after a CTA barrier so all
-    the program's stores come first (the atomic has release semantics)."""
-    del epoch  # the counter counts arrivals; _wait knows how many to expect
+def _arrive(counter_ref, plan: Plan):
+    """This program has reached the next barrier: one atomic add to the arrival counter (a
+    scalar atomic: performed once per program), after a CTA barrier so all the program's
+    stores come first (the atomic has release semantics). _wait knows how many to expect."""
     if not plan.interpret:
         plgpu.debug_barrier()
     plgpu.atomic_add(counter_ref, (_i(0),), jnp.int32(1))
@@ -538,7 +537,7 @@ def _kernel(*refs, plan: Plan, stage: Optional[str]):
         -> (prefetched, polls)."""
         if "barrier" in plan.skip:
             return prefetch(), jnp.int32(0)
-        _arrive(s["counter"], epoch, plan)
+        _arrive(s["counter"], plan)
         first = prefetch()
         return first, _wait(s["counter"], epoch, plan)
 
@@ -602,7 +601,7 @@ def make_plan(cfg, cache: dict, *, programs: Optional[int] = None, splits: Optio
         programs = 1 if interpret else int(getattr(jax.devices()[0], "core_count", 0) or 132)
     K = cfg.num_kv_heads
     # Loading a stage ahead holds two stages' tiles in registers: 3% faster up to embed 1024,
-    # 30% slower at 1b's 2048 (docs/benchmarks.md).
+    # 33% slower at 1b's 2048 (docs/benchmarks.md).
     options.setdefault("lookahead", cfg.embed_dim <= 1024)
     return Plan(layers=cfg.num_layers, embed=cfg.embed_dim, heads=cfg.num_heads, kv_heads=K,
                 head_dim=cfg.resolved_head_dim, mlp=cfg.mlp_dim, vocab=cfg.vocab_size,
