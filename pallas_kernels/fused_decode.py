@@ -52,7 +52,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxlm.layers import rope_inverse_frequencies
 
 MASK_VALUE = -1e30
-TILE_ELEMENTS = 32768  # weight elements a program holds in registers per row block (64 KB bf16)
+TILE_ELEMENTS = 16384  # weight elements a program holds in registers per row block (32 KB bf16)
 MAX_CHUNK = 512  # widest column chunk of a weight row block
 BLOCK_KEYS = 64  # keys per attention block: at 125m/1b's splits, one block per unit
 STAGES = ("qkv", "attention", "o_proj", "gate_up", "down")
@@ -80,7 +80,10 @@ class Plan:
     interpret: bool
     num_warps: int = 8
     tile_elements: int = TILE_ELEMENTS
-    lookahead: bool = False  # one launch: load each stage's first weight tile a stage early
+    stage_tiles: tuple = ()  # (weight name, tile elements) pairs overriding tile_elements
+    # One launch: the stages (names from STAGES) whose first weight tile is loaded while the
+    # stage before them runs, instead of after their own barrier's arrival.
+    lookahead: tuple = ()
     # Timing experiments only (tools/check_fused_decode.py): stages (or "barrier") to leave
     # out; the results are then wrong.
     skip: tuple = ()
@@ -253,7 +256,10 @@ class _Kernel:
 
     @staticmethod
     def matvec(tiles, xs):
-        return sum(jnp.sum(t.astype(jnp.float32) * x[None, :], axis=1) for t, x in zip(tiles, xs))
+        """Row sums of the column chunks' products: summed elementwise over the chunks first,
+        so a row block pays one cross-thread reduction, not one per chunk (1b's down
+        projection has 16 chunks: it ran at 36% of the copy bandwidth that way)."""
+        return jnp.sum(sum(t.astype(jnp.float32) * x[None, :] for t, x in zip(tiles, xs)), axis=1)
 
     def row_loop(self, total: int, rows: int, load, compute, first):
         """This program's rows of `total`, `rows` at a time; each block's loads are issued before
@@ -274,8 +280,8 @@ class _Kernel:
     # -- matrix stages: (rows of the output, rows per block, weight names, input width)
 
     def _matrix_stage(self, names, width, total):
-        rows = _row_block(total, width * len(names), self.p.programs,
-                          self.p.tile_elements)
+        tile = dict(self.p.stage_tiles).get(names[0], self.p.tile_elements)
+        rows = _row_block(total, width * len(names), self.p.programs, tile)
         lo, hi = self.my_rows(total)
 
         def load(layer, r0, hi_):
@@ -541,28 +547,31 @@ def _kernel(*refs, plan: Plan, stage: Optional[str]):
         first = prefetch()
         return first, _wait(s["counter"], epoch, plan)
 
+    early = set(plan.lookahead)
+
     def layer_body(layer, carry):
-        polls, pending = carry
+        polls, pending = carry  # pending: this stage's tile, when loaded early
         for i, name in enumerate(STAGES):
             epoch = layer * len(STAGES) + i + 1
-            if plan.lookahead:
-                # the next stage's first weight tile is loaded while this one waits and runs
-                if i + 1 < len(STAGES):
-                    after = functools.partial(prefetch, layer, STAGES[i + 1])
-                else:
-                    after = functools.partial(prefetch, layer + 1, "qkv", layer + 1 < plan.layers)
-                upcoming, count = barrier(epoch, after)
-                first = pending
+            if i + 1 < len(STAGES):
+                nxt = functools.partial(prefetch, layer, STAGES[i + 1])
             else:
-                first, count = barrier(epoch, functools.partial(prefetch, layer, name))
-                upcoming = None
+                nxt = functools.partial(prefetch, layer + 1, "qkv", layer + 1 < plan.layers)
+            nxt_early = STAGES[(i + 1) % len(STAGES)] in early
+
+            def loads(name=name, nxt=nxt, nxt_early=nxt_early):
+                # this stage's own tile unless it came early; the next stage's if it goes early
+                own = None if name in early else prefetch(layer, name)
+                return own, (nxt() if nxt_early else None)
+
+            (own, upcoming), count = barrier(epoch, loads)
             polls += count
             if name not in plan.skip:
-                getattr(k, f"run_{name}")(layer, first)
+                getattr(k, f"run_{name}")(layer, pending if name in early else own)
             pending = upcoming
         return polls, pending
 
-    pending = prefetch(0, "qkv") if plan.lookahead else None
+    pending = prefetch(0, "qkv") if "qkv" in early else None
     polls, _ = lax.fori_loop(0, plan.layers, layer_body, (jnp.int32(0), pending))
     # The poll counts are stored: a while loop whose count is never used loses it to dead-code
     # elimination, and that form (a loop body ignoring its carry) did not wait on an H200.
@@ -600,9 +609,16 @@ def make_plan(cfg, cache: dict, *, programs: Optional[int] = None, splits: Optio
     if programs is None:
         programs = 1 if interpret else int(getattr(jax.devices()[0], "core_count", 0) or 132)
     K = cfg.num_kv_heads
-    # Loading a stage ahead holds two stages' tiles in registers: 3% faster up to embed 1024,
-    # 33% slower at 1b's 2048 (docs/benchmarks.md).
-    options.setdefault("lookahead", cfg.embed_dim <= 1024)
+    # Loading a stage ahead holds two stages' tiles in registers: every stage's up to embed
+    # 1024 (2% at 125m), only qkv's above (1b: 2.2% faster; every stage's, 2.7% slower). True /
+    # False: every stage / none (docs/benchmarks.md, eleventh session).
+    lookahead = options.get("lookahead", STAGES if cfg.embed_dim <= 1024 else ("qkv",))
+    if isinstance(lookahead, bool):
+        lookahead = STAGES if lookahead else ()
+    unknown = set(lookahead) - set(STAGES)
+    if unknown:
+        raise ValueError(f"lookahead: unknown stages {sorted(unknown)}; stages are {STAGES}")
+    options["lookahead"] = tuple(lookahead)
     return Plan(layers=cfg.num_layers, embed=cfg.embed_dim, heads=cfg.num_heads, kv_heads=K,
                 head_dim=cfg.resolved_head_dim, mlp=cfg.mlp_dim, vocab=cfg.vocab_size,
                 eps=float(cfg.norm_eps), programs=programs,

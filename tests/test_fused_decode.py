@@ -71,10 +71,11 @@ def test_one_kernel_per_stage_matches_forward(kv_heads, programs, splits):
     assert cache_error < 1e-5
 
 
-@pytest.mark.parametrize("lookahead", [False, True])
+@pytest.mark.parametrize("lookahead", [False, True, ("qkv", "down")])
 def test_one_launch_matches_forward(lookahead):
     """The one-launch form (grid barriers; one program on CPU: interpret runs programs in turn),
-    with weight tiles loaded at the barrier before their stage or one stage earlier."""
+    with weight tiles loaded at the barrier before their stage or one stage earlier (every
+    stage's, or some: qkv's crosses into the next layer's loop iteration)."""
     cfg = _config(2)
     options = {"programs": 1, "splits": 3, "lookahead": lookahead}
     logit_error, cache_error, scale = _compare(cfg, _params(cfg), options, one_launch=True)
@@ -176,3 +177,10 @@ def test_lowers_to_triton_ir(hopper_lowering, one_launch, lookahead):
     lowered = step.trace(weights, jax.ShapeDtypeStruct((1,), jnp.int32), cache).lower(
         lowering_platforms=("cuda",))
     assert "fused_decode" in lowered.as_text()
+
+
+def test_plan_rejects_unknown_lookahead_stage():
+    cfg = _config(1)
+    with pytest.raises(ValueError, match="unknown stages.*'mlp'"):
+        fused_decode.make_plan(cfg, kv_cache.init_cache(cfg, 1, 32), interpret=True,
+                               lookahead=("qkv", "mlp"))
