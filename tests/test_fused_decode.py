@@ -71,20 +71,27 @@ def test_one_kernel_per_stage_matches_forward(kv_heads, programs, splits):
     assert cache_error < 1e-5
 
 
-@pytest.mark.parametrize("lookahead", [False, True, ("qkv", "down")])
-def test_one_launch_matches_forward(lookahead):
+@pytest.mark.parametrize("lookahead,data_waits,kv_heads", [
+    (False, (), 2), (True, (), 2),
+    (("qkv", "down"), (), 2),  # some stages' tiles early: qkv's crosses into the next layer
+    (True, True, 4),  # attention, o-proj and down poll their inputs instead of a barrier (MHA)
+    (("qkv",), ("o_proj", "down"), 2),
+])
+def test_one_launch_matches_forward(lookahead, data_waits, kv_heads):
     """The one-launch form (grid barriers; one program on CPU: interpret runs programs in turn),
-    with weight tiles loaded at the barrier before their stage or one stage earlier (every
-    stage's, or some: qkv's crosses into the next layer's loop iteration)."""
-    cfg = _config(2)
-    options = {"programs": 1, "splits": 3, "lookahead": lookahead}
+    with weight tiles loaded at the barrier before their stage or one stage earlier, and with
+    stages waiting on their input data instead of a barrier."""
+    cfg = _config(kv_heads)
+    options = {"programs": 1, "splits": 3, "lookahead": lookahead, "data_waits": data_waits}
     logit_error, cache_error, scale = _compare(cfg, _params(cfg), options, one_launch=True)
-    # Every program arrived at every barrier once: 5 stages a layer and the output layer.
+    # Every program arrived at every barrier once: one per stage that does not wait on its
+    # data, and the output layer's.
     cache = kv_cache.init_cache(cfg, 1, 32)
     plan = fused_decode.make_plan(cfg, cache, interpret=True, **options)
     state = fused_decode.step_state(cfg, fused_decode.prepare(cfg, _params(cfg)),
                                     jnp.array([3]), cache, plan=plan, one_launch=True)
-    assert int(state["counter"][0]) == (len(fused_decode.STAGES) * cfg.num_layers + 1)
+    barriers = len(fused_decode.STAGES) - len(plan.data_waits)
+    assert int(state["counter"][0]) == barriers * cfg.num_layers + 1
     assert logit_error < 2e-5 * scale
     assert cache_error < 1e-5
 
@@ -184,3 +191,21 @@ def test_plan_rejects_unknown_lookahead_stage():
     with pytest.raises(ValueError, match="unknown stages.*'mlp'"):
         fused_decode.make_plan(cfg, kv_cache.init_cache(cfg, 1, 32), interpret=True,
                                lookahead=("qkv", "mlp"))
+
+
+def test_an_input_never_written_ends_in_nan_not_a_hang(monkeypatch):
+    """A stage waiting on data that never comes (here: gate/up left out) gives up after
+    MAX_POLLS loads and computes with the NaN payload: NaN logits and the polls counted."""
+    monkeypatch.setattr(fused_decode, "MAX_POLLS", 3)
+    cfg = _config(2)
+    cache = kv_cache.init_cache(cfg, 1, 32)
+    plan = fused_decode.make_plan(cfg, cache, interpret=True, programs=1, splits=3,
+                                  data_waits=("down",), skip=("gate_up",))
+    state = fused_decode.step_state(cfg, fused_decode.prepare(cfg, _params(cfg)),
+                                    jnp.array([3]), cache, plan=plan, one_launch=True)
+    assert bool(jnp.isnan(state["logits"]).all())
+    assert int(state["polls"][0]) >= 3 * cfg.num_layers
+    with pytest.raises(ValueError, match=r"\['qkv'\] cannot wait on data"):
+        fused_decode.make_plan(cfg, cache, interpret=True, data_waits=("qkv",))
+    with pytest.raises(ValueError, match="attention wait hangs with grouped kv heads"):
+        fused_decode.make_plan(cfg, cache, interpret=True, data_waits=("attention",))

@@ -134,7 +134,7 @@ def parse_field(item: str) -> tuple:
             raise SystemExit(f"--plan {item!r}: expected stage_tiles=WEIGHT:ELEMENTS[,...]")
     if value.lower() in ("true", "false"):
         return name, value.lower() == "true"
-    if name == "lookahead":  # stage names, e.g. qkv,gate_up
+    if name in ("lookahead", "data_waits"):  # stage names, e.g. qkv,gate_up
         return name, tuple(value.split(","))
     try:
         return name, int(value)
