@@ -21,8 +21,8 @@ Here each layer is five stages, each spread over `programs` (= the SM count) pro
 and after the last layer logits = rms_norm(x) @ W_out. Weights are matrix-vector friendly:
 `prepare` transposes each matrix to [out, in] once per generate call, so each program streams
 whole contiguous rows. Activations that cross programs go through small float32 scratch
-buffers in global memory, read with volatile loads (from L2, never a stale L1 line); q/k/v,
-the attention output and the MLP hidden get one buffer per layer, written once per step.
+buffers in global memory, read with volatile loads (from L2, never a stale L1 line); with
+`data_waits`, q/k/v, the attention output and the MLP hidden get one buffer per layer.
 
 `one_launch=True` runs all stages in one kernel with a grid-wide barrier between stages (each
 program adds one to an arrival counter, then polls it; programs never outnumber the SMs, so all
@@ -231,6 +231,11 @@ class _Kernel:
 
     # -- helpers
 
+    def slot(self, layer):
+        """Which copy of the q/k/v, attention-output and hidden buffers a layer uses: its own
+        with data waits (a wait needs a buffer nobody wrote before in this step), else one."""
+        return layer if self.p.data_waits else 0
+
     def rnd(self, x):
         return x.astype(jnp.bfloat16).astype(jnp.float32) if self.p.round_bf16 else x
 
@@ -347,7 +352,8 @@ class _Kernel:
         self.run_matrix(layer, ("wqkv",), self.p.embed, self.p.qkv_rows, xs,
                         lambda r0, hi, ys: self.store_rows(self.s["qkv"], r0, hi,
                                                            self.rnd(ys[0]),
-                                                           layer * self.p.qkv_rows), first)
+                                                           self.slot(layer) * self.p.qkv_rows),
+                        first)
 
     # -- stage 2: attention, split-K over the cache
 
@@ -386,7 +392,7 @@ class _Kernel:
     def _head_vector(self, layer, head, count):
         """Halves of `count` consecutive heads' rows of the layer's qkv: 2 x [count, H/2]."""
         H, half = self.p.head_dim, self.p.head_dim // 2
-        base = (layer * self.p.qkv_rows + (head + jnp.arange(count))[:, None] * H
+        base = (self.slot(layer) * self.p.qkv_rows + (head + jnp.arange(count))[:, None] * H
                 + jnp.arange(half)[None, :])
         return [self.load_act(self.s["qkv"].at[base + h0]) for h0 in (0, half)]
 
@@ -496,7 +502,7 @@ class _Kernel:
             total = jnp.where(total > 0.0, total, 1.0)  # (the other units: nothing loaded)
             merged = self.rnd(jnp.sum(weight[:, None] * o, axis=0) / total)
             head = kv_head * p.group + g
-            plgpu.store(self.s["attn"].at[pl.ds((layer * p.heads + head) * p.head_dim,
+            plgpu.store(self.s["attn"].at[pl.ds((self.slot(layer) * p.heads + head) * p.head_dim,
                                                 p.head_dim)], merged,
                         mask=jnp.broadcast_to(last, (p.head_dim,)))
 
@@ -507,7 +513,8 @@ class _Kernel:
 
     def run_o_proj(self, layer, first):
         width = self.p.heads * self.p.head_dim
-        xs = self.vector(self.s["attn"], width, layer * width, "o_proj" in self.p.data_waits)
+        xs = self.vector(self.s["attn"], width, self.slot(layer) * width,
+                         "o_proj" in self.p.data_waits)
         self.run_matrix(layer, ("wo",), width, self.p.embed, xs,
                         lambda r0, hi, ys: self.add_to_residual(r0, hi, ys[0]), first)
 
@@ -531,7 +538,7 @@ class _Kernel:
             gate, up = (self.rnd(y) for y in ys)
             self.store_rows(self.s["hidden"], r0, hi,
                             self.rnd(self.rnd(gate * jax.nn.sigmoid(gate)) * up),
-                            layer * self.p.mlp)
+                            self.slot(layer) * self.p.mlp)
 
         self.run_matrix(layer, ("gate", "up"), self.p.embed, self.p.mlp, xs, epilogue, first)
 
@@ -539,7 +546,7 @@ class _Kernel:
         return self.prefetch_matrix(layer, ("down",), self.p.mlp, self.p.embed)
 
     def run_down(self, layer, first):
-        xs = self.vector(self.s["hidden"], self.p.mlp, layer * self.p.mlp,
+        xs = self.vector(self.s["hidden"], self.p.mlp, self.slot(layer) * self.p.mlp,
                          "down" in self.p.data_waits)
         self.run_matrix(layer, ("down",), self.p.mlp, self.p.embed, xs,
                         lambda r0, hi, ys: self.add_to_residual(r0, hi, ys[0]), first)
@@ -711,15 +718,16 @@ def step_state(cfg, weights: dict, token: jax.Array, cache: dict, *, plan: Plan,
     x = jnp.take(weights["embed"], token[0], axis=0).astype(jnp.float32)
     f32 = jnp.float32
     splits = pl.next_power_of_2(p.splits)
+    copies = p.layers if p.data_waits else 1  # of the buffers _Kernel.slot picks from
     state = {
-        "x": x, "qkv": _unwritten(p.layers * p.qkv_rows),
+        "x": x, "qkv": _unwritten(copies * p.qkv_rows),
         # (splits padded to a power of 2 with empty ones: max -inf, sum 0, output 0)
         "part_o": jnp.zeros((p.kv_heads, splits, p.group, p.head_dim), f32),
         "part_m": jnp.full((p.kv_heads, splits, p.group), MASK_VALUE, f32),
         "part_l": jnp.zeros((p.kv_heads, splits, p.group), f32),
-        "attn": _unwritten(p.layers * p.heads * p.head_dim),
+        "attn": _unwritten(copies * p.heads * p.head_dim),
         "arrivals": _zero_counter(pos).repeat(p.kv_heads),
-        "hidden": _unwritten(p.layers * p.mlp), "logits": jnp.zeros((p.vocab,), f32),
+        "hidden": _unwritten(copies * p.mlp), "logits": jnp.zeros((p.vocab,), f32),
         "k": cache["k"], "v": cache["v"], "counter": _zero_counter(pos),
         "polls": jnp.zeros((p.programs,), jnp.int32),
     }
