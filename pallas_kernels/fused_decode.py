@@ -661,6 +661,16 @@ def _unwritten(size: int) -> jax.Array:
     return lax.bitcast_convert_type(jnp.full((size,), NOT_WRITTEN, jnp.int32), jnp.float32)
 
 
+def _stage_names(field: str, value, allowed: tuple, problem: str) -> tuple:
+    """A Plan option naming stages: True / False (all of `allowed` / none) or names from it."""
+    if isinstance(value, bool):
+        return allowed if value else ()
+    bad = sorted(set(value) - set(allowed))
+    if bad:
+        raise ValueError(f"{field}: {problem.format(bad)}; allowed: {allowed}")
+    return tuple(value)
+
+
 def make_plan(cfg, cache: dict, *, programs: Optional[int] = None, splits: Optional[int] = None,
               interpret: bool = False, **options) -> Plan:
     if programs is None:
@@ -669,25 +679,16 @@ def make_plan(cfg, cache: dict, *, programs: Optional[int] = None, splits: Optio
     # Loading a stage ahead holds two stages' tiles in registers: every stage's up to embed
     # 1024 (2% at 125m), only qkv's above (1b: 2.2% faster; every stage's, 2.7% slower). True /
     # False: every stage / none (docs/benchmarks.md, eleventh session).
-    lookahead = options.get("lookahead", STAGES if cfg.embed_dim <= 1024 else ("qkv",))
-    if isinstance(lookahead, bool):
-        lookahead = STAGES if lookahead else ()
-    unknown = set(lookahead) - set(STAGES)
-    if unknown:
-        raise ValueError(f"lookahead: unknown stages {sorted(unknown)}; stages are {STAGES}")
-    options["lookahead"] = tuple(lookahead)
-    waits = options.get("data_waits", ())
-    if isinstance(waits, bool):
-        waits = WAITABLE if waits else ()
-    if set(waits) - set(WAITABLE):
-        raise ValueError(f"data_waits: {sorted(set(waits) - set(WAITABLE))} cannot wait on data; "
-                         f"stages that can: {WAITABLE}")
+    options["lookahead"] = _stage_names(
+        "lookahead", options.get("lookahead", STAGES if cfg.embed_dim <= 1024 else ("qkv",)),
+        STAGES, "unknown stages {}")
+    waits = options["data_waits"] = _stage_names("data_waits", options.get("data_waits", ()),
+                                                 WAITABLE, "{} cannot wait on data")
     if "attention" in waits and cfg.num_heads != cfg.num_kv_heads:
         # On an H200 the 350m and 1b steps (2 and 4 query heads per kv head) never finished
         # with it, while the o-proj and down waits did; the cause is not known yet.
         raise ValueError("data_waits: the attention wait hangs with grouped kv heads "
                          f"({cfg.num_heads} query heads over {cfg.num_kv_heads}); leave it out")
-    options["data_waits"] = tuple(waits)
     return Plan(layers=cfg.num_layers, embed=cfg.embed_dim, heads=cfg.num_heads, kv_heads=K,
                 head_dim=cfg.resolved_head_dim, mlp=cfg.mlp_dim, vocab=cfg.vocab_size,
                 eps=float(cfg.norm_eps), programs=programs,
