@@ -64,6 +64,7 @@ BLOCK_KEYS = 64  # keys per attention block: at 125m/1b's splits, one block per 
 # after MAX_POLLS loads, leaving NaN in the result instead of a hang.
 NOT_WRITTEN = 0x7FE5A5A5
 MAX_POLLS = 1 << 18
+TILED = ("wqkv", "wo", "gate", "down", "head")  # weights streamed in row blocks (stage_tiles)
 WAITABLE = ("attention", "o_proj", "down")  # stages whose input is a fresh per-layer buffer
 STAGES = ("qkv", "attention", "o_proj", "gate_up", "down")
 WEIGHTS = ("attn_norm", "mlp_norm", "final_norm", "wqkv", "wo", "gate", "up", "down", "head")
@@ -682,6 +683,9 @@ def make_plan(cfg, cache: dict, *, programs: Optional[int] = None, splits: Optio
     options["lookahead"] = _stage_names(
         "lookahead", options.get("lookahead", STAGES if cfg.embed_dim <= 1024 else ("qkv",)),
         STAGES, "unknown stages {}")
+    bad = sorted(set(dict(options.get("stage_tiles", ()))) - set(TILED))
+    if bad:
+        raise ValueError(f"stage_tiles: {bad} are not tiled weights; those are {TILED}")
     waits = options["data_waits"] = _stage_names("data_waits", options.get("data_waits", ()),
                                                  WAITABLE, "{} cannot wait on data")
     if "attention" in waits and cfg.num_heads != cfg.num_kv_heads:

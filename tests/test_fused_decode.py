@@ -191,6 +191,9 @@ def test_plan_rejects_unknown_lookahead_stage():
     with pytest.raises(ValueError, match="unknown stages.*'mlp'"):
         fused_decode.make_plan(cfg, kv_cache.init_cache(cfg, 1, 32), interpret=True,
                                lookahead=("qkv", "mlp"))
+    with pytest.raises(ValueError, match=r"stage_tiles: \['dwn'\] are not tiled weights"):
+        fused_decode.make_plan(cfg, kv_cache.init_cache(cfg, 1, 32), interpret=True,
+                               stage_tiles=(("dwn", 8192),))
 
 
 def test_an_input_never_written_ends_in_nan_not_a_hang(monkeypatch):
