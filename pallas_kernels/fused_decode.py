@@ -69,8 +69,7 @@ WAITABLE = ("attention", "o_proj", "down")  # stages whose input is a fresh per-
 STAGES = ("qkv", "attention", "o_proj", "gate_up", "down")
 WEIGHTS = ("attn_norm", "mlp_norm", "final_norm", "wqkv", "wo", "gate", "up", "down", "head")
 STATE = ("x", "qkv", "part_o", "part_m", "part_l", "attn", "arrivals", "hidden", "logits", "k",
-         "v", "counter",
-         "polls")
+         "v", "counter", "polls", "trace")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +100,10 @@ class Plan:
     # Timing experiments only (tools/check_fused_decode.py): stages (or "barrier") to leave
     # out; the results are then wrong.
     skip: tuple = ()
+    # Timing experiments only: one launch records the GPU's global timer (ns, low 32 bits) per
+    # program at each barrier (stage done, arrival counted, released) and at the end
+    # (state["trace"]; tools/check_fused_decode.timeline reads it).
+    trace: bool = False
 
     @property
     def group(self) -> int:
@@ -199,7 +202,42 @@ def _arrive(counter_ref, plan: Plan):
     stores come first (the atomic has release semantics). _wait knows how many to expect."""
     if not plan.interpret:
         plgpu.debug_barrier()
-    plgpu.atomic_add(counter_ref, (_i(0),), jnp.int32(1))
+    return plgpu.atomic_add(counter_ref, (_i(0),), jnp.int32(1))
+
+
+def _timer(anchor) -> jax.Array:
+    """The GPU's global nanosecond timer (low 32 bits), an int32 scalar, read after the kernel
+    code before it (Plan.trace). Inline assembly with side effects, so the compiler keeps it in
+    place: plgpu.elementwise_inline_asm is pure, and a pure timer read drifts to its use."""
+    if _timer_p is None:
+        raise NotImplementedError("Plan.trace needs jax's Pallas Triton internals "
+                                  "(jax._src.pallas.triton.lowering), not found in this jax")
+    return _timer_p.bind(jnp.asarray(anchor, jnp.int32))
+
+
+def _register_timer():
+    try:
+        from jax._src import core as jax_core
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.triton import dialect as tt_dialect
+        from jax._src.pallas.triton import lowering as triton_lowering
+    except ImportError:
+        return None
+    primitive = jax_core.Primitive("fused_decode_timer")
+    primitive.def_abstract_eval(lambda anchor: jax_core.ShapedArray((), jnp.int32))
+
+    @triton_lowering.register_lowering(primitive)
+    def _lower(ctx, anchor):
+        out = tt_dialect.elementwise_inline_asm(
+            [ir.IntegerType.get_signless(32)], "mov.u32 $0, %globaltimer_lo;",
+            constraints="=r,r", pure=False, packed_element=1,
+            args=[triton_lowering._ensure_ir_value(anchor, ctx.avals_in[0])])
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    return primitive
+
+
+_timer_p = _register_timer()
 
 
 def _wait(counter_ref, epoch, plan: Plan):
@@ -236,6 +274,11 @@ class _Kernel:
         """Which copy of the q/k/v, attention-output and hidden buffers a layer uses: its own
         with data waits (a wait needs a buffer nobody wrote before in this step), else one."""
         return layer if self.p.data_waits else 0
+
+    def stamp(self, column, anchor):
+        """trace[program, column] = the timer, read once `anchor` exists (Plan.trace)."""
+        plgpu.store(self.s["trace"].at[self.pid, pl.ds(column, 1)],
+                    jnp.full((1,), _timer(anchor), jnp.int32))
 
     def rnd(self, x):
         return x.astype(jnp.bfloat16).astype(jnp.float32) if self.p.round_bf16 else x
@@ -338,6 +381,33 @@ class _Kernel:
         self.row_loop(total, rows, lambda r0, hi: load(layer, r0, hi),
                       lambda r0, hi, tiles: epilogue(r0, hi, [self.matvec(t, xs) for t in tiles]),
                       first)
+
+    def run_residual(self, layer, name, width, xs, first):
+        """x += xs @ W (W [D, width]) for this program's rows of x, in place. With more than one
+        block a program, each block's rows of x load with its weight tile, a block ahead, so
+        the add waits for no load: loading them in the epilogue cost a round trip to L2 per
+        block (1b: 1,050 -> 1,013 us, docs/benchmarks.md). Only this program reads or writes
+        these rows during the stage; the first block's rows load here, after the barrier that
+        follows the stage that last wrote them."""
+        rows, lo, hi, load = self._matrix_stage((name,), width, self.p.embed)
+        if -(-self.p.embed // self.p.programs) <= rows:
+            # One block a program: x loads in the epilogue (125m ran 3% slower the other way).
+            self.run_matrix(layer, (name,), width, self.p.embed, xs,
+                            lambda r0, hi_, ys: self.add_to_residual(r0, hi_, ys[0]), first)
+            return
+
+        def load_x(r0, hi_):
+            ok = r0 + jnp.arange(rows) < hi_
+            return self.load_act(self.s["x"].at[pl.ds(r0, rows)], mask=ok, other=0.0)
+
+        def compute(r0, hi_, loaded):
+            (tile,), x = loaded
+            y = self.matvec(tile, xs)
+            ok = r0 + jnp.arange(rows) < hi_
+            plgpu.store(self.s["x"].at[pl.ds(r0, rows)], self.rnd(x + self.rnd(y)), mask=ok)
+
+        self.row_loop(self.p.embed, rows, lambda r0, hi_: (load(layer, r0, hi_), load_x(r0, hi_)),
+                      compute, (first, load_x(lo, hi)))
 
     # -- stage 1: q, k, v
 
@@ -516,8 +586,7 @@ class _Kernel:
         width = self.p.heads * self.p.head_dim
         xs = self.vector(self.s["attn"], width, self.slot(layer) * width,
                          "o_proj" in self.p.data_waits)
-        self.run_matrix(layer, ("wo",), width, self.p.embed, xs,
-                        lambda r0, hi, ys: self.add_to_residual(r0, hi, ys[0]), first)
+        self.run_residual(layer, "wo", width, xs, first)
 
     def add_to_residual(self, r0, hi, y):
         idx = r0 + jnp.arange(y.shape[0])
@@ -549,8 +618,7 @@ class _Kernel:
     def run_down(self, layer, first):
         xs = self.vector(self.s["hidden"], self.p.mlp, self.slot(layer) * self.p.mlp,
                          "down" in self.p.data_waits)
-        self.run_matrix(layer, ("down",), self.p.mlp, self.p.embed, xs,
-                        lambda r0, hi, ys: self.add_to_residual(r0, hi, ys[0]), first)
+        self.run_residual(layer, "down", self.p.mlp, xs, first)
 
     # -- output layer
 
@@ -592,9 +660,17 @@ def _kernel(*refs, plan: Plan, stage: Optional[str]):
         -> (prefetched, polls)."""
         if "barrier" in plan.skip:
             return prefetch(), jnp.int32(0)
-        _arrive(s["counter"], plan)
+        column = 3 * (jnp.asarray(epoch, jnp.int32) - 1)
+        if plan.trace:  # this program's stage is done
+            k.stamp(column, epoch)
+        before = _arrive(s["counter"], plan)
         first = prefetch()
-        return first, _wait(s["counter"], epoch, plan)
+        if plan.trace:  # the counter answered
+            k.stamp(column + 1, before)
+        polls = _wait(s["counter"], epoch, plan)
+        if plan.trace:  # released
+            k.stamp(column + 2, polls)
+        return first, polls
 
     early = set(plan.lookahead)
     synced = [name for name in STAGES if name not in plan.data_waits]  # after a grid barrier
@@ -631,9 +707,14 @@ def _kernel(*refs, plan: Plan, stage: Optional[str]):
     if "head" in plan.skip:
         s["polls"][k.pid] += polls
         return
-    first, count = barrier(plan.layers * len(synced) + 1, k.prefetch_head)
+    epoch = plan.layers * len(synced) + 1
+    first, count = barrier(epoch, k.prefetch_head)
     s["polls"][k.pid] += polls + count
     k.run_head(first)
+    if plan.trace:  # the end: once this program's last logit is readable
+        _, hi = k.my_rows(plan.vocab)
+        last = k.load_act(s["logits"].at[pl.ds(hi - 1, 1)])
+        k.stamp(3 * epoch, jnp.max(lax.bitcast_convert_type(last, jnp.int32)))
 
 
 def _launch(plan: Plan, stage: Optional[str], scalars, freq, weights: dict, state: dict) -> dict:
@@ -649,6 +730,12 @@ def _launch(plan: Plan, stage: Optional[str], scalars, freq, weights: dict, stat
         name=f"fused_decode_{stage or 'step'}",
     )(*args)
     return dict(zip(STATE, out))
+
+
+def barriers(plan: Plan) -> int:
+    """Grid barriers of a one-launch step: one per stage that does not wait on data, and one
+    before the output layer."""
+    return plan.layers * (len(STAGES) - len(plan.data_waits)) + 1
 
 
 def _zero_counter(pos) -> jax.Array:
@@ -688,6 +775,8 @@ def make_plan(cfg, cache: dict, *, programs: Optional[int] = None, splits: Optio
         raise ValueError(f"stage_tiles: {bad} are not tiled weights; those are {TILED}")
     waits = options["data_waits"] = _stage_names("data_waits", options.get("data_waits", ()),
                                                  WAITABLE, "{} cannot wait on data")
+    if options.get("trace") and interpret:
+        raise ValueError("trace reads the GPU's timer: it needs a GPU (interpret=False)")
     if "attention" in waits and cfg.num_heads != cfg.num_kv_heads:
         # On an H200 the 350m and 1b steps (2 and 4 query heads per kv head) never finished
         # with it, while the o-proj and down waits did; the cause is not known yet.
@@ -735,6 +824,7 @@ def step_state(cfg, weights: dict, token: jax.Array, cache: dict, *, plan: Plan,
         "hidden": _unwritten(copies * p.mlp), "logits": jnp.zeros((p.vocab,), f32),
         "k": cache["k"], "v": cache["v"], "counter": _zero_counter(pos),
         "polls": jnp.zeros((p.programs,), jnp.int32),
+        "trace": jnp.zeros((p.programs, 3 * barriers(p) + 1 if p.trace else 1), jnp.int32),
     }
     if one_launch:
         state = _launch(p, None, scalars, freq, weights, state)

@@ -2,6 +2,8 @@
 step: logits and the cache it writes, for MHA, GQA and MQA, several programs and splits."""
 
 import dataclasses
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +98,21 @@ def test_one_launch_matches_forward(lookahead, data_waits, kv_heads):
     assert cache_error < 1e-5
 
 
+@pytest.mark.parametrize("one_launch,programs", [(False, 3), (True, 1)])
+def test_residual_stages_with_several_blocks_a_program(one_launch, programs):
+    """o-proj and down with small tiles, so each program adds several row blocks to x (its
+    rows of x then load a block ahead, with the weight tiles)."""
+    cfg = _config(2)
+    tiles = (("wo", 512), ("down", 512))
+    for width in (cfg.num_heads * cfg.head_dim, cfg.mlp_dim):
+        rows = fused_decode._row_block(cfg.embed_dim, width, programs, 512)
+        assert -(-cfg.embed_dim // programs) > rows  # more than one block a program
+    options = {"programs": programs, "splits": 2, "stage_tiles": tiles}
+    logit_error, cache_error, scale = _compare(cfg, _params(cfg), options, one_launch=one_launch)
+    assert logit_error < 2e-5 * scale
+    assert cache_error < 1e-5
+
+
 def test_llama3_rope_scaling():
     cfg = _config(2, rope_scaling=RopeScaling(factor=8.0, original_max_seq_len=16))
     logit_error, _, scale = _compare(cfg, _params(cfg), {"programs": 2, "splits": 2})
@@ -174,16 +191,20 @@ def test_row_blocks_cover_every_row_once():
 @pytest.mark.parametrize("one_launch,lookahead", [(False, False), (True, False), (True, True)])
 def test_lowers_to_triton_ir(hopper_lowering, one_launch, lookahead):
     """Both forms lower for CUDA (Triton IR; PTX needs a GPU: tools/check_fused_decode.py)."""
-    cfg = _config(2, dtype="bfloat16")
+    text = _cuda_ir(_config(2, dtype="bfloat16"), one_launch, programs=6, lookahead=lookahead)
+    assert "fused_decode" in text
+
+
+def _cuda_ir(cfg, one_launch, **plan_options) -> str:
+    """The step's module lowered for CUDA (shapes only)."""
     params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
     cache = jax.eval_shape(lambda: kv_cache.init_cache(cfg, 1, 64))
     weights = jax.eval_shape(lambda p: fused_decode.prepare(cfg, p), params)
-    plan = fused_decode.make_plan(cfg, cache, programs=6, lookahead=lookahead)
-    step = jax.jit(lambda w, t, c: fused_decode.decode_token(cfg, w, t, c, plan=plan,
-                                                             one_launch=one_launch))
-    lowered = step.trace(weights, jax.ShapeDtypeStruct((1,), jnp.int32), cache).lower(
-        lowering_platforms=("cuda",))
-    assert "fused_decode" in lowered.as_text()
+    plan = fused_decode.make_plan(cfg, cache, **plan_options)
+    step = jax.jit(lambda w, t, c: fused_decode.step_state(cfg, w, t, c, plan=plan,
+                                                           one_launch=one_launch))
+    return step.trace(weights, jax.ShapeDtypeStruct((1,), jnp.int32), cache).lower(
+        lowering_platforms=("cuda",)).as_text()
 
 
 def test_plan_rejects_unknown_lookahead_stage():
@@ -212,3 +233,46 @@ def test_an_input_never_written_ends_in_nan_not_a_hang(monkeypatch):
         fused_decode.make_plan(cfg, cache, interpret=True, data_waits=("qkv",))
     with pytest.raises(ValueError, match="attention wait hangs with grouped kv heads"):
         fused_decode.make_plan(cfg, cache, interpret=True, data_waits=("attention",))
+
+
+def test_trace_timeline_adds_up(hopper_lowering):
+    """Plan.trace lowers (the timer is inline PTX), needs a GPU, and check_fused_decode.timeline
+    splits a step into barrier and stage time that sum to the whole, across the timer's wrap."""
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
+    import check_fused_decode
+
+    cfg = _config(1, dtype="bfloat16")
+    assert "globaltimer_lo" in _cuda_ir(cfg, True, programs=2, trace=True)
+    cache = kv_cache.init_cache(cfg, 1, 64)
+    plan = fused_decode.make_plan(cfg, cache, programs=2, trace=True)
+    with pytest.raises(ValueError, match="needs a GPU"):
+        fused_decode.make_plan(cfg, cache, interpret=True, trace=True)
+
+    # A barrier per stage and the head's. Program 1 is done 300 ns after program 0, each
+    # arrival's atomic takes 200 ns, the first release comes 500 ns after the last program is
+    # done and program 1's 40 ns later; then 2 us of stage work each.
+    count = fused_decode.barriers(plan)
+    assert count == 5 * cfg.num_layers + 1
+    trace = np.zeros((2, 3 * count + 1), np.int64)
+    now = 2 ** 32 - 5_000  # the 32-bit timer wraps during the step
+    for e in range(count):
+        trace[:, 3 * e] = [now, now + 300]
+        trace[:, 3 * e + 1] = [now + 200, now + 500]
+        trace[:, 3 * e + 2] = [now + 800, now + 840]
+        now += 800 + 2_000
+    trace[:, -1] = [now, now + 300]
+    trace = (trace % 2 ** 32).astype(np.uint32).view(np.int32)
+    result = check_fused_decode.timeline(plan, trace)
+    stages = result["stages"]
+    assert set(stages) == set(fused_decode.STAGES) | {"head"}
+    assert stages["head"]["count"] == 1 and stages["qkv"]["count"] == cfg.num_layers
+    for row in stages.values():
+        n = row["count"]
+        assert row["barrier"] == pytest.approx(0.5 * n)
+        # from the first release to the last program done: 2,000 + 300 ns
+        assert row["span"] == pytest.approx(2.3 * n)
+        assert row["work_max"] == pytest.approx(2.26 * n)  # program 1: 840 -> 3,100
+        assert row["work_median"] == pytest.approx(2.13 * n)
+        assert row["atomic"] == pytest.approx(0.2 * n)
+        assert row["release_spread"] == pytest.approx(0.04 * n)
+    assert result["step_us"] == pytest.approx(sum(r["barrier"] + r["span"] for r in stages.values()))

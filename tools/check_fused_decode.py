@@ -25,6 +25,7 @@ import statistics
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bench_decode import copy_bandwidth  # tools/, next to this script
 from bench_forward import time_step
@@ -119,6 +120,58 @@ def bench(name: str, steps: int, repeats: int, bandwidth: float, breakdown: bool
                           "times_s": [round(t, 4) for t in times]}), flush=True)
 
 
+def timeline(plan: fused_decode.Plan, trace) -> dict:
+    """Where a traced one-launch step's time went, from state["trace"] [programs, 3 E + 1]: per
+    program and barrier, when its stage was done, when the arrival counter answered and when
+    it was released; then when its last logit was written (ns, the low 32 bits of the GPU's
+    global timer).
+
+    Per stage kind, summed over layers (us): `barrier`, from the last program done before the
+    stage to the first release; `span`, from that release to the last program done with the
+    stage; `work_median` / `work_max`, one program's release-to-done time over programs;
+    `atomic`, the median time the arrival's atomic took; `release_spread`, first to last
+    release. barrier + span, summed, is the step (`step_us`)."""
+    t = np.asarray(trace, np.int64)
+    t = (t - t[0, 2] + 2 ** 31) % 2 ** 32 - 2 ** 31  # differences survive the 32-bit wrap
+    count = fused_decode.barriers(plan)
+    if t.shape[1] != 3 * count + 1:
+        raise ValueError(f"trace has {t.shape[1]} columns; this plan makes {3 * count + 1}")
+    done, counted, release = (t[:, i:3 * count:3] for i in range(3))
+    finish = np.concatenate([done[:, 1:], t[:, 3 * count:]], axis=1)  # each stage's end
+    synced = [n for n in fused_decode.STAGES if n not in plan.data_waits]
+    names = synced * plan.layers + ["head"]
+    keys = ("barrier", "span", "work_median", "work_max", "atomic", "release_spread")
+    rows: dict = {}
+    for e, name in enumerate(names):
+        work = finish[:, e] - release[:, e]
+        row = rows.setdefault(name, {"count": 0, **dict.fromkeys(keys, 0.0)})
+        row["count"] += 1
+        for key, ns in (("barrier", release[:, e].min() - done[:, e].max()),
+                        ("span", finish[:, e].max() - release[:, e].min()),
+                        ("work_median", np.median(work)), ("work_max", work.max()),
+                        ("atomic", np.median(counted[:, e] - done[:, e])),
+                        ("release_spread", release[:, e].max() - release[:, e].min())):
+            row[key] += float(ns) / 1e3
+    for row in rows.values():
+        for key in keys:
+            row[key] = round(row[key], 2)
+    total = (t[:, 3 * count].max() - done[:, 0].max()) / 1e3
+    return {"step_us": round(float(total), 2), "stages": rows}
+
+
+def trace_step(name: str, steps: int, **plan_options) -> dict:
+    """The timeline of one traced one-launch step (after `steps` untraced warm-up steps)."""
+    cfg, params, tokens, cache = setup(name, "bfloat16", 512, steps + 1)
+    plan = fused_decode.make_plan(cfg, cache, trace=True, **plan_options)
+    weights = jax.jit(lambda p: fused_decode.prepare(cfg, p))(params)
+    traced = jax.jit(lambda w, t, c: fused_decode.step_state(cfg, w, t, c, plan=plan,
+                                                             one_launch=True)["trace"])
+    token = tokens[0, -1:]
+    for _ in range(steps):
+        trace = traced(weights, token, cache)
+    return {"trace": name, **plan_options, **timeline(plan, jax.device_get(trace))}
+
+
 def parse_field(item: str) -> tuple:
     """'name=value' -> (name, value) with ints and booleans converted."""
     name, sep, value = item.partition("=")
@@ -153,6 +206,8 @@ def main() -> None:
     parser.add_argument("--num-warps", type=int, default=8, help="warps per program")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time one-launch variants without barriers / stages (BREAKDOWN)")
+    parser.add_argument("--trace", action="store_true",
+                        help="also print where one one-launch step's time goes (timeline)")
     parser.add_argument("--plan", action="append", default=[], metavar="FIELD=VALUE",
                         help="a fused_decode.Plan field for every Pallas run, e.g. lookahead=true "
                              "(ints and true/false are converted)")
@@ -169,6 +224,8 @@ def main() -> None:
             for one_launch in (False, True):
                 print(json.dumps(check(name, dtype, args.check_steps, one_launch,
                                        **plan_options)), flush=True)
+        if args.trace:
+            print(json.dumps(trace_step(name, 8, **plan_options)), flush=True)
         if not args.no_bench:
             bench(name, args.steps, args.repeats, bandwidth, args.breakdown, **plan_options)
 
