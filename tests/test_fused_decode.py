@@ -276,3 +276,24 @@ def test_trace_timeline_adds_up(hopper_lowering):
         assert row["atomic"] == pytest.approx(0.2 * n)
         assert row["release_spread"] == pytest.approx(0.04 * n)
     assert result["step_us"] == pytest.approx(sum(r["barrier"] + r["span"] for r in stages.values()))
+
+
+def test_ab_bench_runs_two_versions_side_by_side():
+    """tools/bench_fused_decode_ab.py loads a second copy of the module beside the package's;
+    each copy plans and runs a step on its own (here: the same code, the same logits)."""
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
+    import bench_fused_decode_ab
+
+    copy = bench_fused_decode_ab.load_version(str(bench_fused_decode_ab.PACKAGE_FILE), "copy")
+    assert copy is not fused_decode and copy.Plan is not fused_decode.Plan
+    cfg = _config(2)
+    params = _params(cfg)
+    logits = []
+    for module in (fused_decode, copy):
+        cache = kv_cache.init_cache(cfg, 1, 32)
+        plan = module.make_plan(cfg, cache, interpret=True, programs=2, splits=2)
+        logits.append(module.decode_token(cfg, module.prepare(cfg, params), jnp.array([7]),
+                                          cache, plan=plan)[0])
+    np.testing.assert_array_equal(logits[0], logits[1])
+    with pytest.raises(SystemExit, match="is not a file"):
+        bench_fused_decode_ab.load_version("/nonexistent/fused_decode.py", "missing")

@@ -4,12 +4,18 @@ experimental one-launch form) against XLA's step (model.forward).
 
     python tools/check_fused_decode.py --config 125m            # bf16 + float32 checks, timings
     python tools/check_fused_decode.py --config 1b --no-float32
+    python tools/check_fused_decode.py --config 1b --no-float32 --no-bench --trace
 
 Numerics: a 512-token random prompt is prefilled by model.forward, then `--steps` tokens are
 decoded greedily by the Pallas step; the XLA step is fed the same tokens from its own copy of the
 cache, and the logits are compared at every step. In float32 (compute dtype float32) the two
 must agree to float32 rounding: a missed barrier or a stale read would show as an O(1) error.
 In bf16 they round at the same points, so they agree to a few bf16 ulps.
+
+Trace (`--trace`): one one-launch step with `Plan.trace`, each program stamping the GPU's timer
+at every barrier; `timeline` sums, per stage kind, the barrier time (last program done to first
+release) and the stage time (first release to last program done), with the median and the
+slowest program's work. It shows which stage and which programs hold the step up.
 
 Timing: a jitted loop of `--steps` greedy steps (each step's argmax is the next token), median
 of `--repeats`, per step; the roofline is the weight + KV bytes of a step over the copy
