@@ -67,6 +67,7 @@ MAX_POLLS = 1 << 18
 TILED = ("wqkv", "wo", "gate", "down", "head")  # weights streamed in row blocks (stage_tiles)
 WAITABLE = ("attention", "o_proj", "down")  # stages whose input is a fresh per-layer buffer
 STAGES = ("qkv", "attention", "o_proj", "gate_up", "down")
+ATTENTION_PARTS = 4  # Plan.trace's stamps inside an attention unit (_Kernel.stamp_attention)
 WEIGHTS = ("attn_norm", "mlp_norm", "final_norm", "wqkv", "wo", "gate", "up", "down", "head")
 STATE = ("x", "qkv", "part_o", "part_m", "part_l", "attn", "arrivals", "hidden", "logits", "k",
          "v", "counter", "polls", "trace")
@@ -101,8 +102,8 @@ class Plan:
     # out; the results are then wrong.
     skip: tuple = ()
     # Timing experiments only: one launch records the GPU's global timer (ns, low 32 bits) per
-    # program at each barrier (stage done, arrival counted, released) and at the end
-    # (state["trace"]; tools/check_fused_decode.timeline reads it).
+    # program at each barrier (stage done, arrival counted, released), at the end and at four
+    # points of its attention unit (state["trace"]; tools/check_fused_decode.timeline reads it).
     trace: bool = False
 
     @property
@@ -279,6 +280,13 @@ class _Kernel:
         """trace[program, column] = the timer, read once `anchor` exists (Plan.trace)."""
         plgpu.store(self.s["trace"].at[self.pid, pl.ds(column, 1)],
                     jnp.full((1,), _timer(anchor), jnp.int32))
+
+    def stamp_attention(self, layer, part, anchor):
+        """With Plan.trace: the timer at `part` (0-3) of this program's attention unit, once
+        `anchor` is computed (its last unit's, if it has several)."""
+        if self.p.trace:
+            value = jnp.max(lax.bitcast_convert_type(jnp.asarray(anchor, jnp.float32), jnp.int32))
+            self.stamp(3 * barriers(self.p) + 1 + ATTENTION_PARTS * layer + part, value)
 
     def rnd(self, x):
         return x.astype(jnp.bfloat16).astype(jnp.float32) if self.p.round_bf16 else x
@@ -487,6 +495,7 @@ class _Kernel:
             q_raw, k_raw = (q_a, q_b), (k_a, k_b)
             q1, q2 = self._rope(*q_raw)
             q1, q2 = q1 * scale, q2 * scale
+            self.stamp_attention(layer, 0, q1)  # (Plan.trace: q/k/v loaded, RoPE done)
 
             def scores(k1, k2):  # [G, n]
                 return (jnp.sum(q1[:, None, :] * k1[None].astype(jnp.float32), axis=2)
@@ -511,6 +520,7 @@ class _Kernel:
             carry = (prefetched, jnp.full((G,), MASK_VALUE, jnp.float32), jnp.zeros((G,), jnp.float32),
                      jnp.zeros((G, half), jnp.float32), jnp.zeros((G, half), jnp.float32))
             _, m, l, o1, o2 = lax.fori_loop(0, blocks, block, carry)
+            self.stamp_attention(layer, 1, l)  # the key blocks done
 
             # The new token (slot pos) belongs to the unit whose range holds it: that unit rotates
             # its key, writes k and v to the cache and adds it to its softmax.
@@ -534,7 +544,9 @@ class _Kernel:
                                (self.s["part_m"].at[kv_head, split, :], m),
                                (self.s["part_l"].at[kv_head, split, :], l)):
                 plgpu.store(ref, value)
+            self.stamp_attention(layer, 2, o1)  # partials stored
             self.merge_if_last(layer, kv_head)
+            self.stamp_attention(layer, 3, kv_head)  # counted (and merged, if last)
             nxt = self.pid + (i + 1) * p.programs
             nxt_unit = jnp.minimum(nxt, units - 1)
             n_start, n_end = self._unit_range(nxt_unit % p.splits)
@@ -732,6 +744,14 @@ def _launch(plan: Plan, stage: Optional[str], scalars, freq, weights: dict, stat
     return dict(zip(STATE, out))
 
 
+def trace_columns(plan: Plan) -> int:
+    """state["trace"]'s columns per program: done / counted / released at each barrier, the
+    end, then ATTENTION_PARTS stamps per layer inside attention (1 without Plan.trace)."""
+    if not plan.trace:
+        return 1
+    return 3 * barriers(plan) + 1 + ATTENTION_PARTS * plan.layers
+
+
 def barriers(plan: Plan) -> int:
     """Grid barriers of a one-launch step: one per stage that does not wait on data, and one
     before the output layer."""
@@ -824,7 +844,7 @@ def step_state(cfg, weights: dict, token: jax.Array, cache: dict, *, plan: Plan,
         "hidden": _unwritten(copies * p.mlp), "logits": jnp.zeros((p.vocab,), f32),
         "k": cache["k"], "v": cache["v"], "counter": _zero_counter(pos),
         "polls": jnp.zeros((p.programs,), jnp.int32),
-        "trace": jnp.zeros((p.programs, 3 * barriers(p) + 1 if p.trace else 1), jnp.int32),
+        "trace": jnp.zeros((p.programs, trace_columns(p)), jnp.int32),
     }
     if one_launch:
         state = _launch(p, None, scalars, freq, weights, state)

@@ -242,25 +242,30 @@ def test_trace_timeline_adds_up(hopper_lowering):
     import check_fused_decode
 
     cfg = _config(1, dtype="bfloat16")
-    assert "globaltimer_lo" in _cuda_ir(cfg, True, programs=2, trace=True)
+    assert "globaltimer_lo" in _cuda_ir(cfg, True, programs=3, trace=True)
     cache = kv_cache.init_cache(cfg, 1, 64)
-    plan = fused_decode.make_plan(cfg, cache, programs=2, trace=True)
+    plan = fused_decode.make_plan(cfg, cache, programs=3, trace=True)
     with pytest.raises(ValueError, match="needs a GPU"):
         fused_decode.make_plan(cfg, cache, interpret=True, trace=True)
 
-    # A barrier per stage and the head's. Program 1 is done 300 ns after program 0, each
+    # A barrier per stage and the head's. Program 1 is done 300 ns after programs 0 and 2, each
     # arrival's atomic takes 200 ns, the first release comes 500 ns after the last program is
     # done and program 1's 40 ns later; then 2 us of stage work each.
     count = fused_decode.barriers(plan)
     assert count == 5 * cfg.num_layers + 1
-    trace = np.zeros((2, 3 * count + 1), np.int64)
+    trace = np.zeros((3, fused_decode.trace_columns(plan)), np.int64)
     now = 2 ** 32 - 5_000  # the 32-bit timer wraps during the step
+    inside = 3 * count + 1  # then 4 stamps a layer inside attention
     for e in range(count):
-        trace[:, 3 * e] = [now, now + 300]
-        trace[:, 3 * e + 1] = [now + 200, now + 500]
-        trace[:, 3 * e + 2] = [now + 800, now + 840]
+        trace[:, 3 * e] = [now, now + 300, now]
+        trace[:, 3 * e + 1] = [now + 200, now + 500, now + 200]
+        trace[:, 3 * e + 2] = released = np.array([now + 800, now + 840, now + 800])
+        if e % 5 == 1 and e < count - 1:  # attention of layer e // 5: programs 0 and 1 ran a
+            column = inside + 4 * (e // 5)  # unit, program 2 none (its stamps stay 0)
+            trace[0, column:column + 4] = released[0] + np.array([100, 1_100, 1_300, 2_000])
+            trace[1, column:column + 4] = released[1] + np.array([150, 1_250, 1_450, 2_050])
         now += 800 + 2_000
-    trace[:, -1] = [now, now + 300]
+    trace[:, inside - 1] = [now, now + 300, now]
     trace = (trace % 2 ** 32).astype(np.uint32).view(np.int32)
     result = check_fused_decode.timeline(plan, trace)
     stages = result["stages"]
@@ -272,10 +277,17 @@ def test_trace_timeline_adds_up(hopper_lowering):
         # from the first release to the last program done: 2,000 + 300 ns
         assert row["span"] == pytest.approx(2.3 * n)
         assert row["work_max"] == pytest.approx(2.26 * n)  # program 1: 840 -> 3,100
-        assert row["work_median"] == pytest.approx(2.13 * n)
+        assert row["work_median"] == pytest.approx(2.0 * n)
         assert row["atomic"] == pytest.approx(0.2 * n)
         assert row["release_spread"] == pytest.approx(0.04 * n)
     assert result["step_us"] == pytest.approx(sum(r["barrier"] + r["span"] for r in stages.values()))
+    layers = cfg.num_layers  # inside attention, programs 0 and 1 only
+    assert result["attention_parts"] == {
+        name: {"median": pytest.approx(median * layers), "max": pytest.approx(top * layers)}
+        for name, median, top in (("qkv_rope", 0.125, 0.15), ("blocks", 1.05, 1.1),
+                                  ("partials", 0.2, 0.2), ("count_merge", 0.65, 0.7))}
+    with pytest.raises(ValueError, match="columns"):
+        check_fused_decode.timeline(plan, trace[:, :inside])
 
 
 def test_ab_bench_runs_two_versions_side_by_side():

@@ -136,12 +136,18 @@ def timeline(plan: fused_decode.Plan, trace) -> dict:
     stage to the first release; `span`, from that release to the last program done with the
     stage; `work_median` / `work_max`, one program's release-to-done time over programs;
     `atomic`, the median time the arrival's atomic took; `release_spread`, first to last
-    release. barrier + span, summed, is the step (`step_us`)."""
-    t = np.asarray(trace, np.int64)
-    t = (t - t[0, 2] + 2 ** 31) % 2 ** 32 - 2 ** 31  # differences survive the 32-bit wrap
+    release. barrier + span, summed, is the step (`step_us`).
+
+    Inside attention (`attention_parts`, summed over layers, median and max over the programs
+    that ran a unit): `qkv_rope` from the release to q/k/v loaded and rotated (when attention
+    follows a barrier), `blocks` the key blocks, `partials` the new token and the partials'
+    stores, `count_merge` the arrival count and, for the last unit of a kv head, the merge."""
+    raw = np.asarray(trace, np.int64)
+    if raw.shape[1] != fused_decode.trace_columns(plan):
+        raise ValueError(f"trace has {raw.shape[1]} columns; this plan makes "
+                         f"{fused_decode.trace_columns(plan)}")
+    t = (raw - raw[0, 2] + 2 ** 31) % 2 ** 32 - 2 ** 31  # differences survive the 32-bit wrap
     count = fused_decode.barriers(plan)
-    if t.shape[1] != 3 * count + 1:
-        raise ValueError(f"trace has {t.shape[1]} columns; this plan makes {3 * count + 1}")
     done, counted, release = (t[:, i:3 * count:3] for i in range(3))
     finish = np.concatenate([done[:, 1:], t[:, 3 * count:]], axis=1)  # each stage's end
     synced = [n for n in fused_decode.STAGES if n not in plan.data_waits]
@@ -162,7 +168,29 @@ def timeline(plan: fused_decode.Plan, trace) -> dict:
         for key in keys:
             row[key] = round(row[key], 2)
     total = (t[:, 3 * count].max() - done[:, 0].max()) / 1e3
-    return {"step_us": round(float(total), 2), "stages": rows}
+    return {"step_us": round(float(total), 2), "stages": rows,
+            "attention_parts": _attention_parts(plan, raw, t, release, synced)}
+
+
+def _attention_parts(plan, raw, t, release, synced) -> dict:
+    """timeline's `attention_parts` from the ATTENTION_PARTS stamps per layer after the
+    barrier columns (a program without an attention unit left them 0)."""
+    first = 3 * fused_decode.barriers(plan) + 1
+    stamps = t[:, first:].reshape(len(t), plan.layers, fused_decode.ATTENTION_PARTS)
+    ran = raw[:, first:].reshape(stamps.shape)[:, :, -1] != 0  # [programs, layers]
+    names = (["qkv_rope"] if "attention" in synced else []) + ["blocks", "partials",
+                                                              "count_merge"]
+    parts = {name: {"median": 0.0, "max": 0.0} for name in names}
+    for layer in range(plan.layers):
+        points = [stamps[:, layer, j] for j in range(fused_decode.ATTENTION_PARTS)]
+        if "attention" in synced:
+            points.insert(0, release[:, layer * len(synced) + synced.index("attention")])
+        units = ran[:, layer]
+        for name, (a, b) in zip(names, zip(points[:-1], points[1:])):
+            ns = (b - a)[units]
+            parts[name]["median"] += float(np.median(ns)) / 1e3
+            parts[name]["max"] += float(ns.max()) / 1e3
+    return {name: {k: round(v, 2) for k, v in d.items()} for name, d in parts.items()}
 
 
 def trace_step(name: str, steps: int, **plan_options) -> dict:
