@@ -103,6 +103,9 @@ class Plan:
     # unit); after the o-proj barrier program i merges query heads i, i + programs, ... and
     # o-proj polls the per-layer attention buffer for the rest (off by default: unmeasured).
     late_merge: bool = False
+    # Attention's K/V tiles loaded once per query head, in the block (off by default:
+    # unmeasured; see _Kernel._load_keys).
+    kv_per_head: bool = False
     # Timing experiments only (tools/check_fused_decode.py): stages (or "barrier") to leave
     # out; the results are then wrong.
     skip: tuple = ()
@@ -452,18 +455,32 @@ class _Kernel:
         return start, jnp.minimum(start + per, total)
 
     def _load_keys(self, layer, kv_head, k0, old_end):
-        """A block of cached keys and values from k0 (slots < old_end), as halves of head_dim."""
-        half = self.p.head_dim // 2
+        """A block of cached keys and values from k0 (slots < old_end), as halves of head_dim:
+        4 x [BLOCK_KEYS, H/2], or with Plan.kv_per_head 4 x [G, BLOCK_KEYS, H/2]: the same bytes
+        once per query head of the kv head (L1 serves the repeats), so the [G, keys, H/2]
+        products take the tiles in their load layout; a [keys, H/2] tile broadcast over G goes
+        through shared memory (1b's attention stage: 48 CTA barriers instead of 79 compiled
+        offline, tools/kernel_report.py)."""
+        G, half = self.p.group, self.p.head_dim // 2
+        if self.p.kv_per_head:
+            slots = self.s["k"].shape[3]
+            keys = (k0 + jnp.arange(BLOCK_KEYS))[None, :, None] + jnp.zeros((G, 1, 1), jnp.int32)
+            ok = jnp.broadcast_to(keys < old_end, (G, BLOCK_KEYS, half))
+            return [plgpu.load(self.s[name].at[layer, _i(0), kv_head, jnp.minimum(keys, slots - 1),
+                                               h0 + jnp.arange(half)[None, None, :]],
+                               mask=ok, other=0.0)
+                    for name in ("k", "v") for h0 in (0, half)]
         ok = jnp.broadcast_to((k0 + jnp.arange(BLOCK_KEYS) < old_end)[:, None], (BLOCK_KEYS, half))
-        out = []
-        for name in ("k", "v"):
-            for h0 in (0, half):
-                ref = self.s[name].at[layer, _i(0), kv_head, pl.ds(k0, BLOCK_KEYS), pl.ds(h0, half)]
-                out.append(plgpu.load(ref, mask=ok, other=0.0))
-        return out
+        return [plgpu.load(self.s[name].at[layer, _i(0), kv_head, pl.ds(k0, BLOCK_KEYS),
+                                           pl.ds(h0, half)], mask=ok, other=0.0)
+                for name in ("k", "v") for h0 in (0, half)]
 
     def prefetch_attention(self, layer):
+        """The first block's tiles (none with kv_per_head: G copies held across the barrier,
+        or carried through the block loop, spilled registers at 1b; they load in the block)."""
         p = self.p
+        if p.kv_per_head:
+            return ()
         unit = jnp.minimum(self.pid, p.kv_heads * p.splits - 1)
         start, end = self._unit_range(unit % p.splits)
         return self._load_keys(layer, unit // p.splits, start, jnp.minimum(end, self.pos))
@@ -503,23 +520,29 @@ class _Kernel:
             q1, q2 = q1 * scale, q2 * scale
             self.stamp_attention(layer, 0, q1)  # (Plan.trace: q/k/v loaded, RoPE done)
 
+            def per_head(t):  # [n, H/2] -> [1, n, H/2], broadcast over the G query heads
+                return (t if t.ndim == 3 else t[None]).astype(jnp.float32)
+
             def scores(k1, k2):  # [G, n]
-                return (jnp.sum(q1[:, None, :] * k1[None].astype(jnp.float32), axis=2)
-                        + jnp.sum(q2[:, None, :] * k2[None].astype(jnp.float32), axis=2))
+                return (jnp.sum(q1[:, None, :] * per_head(k1), axis=2)
+                        + jnp.sum(q2[:, None, :] * per_head(k2), axis=2))
 
             def block(j, carry):
                 tiles, m, l, o1, o2 = carry
                 k0 = start + j * BLOCK_KEYS
-                upcoming = self._load_keys(layer, kv_head, k0 + BLOCK_KEYS, old_end)
-                k1, k2, v1, v2 = tiles
+                if p.kv_per_head:  # (loaded here: see prefetch_attention)
+                    upcoming, (k1, k2, v1, v2) = (), self._load_keys(layer, kv_head, k0, old_end)
+                else:
+                    upcoming = self._load_keys(layer, kv_head, k0 + BLOCK_KEYS, old_end)
+                    k1, k2, v1, v2 = tiles
                 s = scores(k1, k2)
                 valid = jnp.broadcast_to((k0 + jnp.arange(BLOCK_KEYS) < old_end)[None, :], s.shape)
                 s = jnp.where(valid, s, MASK_VALUE)
                 m_new = jnp.maximum(m, jnp.max(s, axis=1))
                 prob = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
                 alpha = jnp.exp(m - m_new)
-                o1 = o1 * alpha[:, None] + jnp.sum(prob[:, :, None] * v1[None].astype(jnp.float32), axis=1)
-                o2 = o2 * alpha[:, None] + jnp.sum(prob[:, :, None] * v2[None].astype(jnp.float32), axis=1)
+                o1 = o1 * alpha[:, None] + jnp.sum(prob[:, :, None] * per_head(v1), axis=1)
+                o2 = o2 * alpha[:, None] + jnp.sum(prob[:, :, None] * per_head(v2), axis=1)
                 return upcoming, m_new, l * alpha + jnp.sum(prob, axis=1), o1, o2
 
             blocks = lax.div(jnp.maximum(old_end - start, 0) + BLOCK_KEYS - 1, BLOCK_KEYS)
@@ -554,6 +577,8 @@ class _Kernel:
             if not p.late_merge:
                 self.merge_if_last(layer, kv_head)
             self.stamp_attention(layer, 3, kv_head)  # counted (and merged, if last)
+            if p.kv_per_head:
+                return ()
             nxt = self.pid + (i + 1) * p.programs
             nxt_unit = jnp.minimum(nxt, units - 1)
             n_start, n_end = self._unit_range(nxt_unit % p.splits)

@@ -135,6 +135,21 @@ def test_late_merge_matches_forward(kv_heads, one_launch, programs, data_waits, 
                                late_merge=True, data_waits=("o_proj",))
 
 
+@pytest.mark.parametrize("kv_heads,one_launch,programs", [
+    (2, True, 1), (1, True, 1),  # GQA, MQA (4 query heads: 4 copies of each tile)
+    (2, False, 3), (4, False, 5),  # per stage, several programs; MHA
+])
+def test_kv_tiles_per_query_head_match_forward(kv_heads, one_launch, programs, hopper_lowering):
+    """Plan.kv_per_head: each block's K/V tiles loaded once per query head, in the block."""
+    cfg = _config(kv_heads)
+    options = {"programs": programs, "splits": 3, "kv_per_head": True}
+    logit_error, cache_error, scale = _compare(cfg, _params(cfg), options, one_launch=one_launch)
+    assert logit_error < 2e-5 * scale
+    assert cache_error < 1e-5
+    assert "fused_decode" in _cuda_ir(dataclasses.replace(cfg, compute_dtype="bfloat16"),
+                                      one_launch, programs=6, kv_per_head=True)
+
+
 def test_llama3_rope_scaling():
     cfg = _config(2, rope_scaling=RopeScaling(factor=8.0, original_max_seq_len=16))
     logit_error, _, scale = _compare(cfg, _params(cfg), {"programs": 2, "splits": 2})
