@@ -327,7 +327,7 @@ def test_trace_timeline_adds_up(hopper_lowering):
         check_fused_decode.timeline(plan, trace[:, :inside])
 
 
-def test_ab_bench_runs_two_versions_side_by_side():
+def test_ab_bench_runs_two_versions_side_by_side(monkeypatch):
     """tools/bench_fused_decode_ab.py loads a second copy of the module beside the package's;
     each copy plans and runs a step on its own (here: the same code, the same logits)."""
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
@@ -346,3 +346,6 @@ def test_ab_bench_runs_two_versions_side_by_side():
     np.testing.assert_array_equal(logits[0], logits[1])
     with pytest.raises(SystemExit, match="is not a file"):
         bench_fused_decode_ab.load_version("/nonexistent/fused_decode.py", "missing")
+    monkeypatch.setattr(sys, "argv", ["bench_fused_decode_ab.py", "--config", "tiny"])
+    with pytest.raises(SystemExit, match="same code with the same plan"):
+        bench_fused_decode_ab.main()  # nothing to compare: refused before any timing

@@ -1,11 +1,14 @@
 """Two versions of the Pallas batch-1 decode step (pallas_kernels/fused_decode.py) timed in one
-process, one launch each, interleaved: a change to the kernel against the code before it, on the
-same card and with the same copy bandwidth (processes differ by a few percent).
+process, one launch each, interleaved: a change to the kernel against the code before it, or a
+Plan option against the default, on the same card and with the same copy bandwidth (processes
+differ by a few percent).
 
     git show HEAD~1:pallas_kernels/fused_decode.py > /tmp/fused_decode_before.py
     python tools/bench_fused_decode_ab.py --baseline /tmp/fused_decode_before.py --config 1b
+    python tools/bench_fused_decode_ab.py --config 1b --candidate-plan late_merge=true
 
-Each round times the baseline file, then the package's fused_decode.py (or `--candidate`): a
+Each round times the baseline (a file, default the package's module), then the candidate (the
+package's fused_decode.py or `--candidate`, with `--candidate-plan` fields on top): a
 jitted loop of `--steps` greedy steps, median of `--repeats` per step, with the roofline
 fraction (weight + KV bytes of a step over the copy bandwidth measured here). Both versions
 must take the same `make_plan` / `prepare` / `decode_token` arguments. GPU only (the
@@ -66,7 +69,8 @@ def step_time(module, name: str, steps: int, repeats: int, plan_options: dict) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", required=True, help="the fused_decode.py to compare with")
+    parser.add_argument("--baseline", default=str(PACKAGE_FILE),
+                        help="the fused_decode.py to compare with (default: the package's)")
     parser.add_argument("--candidate", default=str(PACKAGE_FILE),
                         help="the version under test (default: the package's)")
     parser.add_argument("--config", action="append", help="preset(s) (default 125m and 1b)")
@@ -75,19 +79,26 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="baseline/candidate pairs")
     parser.add_argument("--plan", action="append", default=[], metavar="FIELD=VALUE",
                         help="a Plan field for both versions (as in check_fused_decode.py)")
+    parser.add_argument("--candidate-plan", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a Plan field for the candidate only, e.g. late_merge=true")
     args = parser.parse_args()
     versions = {"baseline": load_version(args.baseline, "baseline"),
                 "candidate": load_version(args.candidate, "candidate")}
-    plan_options = dict(parse_field(item) for item in args.plan)
+    if args.baseline == args.candidate and not args.candidate_plan:
+        raise SystemExit("the baseline and the candidate are the same code with the same plan: "
+                         "give --baseline FILE, --candidate FILE or --candidate-plan FIELD=VALUE")
+    common = dict(parse_field(item) for item in args.plan)
+    plans = {"baseline": common,
+             "candidate": {**common, **dict(parse_field(item) for item in args.candidate_plan)}}
     print(json.dumps({"device": jax.devices()[0].device_kind, "baseline": args.baseline,
-                      "candidate": args.candidate}), flush=True)
+                      "candidate": args.candidate, "plans": plans}), flush=True)
     bandwidth = copy_bandwidth(1 << 30)
     print(json.dumps({"copy_bandwidth_GBps": round(bandwidth / 1e9, 1)}), flush=True)
     for name in args.config or ["125m", "1b"]:
         for round_ in range(args.rounds):
             for label, module in versions.items():
                 seconds, step_bytes = step_time(module, name, args.steps, args.repeats,
-                                                plan_options)
+                                                plans[label])
                 print(json.dumps({"config": name, "round": round_, "version": label,
                                   "step_us": round(seconds * 1e6, 1),
                                   "roofline_fraction": round(step_bytes / bandwidth / seconds, 3)}),
