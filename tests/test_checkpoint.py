@@ -53,17 +53,18 @@ def test_an_unfinished_save_leaves_the_previous_checkpoint_usable(tmp_path):
     """A process killed while orbax writes step 2 leaves only a temporary directory."""
     script = textwrap.dedent(f"""
         import os, jax, jax.numpy as jnp, numpy as np
-        import orbax.checkpoint as ocp
         from jaxlm import config
         from jaxlm.checkpoint import CheckpointManager
         manager = CheckpointManager({str(tmp_path)!r}, async_save=True)
         manager.save(1, {{"w": jnp.ones((64, 64))}}, data_state={{"next_index": 1}}, config=config.load_preset("tiny"))
         manager.wait()
-        # Step 2: the array items are written, then the process dies before orbax's final rename.
-        original = ocp.CheckpointManager._finalize
-        def die(*args, **kwargs):
+        # Step 2: the items are written, then the process dies where orbax would rename the
+        # temporary directory (patching the manager's finalize thread instead raced the writer:
+        # under load the process could die before the temporary directory existed).
+        from orbax.checkpoint._src.path import atomicity
+        async def die(*args, **kwargs):
             os._exit(17)
-        ocp.CheckpointManager._finalize = die
+        atomicity.AtomicRenameTemporaryPath.finalize = die
         manager.save(2, {{"w": jnp.full((64, 64), 2.0)}}, data_state={{"next_index": 2}}, config=config.load_preset("tiny"))
         manager.wait()
         os._exit(0)
