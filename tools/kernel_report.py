@@ -102,6 +102,9 @@ def lowered_triton_ir(config: str, plan_options: dict, module_file: str | None) 
                               compute_dtype="bfloat16")
     params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
     cache = jax.eval_shape(lambda: kv_cache.init_cache(cfg, 1, 640))
+    reason = fused_decode.unsupported(cfg, cache, 1)
+    if reason:
+        raise SystemExit(f"{config}: the fused decode step does not run this model: {reason}")
     plan = fused_decode.make_plan(cfg, cache, programs=132, **plan_options)
     weights = jax.eval_shape(lambda p: fused_decode.prepare(cfg, p), params)
     original = fused_decode.pl.pallas_call
