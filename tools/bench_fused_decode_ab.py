@@ -25,11 +25,10 @@ import statistics
 import sys
 
 import jax
-import jax.numpy as jnp
 
 from bench_decode import copy_bandwidth  # tools/, next to this script
 from bench_forward import time_step
-from check_fused_decode import parse_field, setup
+from check_fused_decode import greedy_loop, parse_field, setup
 from jaxlm import accounting
 
 PACKAGE_FILE = pathlib.Path(__file__).resolve().parents[1] / "pallas_kernels" / "fused_decode.py"
@@ -56,13 +55,9 @@ def step_time(module, name: str, steps: int, repeats: int, plan_options: dict) -
     plan = module.make_plan(cfg, cache, **plan_options)
     weights = jax.jit(lambda p: module.prepare(cfg, p))(params)
 
-    def loop(w, cache):
-        def body(_, carry):
-            token, cache = carry
-            logits, cache = module.decode_token(cfg, w, token, cache, plan=plan, one_launch=True)
-            return jnp.argmax(logits[0])[None].astype(jnp.int32), cache
-        return jax.lax.fori_loop(0, steps, body, (tokens[0, -1:], cache))
-
+    loop = greedy_loop(lambda w, t, c: module.decode_token(cfg, w, t, c, plan=plan,
+                                                           one_launch=True),
+                       steps, tokens[0, -1:])
     times = time_step(jax.jit(loop), weights, cache, warmup=1, repeats=repeats)
     return statistics.median(times) / steps, accounting.decode_step_bytes(cfg, 1, 512 + steps // 2)
 

@@ -87,6 +87,18 @@ BREAKDOWN = {  # one-launch variants that leave parts out (wrong results, timing
 }
 
 
+def greedy_loop(step, steps: int, first_token):
+    """(params, cache) -> `steps` greedy steps of `step(params, token, cache) -> (logits,
+    cache)` in one fori_loop, each step's argmax the next token (for timing)."""
+    def loop(params, cache):
+        def body(_, carry):
+            token, cache = carry
+            logits, cache = step(params, token, cache)
+            return jnp.argmax(logits.reshape(-1, logits.shape[-1])[0])[None].astype(jnp.int32), cache
+        return jax.lax.fori_loop(0, steps, body, (first_token, cache))
+    return loop
+
+
 def bench(name: str, steps: int, repeats: int, bandwidth: float, breakdown: bool,
           extra: dict = {}, **plan_options) -> None:
     """Times XLA's step and the Pallas step (both forms; with `breakdown`, the BREAKDOWN
@@ -95,13 +107,6 @@ def bench(name: str, steps: int, repeats: int, bandwidth: float, breakdown: bool
     plan = fused_decode.make_plan(cfg, cache, **plan_options)
     weights = jax.jit(lambda p: fused_decode.prepare(cfg, p))(params)
     infer = jax.jit(lambda p: model.inference_params(cfg, p))(params)
-
-    def loop(step, params, cache):
-        def body(_, carry):
-            token, cache = carry
-            logits, cache = step(params, token, cache)
-            return jnp.argmax(logits.reshape(-1, logits.shape[-1])[0])[None].astype(jnp.int32), cache
-        return jax.lax.fori_loop(0, steps, body, (tokens[0, -1:], cache))
 
     variants = {
         "pallas": (weights, lambda w, t, c: fused_decode.decode_token(cfg, w, t, c, plan=plan)),
@@ -117,7 +122,7 @@ def bench(name: str, steps: int, repeats: int, bandwidth: float, breakdown: bool
             cfg, w, t, c, plan=variant, one_launch=True))
     step_bytes = accounting.decode_step_bytes(cfg, 1, 512 + steps // 2)
     for label, (args, step) in variants.items():
-        run = jax.jit(lambda p, c, step=step: loop(step, p, c))
+        run = jax.jit(greedy_loop(step, steps, tokens[0, -1:]))
         times = time_step(run, args, cache, warmup=1, repeats=repeats)
         per_step = statistics.median(times) / steps
         print(json.dumps({"bench": name, "step": label, "step_us": round(per_step * 1e6, 1),

@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import io
 import json
 import pathlib
@@ -89,10 +88,8 @@ def lowered_triton_ir(config: str, plan_options: dict, module_file: str | None) 
     from jaxlm.config import load_config
 
     if module_file:
-        spec = importlib.util.spec_from_file_location("fused_decode_variant", module_file)
-        fused_decode = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = fused_decode  # (its dataclasses look themselves up there)
-        spec.loader.exec_module(fused_decode)
+        from bench_fused_decode_ab import load_version  # tools/, next to this script
+        fused_decode = load_version(module_file, "variant")
     else:
         from pallas_kernels import fused_decode
     hopper = gpu_info.GpuInfo(gpu_version=gpu_info.GpuVersion.H100, arch_name="9.0",
