@@ -14,8 +14,7 @@ Here each layer is five stages, each spread over `programs` (= the SM count) pro
                 the G query heads of the kv head (each K/V byte read once), with RoPE applied
                 to q and, by the unit owning the new slot, to k, which it also writes to the
                 cache; partial (max, sum, output) per unit; the last unit of a kv head to
-                finish (an atomic count) merges the head's partials (with `late_merge`:
-                no count; the o-proj programs merge the query heads after its barrier)
+                finish (an atomic count) merges the head's partials
   3. o-proj:    x += attn @ Wo
   4. gate/up:   h = silu(rms_norm(x) @ Wg) * (rms_norm(x) @ Wu), rows split over programs
   5. down:      x += h @ Wd
@@ -99,13 +98,6 @@ class Plan:
     # One launch: the stages (from WAITABLE) that poll their input data instead of waiting at
     # a grid barrier (off by default: 2-4% at 125m, 0.5% at 1b; docs/benchmarks.md).
     data_waits: tuple = ()
-    # Attention units only store their partials (no per-kv-head count, no merge by the last
-    # unit); after the o-proj barrier program i merges query heads i, i + programs, ... and
-    # o-proj polls the per-layer attention buffer for the rest (off by default: unmeasured).
-    late_merge: bool = False
-    # Attention's K/V tiles loaded once per query head, in the block (off by default:
-    # unmeasured; see _Kernel._load_keys).
-    kv_per_head: bool = False
     # Timing experiments only (tools/check_fused_decode.py): stages (or "barrier") to leave
     # out; the results are then wrong.
     skip: tuple = ()
@@ -272,9 +264,8 @@ class _Kernel:
     """The stages, closed over one program's refs. Each stage: `prefetch(layer)` issues the
     loads that do not depend on other programs; `run(layer, prefetched)` does the rest."""
 
-    def __init__(self, plan: Plan, scalars, freq, w: dict, s: dict, one_launch: bool):
+    def __init__(self, plan: Plan, scalars, freq, w: dict, s: dict):
         self.p, self.w, self.s, self.freq = plan, w, s, freq
-        self.one_launch = one_launch  # (else each stage is its own launch)
         self.pid = pl.program_id(0)
         self.pos = scalars[1]
 
@@ -283,7 +274,7 @@ class _Kernel:
     def slot(self, layer):
         """Which copy of the q/k/v, attention-output and hidden buffers a layer uses: its own
         with data waits (a wait needs a buffer nobody wrote before in this step), else one."""
-        return layer if self.p.data_waits or self.p.late_merge else 0
+        return layer if self.p.data_waits else 0
 
     def stamp(self, column, anchor):
         """trace[program, column] = the timer, read once `anchor` exists (Plan.trace)."""
@@ -455,32 +446,18 @@ class _Kernel:
         return start, jnp.minimum(start + per, total)
 
     def _load_keys(self, layer, kv_head, k0, old_end):
-        """A block of cached keys and values from k0 (slots < old_end), as halves of head_dim:
-        4 x [BLOCK_KEYS, H/2], or with Plan.kv_per_head 4 x [G, BLOCK_KEYS, H/2]: the same bytes
-        once per query head of the kv head (L1 serves the repeats), so the [G, keys, H/2]
-        products take the tiles in their load layout; a [keys, H/2] tile broadcast over G goes
-        through shared memory (1b's attention stage: 48 CTA barriers instead of 79 compiled
-        offline, tools/kernel_report.py)."""
-        G, half = self.p.group, self.p.head_dim // 2
-        if self.p.kv_per_head:
-            slots = self.s["k"].shape[3]
-            keys = (k0 + jnp.arange(BLOCK_KEYS))[None, :, None] + jnp.zeros((G, 1, 1), jnp.int32)
-            ok = jnp.broadcast_to(keys < old_end, (G, BLOCK_KEYS, half))
-            return [plgpu.load(self.s[name].at[layer, _i(0), kv_head, jnp.minimum(keys, slots - 1),
-                                               h0 + jnp.arange(half)[None, None, :]],
-                               mask=ok, other=0.0)
-                    for name in ("k", "v") for h0 in (0, half)]
+        """A block of cached keys and values from k0 (slots < old_end), as halves of head_dim."""
+        half = self.p.head_dim // 2
         ok = jnp.broadcast_to((k0 + jnp.arange(BLOCK_KEYS) < old_end)[:, None], (BLOCK_KEYS, half))
-        return [plgpu.load(self.s[name].at[layer, _i(0), kv_head, pl.ds(k0, BLOCK_KEYS),
-                                           pl.ds(h0, half)], mask=ok, other=0.0)
-                for name in ("k", "v") for h0 in (0, half)]
+        out = []
+        for name in ("k", "v"):
+            for h0 in (0, half):
+                ref = self.s[name].at[layer, _i(0), kv_head, pl.ds(k0, BLOCK_KEYS), pl.ds(h0, half)]
+                out.append(plgpu.load(ref, mask=ok, other=0.0))
+        return out
 
     def prefetch_attention(self, layer):
-        """The first block's tiles (none with kv_per_head: G copies held across the barrier,
-        or carried through the block loop, spilled registers at 1b; they load in the block)."""
         p = self.p
-        if p.kv_per_head:
-            return ()
         unit = jnp.minimum(self.pid, p.kv_heads * p.splits - 1)
         start, end = self._unit_range(unit % p.splits)
         return self._load_keys(layer, unit // p.splits, start, jnp.minimum(end, self.pos))
@@ -520,29 +497,23 @@ class _Kernel:
             q1, q2 = q1 * scale, q2 * scale
             self.stamp_attention(layer, 0, q1)  # (Plan.trace: q/k/v loaded, RoPE done)
 
-            def per_head(t):  # [n, H/2] -> [1, n, H/2], broadcast over the G query heads
-                return (t if t.ndim == 3 else t[None]).astype(jnp.float32)
-
             def scores(k1, k2):  # [G, n]
-                return (jnp.sum(q1[:, None, :] * per_head(k1), axis=2)
-                        + jnp.sum(q2[:, None, :] * per_head(k2), axis=2))
+                return (jnp.sum(q1[:, None, :] * k1[None].astype(jnp.float32), axis=2)
+                        + jnp.sum(q2[:, None, :] * k2[None].astype(jnp.float32), axis=2))
 
             def block(j, carry):
                 tiles, m, l, o1, o2 = carry
                 k0 = start + j * BLOCK_KEYS
-                if p.kv_per_head:  # (loaded here: see prefetch_attention)
-                    upcoming, (k1, k2, v1, v2) = (), self._load_keys(layer, kv_head, k0, old_end)
-                else:
-                    upcoming = self._load_keys(layer, kv_head, k0 + BLOCK_KEYS, old_end)
-                    k1, k2, v1, v2 = tiles
+                upcoming = self._load_keys(layer, kv_head, k0 + BLOCK_KEYS, old_end)
+                k1, k2, v1, v2 = tiles
                 s = scores(k1, k2)
                 valid = jnp.broadcast_to((k0 + jnp.arange(BLOCK_KEYS) < old_end)[None, :], s.shape)
                 s = jnp.where(valid, s, MASK_VALUE)
                 m_new = jnp.maximum(m, jnp.max(s, axis=1))
                 prob = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
                 alpha = jnp.exp(m - m_new)
-                o1 = o1 * alpha[:, None] + jnp.sum(prob[:, :, None] * per_head(v1), axis=1)
-                o2 = o2 * alpha[:, None] + jnp.sum(prob[:, :, None] * per_head(v2), axis=1)
+                o1 = o1 * alpha[:, None] + jnp.sum(prob[:, :, None] * v1[None].astype(jnp.float32), axis=1)
+                o2 = o2 * alpha[:, None] + jnp.sum(prob[:, :, None] * v2[None].astype(jnp.float32), axis=1)
                 return upcoming, m_new, l * alpha + jnp.sum(prob, axis=1), o1, o2
 
             blocks = lax.div(jnp.maximum(old_end - start, 0) + BLOCK_KEYS - 1, BLOCK_KEYS)
@@ -574,11 +545,8 @@ class _Kernel:
                                (self.s["part_l"].at[kv_head, split, :], l)):
                 plgpu.store(ref, value)
             self.stamp_attention(layer, 2, o1)  # partials stored
-            if not p.late_merge:
-                self.merge_if_last(layer, kv_head)
+            self.merge_if_last(layer, kv_head)
             self.stamp_attention(layer, 3, kv_head)  # counted (and merged, if last)
-            if p.kv_per_head:
-                return ()
             nxt = self.pid + (i + 1) * p.programs
             nxt_unit = jnp.minimum(nxt, units - 1)
             n_start, n_end = self._unit_range(nxt_unit % p.splits)
@@ -594,7 +562,8 @@ class _Kernel:
         Each unit counts itself in arrivals[kv_head] (an atomic with release semantics, after a
         CTA barrier: its partials are stored first); the one that brings the count to
         splits x (layer + 1) loads all the head's partials (masked for the others, so no
-        traffic) and writes the attention output of the kv head's G query heads."""
+        traffic) and writes the attention output of the kv head's G query heads, rounded like
+        the model's."""
         p = self.p
         if not p.interpret:
             plgpu.debug_barrier()
@@ -603,43 +572,22 @@ class _Kernel:
         one = jnp.minimum(self.pos, 0) + 1
         before = plgpu.atomic_add(self.s["arrivals"], (kv_head,), one)
         last = before == p.splits * (layer + 1) - 1
-        for g in range(p.group):  # query head kv_head * G + g
-            self.merge_head(layer, kv_head, _i(g), last)
-
-    def merge_head(self, layer, kv_head, g, active=True):
-        """Query head kv_head * G + g's output from its splits' partials (where `active`; no
-        loads elsewhere), rounded like the model's, into the attention buffer."""
-        p = self.p
         splits = pl.next_power_of_2(p.splits)  # the partials are padded with empty splits
-        ok = jnp.broadcast_to(active, (splits,))
-        m = self.load_act(self.s["part_m"].at[kv_head, :, g], mask=ok, other=MASK_VALUE)
-        l = self.load_act(self.s["part_l"].at[kv_head, :, g], mask=ok, other=0.0)
-        o = self.load_act(self.s["part_o"].at[kv_head, :, g, :],
-                          mask=jnp.broadcast_to(active, (splits, p.head_dim)), other=0.0)
-        weight = jnp.exp(m - jnp.max(m))  # empty splits: l = 0, o = 0
-        total = jnp.sum(weight * l)
-        total = jnp.where(total > 0.0, total, 1.0)  # (inactive: nothing loaded)
-        merged = self.rnd(jnp.sum(weight[:, None] * o, axis=0) / total)
-        head = kv_head * p.group + g
-        plgpu.store(self.s["attn"].at[pl.ds((self.slot(layer) * p.heads + head) * p.head_dim,
-                                            p.head_dim)], merged,
-                    mask=jnp.broadcast_to(active, (p.head_dim,)))
-
-    def run_merge(self, layer, _=None):
-        """Plan.late_merge: after the barrier that ends attention, program i merges query
-        heads i, i + programs, ... (every unit's partials are stored by then)."""
-        p = self.p
-
-        def body(i, carry):
-            head = self.pid + i * p.programs
-            self.merge_head(layer, head // p.group, head % p.group)
-            return carry
-
-        count = lax.div(jnp.maximum(p.heads - self.pid, 0) + p.programs - 1, p.programs)
-        lax.fori_loop(0, count, body, jnp.int32(0))
-
-    def prefetch_merge(self, layer):
-        return None
+        ok = jnp.broadcast_to(last, (splits,))
+        for g in range(p.group):  # query head kv_head * G + g
+            g = _i(g)
+            m = self.load_act(self.s["part_m"].at[kv_head, :, g], mask=ok, other=MASK_VALUE)
+            l = self.load_act(self.s["part_l"].at[kv_head, :, g], mask=ok, other=0.0)
+            o = self.load_act(self.s["part_o"].at[kv_head, :, g, :],
+                              mask=jnp.broadcast_to(last, (splits, p.head_dim)), other=0.0)
+            weight = jnp.exp(m - jnp.max(m))  # empty splits: l = 0, o = 0
+            total = jnp.sum(weight * l)
+            total = jnp.where(total > 0.0, total, 1.0)  # (the other units: nothing loaded)
+            merged = self.rnd(jnp.sum(weight[:, None] * o, axis=0) / total)
+            head = kv_head * p.group + g
+            plgpu.store(self.s["attn"].at[pl.ds((self.slot(layer) * p.heads + head) * p.head_dim,
+                                                p.head_dim)], merged,
+                        mask=jnp.broadcast_to(last, (p.head_dim,)))
 
     # -- stage 3: x += attn @ Wo
 
@@ -648,10 +596,8 @@ class _Kernel:
 
     def run_o_proj(self, layer, first):
         width = self.p.heads * self.p.head_dim
-        if self.p.late_merge and self.one_launch:
-            self.run_merge(layer)  # then wait for the other programs' heads
         xs = self.vector(self.s["attn"], width, self.slot(layer) * width,
-                         "o_proj" in self.p.data_waits or self.p.late_merge)
+                         "o_proj" in self.p.data_waits)
         self.run_residual(layer, "wo", width, xs, first)
 
     def add_to_residual(self, r0, hi, y):
@@ -704,7 +650,7 @@ def _kernel(*refs, plan: Plan, stage: Optional[str]):
     scalars, freq = refs[0], refs[1]
     w = dict(zip(WEIGHTS, refs[2:2 + len(WEIGHTS)]))
     s = dict(zip(STATE, refs[2 + len(WEIGHTS) + len(STATE):]))  # the outputs (aliased inputs)
-    k = _Kernel(plan, scalars, freq, w, s, one_launch=stage is None)
+    k = _Kernel(plan, scalars, freq, w, s)
     if stage == "head":
         k.run_head(k.prefetch_head())
         return
@@ -849,9 +795,6 @@ def make_plan(cfg, cache: dict, *, programs: Optional[int] = None, splits: Optio
         raise ValueError(f"stage_tiles: {bad} are not tiled weights; those are {TILED}")
     waits = options["data_waits"] = _stage_names("data_waits", options.get("data_waits", ()),
                                                  WAITABLE, "{} cannot wait on data")
-    if options.get("late_merge") and "o_proj" in waits:
-        raise ValueError("late_merge merges after o-proj's barrier: o_proj cannot also wait "
-                         "on data (drop it from data_waits)")
     if options.get("trace") and interpret:
         raise ValueError("trace reads the GPU's timer: it needs a GPU (interpret=False)")
     if "attention" in waits and cfg.num_heads != cfg.num_kv_heads:
@@ -889,7 +832,7 @@ def step_state(cfg, weights: dict, token: jax.Array, cache: dict, *, plan: Plan,
     x = jnp.take(weights["embed"], token[0], axis=0).astype(jnp.float32)
     f32 = jnp.float32
     splits = pl.next_power_of_2(p.splits)
-    copies = p.layers if p.data_waits or p.late_merge else 1  # buffers _Kernel.slot picks
+    copies = p.layers if p.data_waits else 1  # of the buffers _Kernel.slot picks from
     state = {
         "x": x, "qkv": _unwritten(copies * p.qkv_rows),
         # (splits padded to a power of 2 with empty ones: max -inf, sum 0, output 0)
@@ -906,11 +849,8 @@ def step_state(cfg, weights: dict, token: jax.Array, cache: dict, *, plan: Plan,
     if one_launch:
         state = _launch(p, None, scalars, freq, weights, state)
     else:
-        stages = STAGES if not p.late_merge else (  # (the merge as its own launch)
-            STAGES[:2] + ("merge",) + STAGES[2:])
-
         def layer_body(layer, state):
-            for name in stages:
+            for name in STAGES:
                 if name not in p.skip:
                     state = _launch(p, name, scalars.at[2].set(layer), freq, weights, state)
             return state

@@ -113,43 +113,6 @@ def test_residual_stages_with_several_blocks_a_program(one_launch, programs):
     assert cache_error < 1e-5
 
 
-@pytest.mark.parametrize("kv_heads,one_launch,programs,data_waits", [
-    (2, True, 1, ()),  # GQA: 2 query heads per kv head
-    (1, True, 1, ()),  # MQA
-    (4, True, 1, ("attention", "down")),  # with the data waits that allow it (MHA)
-    (2, False, 3, ()),  # one launch per stage: the merge is a launch of its own
-])
-def test_late_merge_matches_forward(kv_heads, one_launch, programs, data_waits, hopper_lowering):
-    """Plan.late_merge: attention units only store partials; after o-proj's barrier the
-    programs merge the query heads and o-proj polls the merged output."""
-    cfg = _config(kv_heads)
-    options = {"programs": programs, "splits": 3, "late_merge": True, "data_waits": data_waits}
-    logit_error, cache_error, scale = _compare(cfg, _params(cfg), options, one_launch=one_launch)
-    assert logit_error < 2e-5 * scale
-    assert cache_error < 1e-5
-    if one_launch:
-        assert "fused_decode" in _cuda_ir(dataclasses.replace(cfg, compute_dtype="bfloat16"),
-                                          True, programs=6, late_merge=True)
-    with pytest.raises(ValueError, match="late_merge merges after o-proj's barrier"):
-        fused_decode.make_plan(cfg, kv_cache.init_cache(cfg, 1, 32), interpret=True,
-                               late_merge=True, data_waits=("o_proj",))
-
-
-@pytest.mark.parametrize("kv_heads,one_launch,programs", [
-    (2, True, 1), (1, True, 1),  # GQA, MQA (4 query heads: 4 copies of each tile)
-    (2, False, 3), (4, False, 5),  # per stage, several programs; MHA
-])
-def test_kv_tiles_per_query_head_match_forward(kv_heads, one_launch, programs, hopper_lowering):
-    """Plan.kv_per_head: each block's K/V tiles loaded once per query head, in the block."""
-    cfg = _config(kv_heads)
-    options = {"programs": programs, "splits": 3, "kv_per_head": True}
-    logit_error, cache_error, scale = _compare(cfg, _params(cfg), options, one_launch=one_launch)
-    assert logit_error < 2e-5 * scale
-    assert cache_error < 1e-5
-    assert "fused_decode" in _cuda_ir(dataclasses.replace(cfg, compute_dtype="bfloat16"),
-                                      one_launch, programs=6, kv_per_head=True)
-
-
 def test_llama3_rope_scaling():
     cfg = _config(2, rope_scaling=RopeScaling(factor=8.0, original_max_seq_len=16))
     logit_error, _, scale = _compare(cfg, _params(cfg), {"programs": 2, "splits": 2})

@@ -5,7 +5,7 @@ differ by a few percent).
 
     git show HEAD~1:pallas_kernels/fused_decode.py > /tmp/fused_decode_before.py
     python tools/bench_fused_decode_ab.py --baseline /tmp/fused_decode_before.py --config 1b
-    python tools/bench_fused_decode_ab.py --config 1b --candidate-plan late_merge=true
+    python tools/bench_fused_decode_ab.py --config 1b --candidate-plan lookahead=qkv,o_proj
 
 Each round times the baseline (a file, default the package's module), then the candidate (the
 package's fused_decode.py or `--candidate`, with `--candidate-plan` fields on top): a
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--plan", action="append", default=[], metavar="FIELD=VALUE",
                         help="a Plan field for both versions (as in check_fused_decode.py)")
     parser.add_argument("--candidate-plan", action="append", default=[], metavar="FIELD=VALUE",
-                        help="a Plan field for the candidate only, e.g. late_merge=true")
+                        help="a Plan field for the candidate only, e.g. lookahead=qkv,o_proj")
     args = parser.parse_args()
     versions = {"baseline": load_version(args.baseline, "baseline"),
                 "candidate": load_version(args.candidate, "candidate")}
