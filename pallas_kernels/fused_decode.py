@@ -98,15 +98,6 @@ class Plan:
     # One launch: the stages (from WAITABLE) that poll their input data instead of waiting at
     # a grid barrier (off by default: 2-4% at 125m, 0.5% at 1b; docs/benchmarks.md).
     data_waits: tuple = ()
-    # One launch: (stage, bytes) pairs. When `stage` starts, each program asks L2 to fetch the
-    # next `bytes` of the weight rows it streams after that stage (its rows of the next stage's
-    # weights, then the stage after that's, within the layer and the next layer's qkv): DRAM
-    # works while the stage and the barriers do not (see _Kernel.prefetch_l2). Off: every
-    # setting tried made the step slower (docs/benchmarks.md, thirteenth session).
-    l2_prefetch: tuple = ()
-    # With l2_prefetch: the program's first thread issues one bulk prefetch per weight range
-    # (True), or every thread issues its chunk of it (False; ptxas loops over the lanes).
-    l2_prefetch_one_thread: bool = True
     # Timing experiments only (tools/check_fused_decode.py): stages (or "barrier") to leave
     # out; the results are then wrong.
     skip: tuple = ()
@@ -248,49 +239,6 @@ def _register_timer():
 
 
 _timer_p = _register_timer()
-
-
-def _register_l2_prefetch():
-    """A primitive (ref, element offset, bytes) -> int32 0 that asks L2 to fetch
-    ref[offset:][:bytes] (cp.async.bulk.prefetch.L2, sm_90): the program's first thread all of
-    it, or (one_thread=False) thread t bytes [t * chunk, (t + 1) * chunk); none waits."""
-    try:
-        from jax._src import core as jax_core
-        from jax._src.lib.mlir import ir
-        from jax._src.lib.triton import dialect as tt_dialect
-        from jax._src.pallas.triton import lowering as triton_lowering
-    except ImportError:
-        return None
-    primitive = jax_core.Primitive("fused_decode_l2_prefetch")
-    primitive.def_abstract_eval(lambda ref, offset, nbytes, *, chunk, one_thread:
-                                jax_core.ShapedArray((), jnp.int32))
-
-    @triton_lowering.register_lowering(primitive)
-    def _lower(ctx, ptr, offset, nbytes, *, chunk, one_thread):
-        i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
-        start = triton_lowering._add(
-            ptr, triton_lowering._ensure_ir_value(offset, ctx.avals_in[1]))
-        address = tt_dialect.ptr_to_int(i64, start)
-        if one_thread:  # uniform operands: one UBLKPF, no loop over lanes
-            asm = ("{ .reg .u32 %pf_t; .reg .pred %pf_p; mov.u32 %pf_t, %tid.x;"
-                   " setp.eq.u32 %pf_p, %pf_t, 0;"
-                   " @%pf_p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }")
-        else:
-            asm = ("{ .reg .u32 %pf_t, %pf_n; .reg .u64 %pf_a; .reg .pred %pf_p;"
-                   f" mov.u32 %pf_t, %tid.x; mul.lo.u32 %pf_t, %pf_t, {chunk};"
-                   " setp.lt.u32 %pf_p, %pf_t, $2; sub.u32 %pf_n, $2, %pf_t;"
-                   f" min.u32 %pf_n, %pf_n, {chunk}; cvt.u64.u32 %pf_a, %pf_t;"
-                   " add.u64 %pf_a, %pf_a, $1;"
-                   " @%pf_p cp.async.bulk.prefetch.L2.global [%pf_a], %pf_n; mov.u32 $0, 0; }")
-        out = tt_dialect.elementwise_inline_asm(
-            [i32], asm, constraints="=r,l,r", pure=False, packed_element=1,
-            args=[address, triton_lowering._ensure_ir_value(nbytes, ctx.avals_in[2])])
-        return out[0] if isinstance(out, (list, tuple)) else out
-
-    return primitive
-
-
-_l2_prefetch_p = _register_l2_prefetch()
 
 
 def _wait(counter_ref, epoch, plan: Plan):
@@ -468,45 +416,6 @@ class _Kernel:
 
         self.row_loop(self.p.embed, rows, lambda r0, hi_: (load(layer, r0, hi_), load_x(r0, hi_)),
                       compute, (first, load_x(lo, hi)))
-
-    # -- L2 prefetch (Plan.l2_prefetch)
-
-    def _stage_weights(self, stage):
-        """(weight names, row width, rows) of a stage's matrices (none for attention)."""
-        p = self.p
-        return {"qkv": (("wqkv",), p.embed, p.qkv_rows),
-                "attention": ((), 0, 0),
-                "o_proj": (("wo",), p.heads * p.head_dim, p.embed),
-                "gate_up": (("gate", "up"), p.embed, p.mlp),
-                "down": (("down",), p.mlp, p.embed)}[stage]
-
-    def prefetch_l2(self, layer, stage, budget: int):
-        """Ask L2 for the next `budget` bytes of the weight rows this program streams after
-        `stage` of `layer`: its rows of each later stage's weights in turn (a stage's weights
-        sharing what is left evenly), up to the next layer's qkv. Nothing waits for the data:
-        the stage runs on while DRAM fills L2, and the loads that come later hit it."""
-        p, threads = self.p, self.p.num_warps * 32
-        after = list(STAGES[STAGES.index(stage) + 1:])
-        requests = [(name, layer) for name in after]
-        requests.append(("qkv", jnp.minimum(layer + 1, p.layers - 1)))
-        issued = []
-        for name, at in requests:
-            names, width, total = self._stage_weights(name)
-            if not names or budget <= 0:
-                continue
-            size = jnp.dtype(self.w[names[0]].dtype).itemsize * width
-            rows = min(-(-total // p.programs), budget // len(names) // size)
-            if rows == 0:
-                break
-            lo, hi = self.my_rows(total)
-            count = jnp.minimum(hi - lo, rows)
-            chunk = -(-(-(-rows * size // threads)) // 16) * 16  # bytes a thread, 16 | chunk
-            for n in names:
-                issued.append(_l2_prefetch_p.bind(self.w[n], (at * total + lo) * width,
-                                                  count * size, chunk=chunk,
-                                                  one_thread=p.l2_prefetch_one_thread))
-            budget -= rows * size * len(names)
-        return sum(issued)
 
     # -- stage 1: q, k, v
 
@@ -776,7 +685,6 @@ def _kernel(*refs, plan: Plan, stage: Optional[str]):
         return first, polls
 
     early = set(plan.lookahead)
-    l2_prefetch = dict(plan.l2_prefetch)
     synced = [name for name in STAGES if name not in plan.data_waits]  # after a grid barrier
 
     def layer_body(layer, carry):
@@ -799,10 +707,6 @@ def _kernel(*refs, plan: Plan, stage: Optional[str]):
                 polls += count
             else:  # the stage polls its input (wait_for)
                 own, upcoming = loads()
-            if name in l2_prefetch and not plan.interpret:
-                # (its 0 joins the stored poll count: the kernel's jaxpr is dead-code
-                # eliminated, and an unused result would take the prefetch with it)
-                polls += k.prefetch_l2(layer, name, l2_prefetch[name])
             if name not in plan.skip:
                 getattr(k, f"run_{name}")(layer, pending if name in early else own)
             pending = upcoming
@@ -889,10 +793,6 @@ def make_plan(cfg, cache: dict, *, programs: Optional[int] = None, splits: Optio
     bad = sorted(set(dict(options.get("stage_tiles", ()))) - set(TILED))
     if bad:
         raise ValueError(f"stage_tiles: {bad} are not tiled weights; those are {TILED}")
-    prefetch = options.get("l2_prefetch", ())
-    if any(stage not in STAGES or not isinstance(n, int) or n <= 0 for stage, n in prefetch):
-        raise ValueError(f"l2_prefetch: expected (stage, bytes > 0) pairs with stages from "
-                         f"{STAGES}, got {prefetch}")
     waits = options["data_waits"] = _stage_names("data_waits", options.get("data_waits", ()),
                                                  WAITABLE, "{} cannot wait on data")
     if options.get("trace") and interpret:

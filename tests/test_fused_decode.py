@@ -113,16 +113,6 @@ def test_residual_stages_with_several_blocks_a_program(one_launch, programs):
     assert cache_error < 1e-5
 
 
-def test_l2_prefetch_plan():
-    """Plan.l2_prefetch is refused with bad pairs; on a GPU it compiles to bulk L2 prefetches
-    (checked on the GPU's numerics by tools/check_fused_decode.py)."""
-    cfg = _config(2)
-    cache = kv_cache.init_cache(cfg, 1, 32)
-    for bad in ((("mlp", 1024),), (("attention", 0),)):
-        with pytest.raises(ValueError, match="l2_prefetch: expected"):
-            fused_decode.make_plan(cfg, cache, interpret=True, l2_prefetch=bad)
-
-
 def test_llama3_rope_scaling():
     cfg = _config(2, rope_scaling=RopeScaling(factor=8.0, original_max_seq_len=16))
     logit_error, _, scale = _compare(cfg, _params(cfg), {"programs": 2, "splits": 2})

@@ -219,11 +219,11 @@ def parse_field(item: str) -> tuple:
         raise SystemExit(f"--plan {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
     if name == "skip":  # stages to leave out, comma-separated
         return name, tuple(value.split(","))
-    if name in ("stage_tiles", "l2_prefetch"):  # e.g. down:8192,head:32768
+    if name == "stage_tiles":  # e.g. down:8192,head:32768
         try:
             return name, tuple((w, int(n)) for w, n in (pair.split(":") for pair in value.split(",")))
         except ValueError:
-            raise SystemExit(f"--plan {item!r}: expected {name}=NAME:NUMBER[,...]")
+            raise SystemExit(f"--plan {item!r}: expected stage_tiles=WEIGHT:ELEMENTS[,...]")
     if value.lower() in ("true", "false"):
         return name, value.lower() == "true"
     if name in ("lookahead", "data_waits"):  # stage names, e.g. qkv,gate_up
