@@ -410,9 +410,7 @@ class _Kernel:
 
         def compute(r0, hi_, loaded):
             (tile,), x = loaded
-            y = self.matvec(tile, xs)
-            ok = r0 + jnp.arange(rows) < hi_
-            plgpu.store(self.s["x"].at[pl.ds(r0, rows)], self.rnd(x + self.rnd(y)), mask=ok)
+            self.add_to_residual(r0, hi_, self.matvec(tile, xs), x)
 
         self.row_loop(self.p.embed, rows, lambda r0, hi_: (load(layer, r0, hi_), load_x(r0, hi_)),
                       compute, (first, load_x(lo, hi)))
@@ -600,10 +598,12 @@ class _Kernel:
                          "o_proj" in self.p.data_waits)
         self.run_residual(layer, "wo", width, xs, first)
 
-    def add_to_residual(self, r0, hi, y):
+    def add_to_residual(self, r0, hi, y, x=None):
+        """x[r0 : r0 + len(y)] += y (rows < hi), with those rows of x loaded here unless given."""
         idx = r0 + jnp.arange(y.shape[0])
         ref = self.s["x"].at[pl.ds(r0, y.shape[0])]
-        x = self.load_act(ref, mask=idx < hi, other=0.0)
+        if x is None:
+            x = self.load_act(ref, mask=idx < hi, other=0.0)
         plgpu.store(ref, self.rnd(x + self.rnd(y)), mask=idx < hi)
 
     # -- stage 4: gate/up; stage 5: down
@@ -685,7 +685,7 @@ def _kernel(*refs, plan: Plan, stage: Optional[str]):
         return first, polls
 
     early = set(plan.lookahead)
-    synced = [name for name in STAGES if name not in plan.data_waits]  # after a grid barrier
+    synced = synced_stages(plan)
 
     def layer_body(layer, carry):
         polls, pending = carry  # pending: this stage's tile, when loaded early
@@ -752,10 +752,16 @@ def trace_columns(plan: Plan) -> int:
     return 3 * barriers(plan) + 1 + ATTENTION_PARTS * plan.layers
 
 
+def synced_stages(plan: Plan) -> list:
+    """The stages of a layer that start after a grid barrier (those that do not wait on data),
+    in order: barrier `layer * len(...) + i + 1` precedes the i-th of them."""
+    return [name for name in STAGES if name not in plan.data_waits]
+
+
 def barriers(plan: Plan) -> int:
-    """Grid barriers of a one-launch step: one per stage that does not wait on data, and one
-    before the output layer."""
-    return plan.layers * (len(STAGES) - len(plan.data_waits)) + 1
+    """Grid barriers of a one-launch step: one per synced stage, and one before the output
+    layer."""
+    return plan.layers * len(synced_stages(plan)) + 1
 
 
 def _zero_counter(pos) -> jax.Array:

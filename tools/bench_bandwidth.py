@@ -17,7 +17,7 @@ import json
 import jax
 import jax.numpy as jnp
 
-from bench_decode import _best_time, copy_bandwidth, read_bandwidth  # tools/, next to this
+from bench_decode import best_time, copy_bandwidth, copy_loop, read_bandwidth  # tools/
 
 
 def main() -> None:
@@ -27,12 +27,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     print(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__}), flush=True)
-    copy8 = jax.jit(lambda a: jax.lax.fori_loop(
-        0, 8, lambda _, b: jax.lax.optimization_barrier(b * 1.0001), a))
+    copy8 = copy_loop(8)
     for mb in args.mb or [1024, 4096]:
         nbytes = mb << 20
         x = jnp.ones((nbytes // 4,), jnp.float32)
-        old = 2 * nbytes * 8 / _best_time(copy8, x, args.repeats)
+        old = 2 * nbytes * 8 / best_time(copy8, x, args.repeats)
         del x
         print(json.dumps({"MiB": mb, "copy_8_passes_over_call_GBps": round(old / 1e9, 1),
                           "copy_per_pass_GBps": round(copy_bandwidth(nbytes, args.repeats) / 1e9, 1),

@@ -44,7 +44,7 @@ def timed(fn, repeats: int = 1) -> float:
     return statistics.median(times)
 
 
-def _best_time(run, x, repeats: int) -> float:
+def best_time(run, x, repeats: int) -> float:
     """The best of `repeats` timed calls of run(x) after an untimed one (which also compiles
     and brings the clocks up). The best, not the median: the roofline is what the card can do."""
     run(x).block_until_ready()
@@ -61,38 +61,42 @@ def _per_pass_rate(loop, x, bytes_per_pass: int, repeats: int, passes=(8, 40)) -
     passes minus that of `passes[0]`, so what a call pays once (dispatch, sync, and the copy
     of x into the loop's own buffer, a whole extra pass) cancels out. Dividing the time of 8
     passes alone read 3.47-3.65 TB/s for a copy on an H200 where this reads 4.17-4.24."""
-    few, many = (_best_time(loop(n), x, repeats) for n in passes)
+    few, many = (best_time(loop(n), x, repeats) for n in passes)
     if many <= few:
         raise RuntimeError(f"{passes[1]} passes timed no slower than {passes[0]} "
                            f"({many:.3g} s vs {few:.3g} s): use a larger array")
     return bytes_per_pass * (passes[1] - passes[0]) / (many - few)
 
 
-def copy_bandwidth(nbytes: int, repeats: int = 10) -> float:
-    """Bytes/s read + written by an elementwise pass over an `nbytes` array, passes chained in
-    one jitted loop (an optimization barrier keeps them from fusing into one)."""
-    def loop(n):
-        return jax.jit(lambda a: jax.lax.fori_loop(
-            0, n, lambda _, b: jax.lax.optimization_barrier(b * 1.0001), a))
-
-    return _per_pass_rate(loop, jnp.ones((nbytes // 4,), jnp.float32), 2 * nbytes, repeats)
+def copy_loop(passes: int):
+    """A jitted loop of `passes` elementwise passes over an array, each reading and writing it
+    (an optimization barrier keeps them from fusing into one)."""
+    return jax.jit(lambda a: jax.lax.fori_loop(
+        0, passes, lambda _, b: jax.lax.optimization_barrier(b * 1.0001), a))
 
 
-def read_bandwidth(nbytes: int, repeats: int = 10) -> float:
-    """Bytes/s read by summing an `nbytes` array, passes chained in one jitted loop (the array
-    goes through an optimization barrier each pass, so no pass is hoisted or merged). A decode
-    step mostly reads, and reading alone runs faster than a copy (the Pallas step's vocabulary
-    head read at 3.9 TB/s on an H200): the stricter roofline, reported next to the copy-based
-    one that the decoding issue names."""
+def read_loop(passes: int):
+    """A jitted loop of `passes` sums over an array (the array goes through an optimization
+    barrier each pass, so no pass is hoisted or merged)."""
     def body(_, carry):
         total, a = carry
         a = jax.lax.optimization_barrier(a)
         return total + jnp.sum(a), a
 
-    def loop(n):
-        return jax.jit(lambda a: jax.lax.fori_loop(0, n, body, (jnp.float32(0), a))[0])
+    return jax.jit(lambda a: jax.lax.fori_loop(0, passes, body, (jnp.float32(0), a))[0])
 
-    return _per_pass_rate(loop, jnp.ones((nbytes // 4,), jnp.float32), nbytes, repeats)
+
+def copy_bandwidth(nbytes: int, repeats: int = 10) -> float:
+    """Bytes/s read + written by a copy pass (copy_loop) over an `nbytes` array."""
+    return _per_pass_rate(copy_loop, jnp.ones((nbytes // 4,), jnp.float32), 2 * nbytes, repeats)
+
+
+def read_bandwidth(nbytes: int, repeats: int = 10) -> float:
+    """Bytes/s read by a sum (read_loop) over an `nbytes` array. A decode step mostly reads, and
+    reading alone runs faster than a copy (the Pallas step's vocabulary head read at 3.9 TB/s
+    on an H200): the stricter roofline, reported next to the copy-based one that the decoding
+    issue names."""
+    return _per_pass_rate(read_loop, jnp.ones((nbytes // 4,), jnp.float32), nbytes, repeats)
 
 
 def bench_generate(cfg, params, batch: int, prompt_len: int, new_tokens: int,

@@ -155,7 +155,7 @@ def timeline(plan: fused_decode.Plan, trace) -> dict:
     count = fused_decode.barriers(plan)
     done, counted, release = (t[:, i:3 * count:3] for i in range(3))
     finish = np.concatenate([done[:, 1:], t[:, 3 * count:]], axis=1)  # each stage's end
-    synced = [n for n in fused_decode.STAGES if n not in plan.data_waits]
+    synced = fused_decode.synced_stages(plan)
     names = synced * plan.layers + ["head"]
     keys = ("barrier", "span", "work_median", "work_max", "atomic", "release_spread")
     rows: dict = {}
