@@ -26,6 +26,8 @@ def main() -> None:
                         help="array size(s) in MiB (default 1024 and 4096)")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
+    if any(mb < 1 for mb in args.mb or []):
+        parser.error(f"--mb must be at least 1 (got {args.mb}); a GPU measure wants 1024 or more")
     print(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__}), flush=True)
     copy8 = copy_loop(8)
     for mb in args.mb or [1024, 4096]:
