@@ -56,7 +56,7 @@ def best_time(run, x, repeats: int) -> float:
     return min(times)
 
 
-def _per_pass_rate(loop, x, bytes_per_pass: int, repeats: int, passes=(8, 40)) -> float:
+def per_pass_rate(loop, x, bytes_per_pass: int, repeats: int, passes=(8, 40)) -> float:
     """Bytes/s of one pass of `loop(n)` (a jitted n-pass loop over x): the time of `passes[1]`
     passes minus that of `passes[0]`, so what a call pays once (dispatch, sync, and the copy
     of x into the loop's own buffer, a whole extra pass) cancels out. Dividing the time of 8
@@ -88,7 +88,7 @@ def read_loop(passes: int):
 
 def copy_bandwidth(nbytes: int, repeats: int = 10) -> float:
     """Bytes/s read + written by a copy pass (copy_loop) over an `nbytes` array."""
-    return _per_pass_rate(copy_loop, jnp.ones((nbytes // 4,), jnp.float32), 2 * nbytes, repeats)
+    return per_pass_rate(copy_loop, jnp.ones((nbytes // 4,), jnp.float32), 2 * nbytes, repeats)
 
 
 def read_bandwidth(nbytes: int, repeats: int = 10) -> float:
@@ -96,7 +96,7 @@ def read_bandwidth(nbytes: int, repeats: int = 10) -> float:
     reading alone runs faster than a copy (the Pallas step's vocabulary head read at 3.9 TB/s
     on an H200): the stricter roofline, reported next to the copy-based one that the decoding
     issue names."""
-    return _per_pass_rate(read_loop, jnp.ones((nbytes // 4,), jnp.float32), nbytes, repeats)
+    return per_pass_rate(read_loop, jnp.ones((nbytes // 4,), jnp.float32), nbytes, repeats)
 
 
 def bench_generate(cfg, params, batch: int, prompt_len: int, new_tokens: int,

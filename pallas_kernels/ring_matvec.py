@@ -1,0 +1,254 @@
+"""A chain of matrix-vector products in one persistent Mosaic GPU kernel, its weights streamed
+through a shared-memory ring that never waits for the chain: the first milestone of the
+ring-streamed batch-1 decode step proposed in docs/design.md.
+
+    tiled = tile_weights(ws, blocks)            # ws [L, D, D] bf16, once at load time
+    xs = ring_matvec_chain(tiled, x0, blocks=blocks)   # x0 [D] float32 -> xs [L, D] float32
+                                                       # xs[l] = ws[l] @ xs[l - 1], xs[-1] = x0
+
+What it measures: a batch-1 decode step is a chain of matrix-vector products, each needing the
+whole output of the one before (a grid-wide dependency). The Triton-lowered step
+(fused_decode.py) streams each stage's weights only after the barrier that releases the stage,
+so DRAM idles during every barrier and every short stage's ramp. Here the weights, which do not
+depend on the chain, stream on their own:
+
+- one CTA per row block of `rows` output rows (D / rows CTAs, all resident: the grid barrier
+  needs every CTA running), two warpgroups;
+- warpgroup 1, the producer, walks the CTA's [rows, k_slot] weight tiles of every layer in
+  order and copies each with TMA into a ring of `stages` shared-memory slots, waiting only for
+  a slot to be released. It never waits for the chain, so it runs up to the ring's size ahead
+  (stages * rows * k_slot * 2 bytes per CTA, about 26 MB over 132 SMs at the default);
+- warpgroup 0, the consumer, per layer: waits at the grid barrier for the previous layer's
+  output, copies x (D float32) into shared memory, multiplies it with each ring slot on wgmma
+  and releases the slot, then stores its rows of the output and signals the barrier.
+
+The product on tensor cores: x as the A operand, broadcast to all 64 rows of a wgmma tile in
+registers (so every row of the [64, rows] accumulator holds the same dot products; row 0 is
+stored), the weight tile as a transposed B operand straight from the ring.
+
+The grid barrier is a global semaphore: after its rows of layer l are in global memory, each
+CTA adds 1; the consumer of layer l + 1 waits until it reads C * (l + 1), C the number of CTAs.
+The semaphore persists across calls, so at the end CTA 0 waits until every CTA has passed its
+last wait (a second semaphore counts them) and takes the count back to 0. A call that dies
+mid-way (it cannot, short of a device fault) would leave the count wrong.
+
+The reference is `ring_matvec_chain_reference` (float32 products of the bf16 weights).
+
+Status (docs/benchmarks.md, fourteenth session, one H200): correct on the GPU at D = 2048 (x
+rounds to bf16 each layer: 1.2% of the output's scale after 64 layers; a rerun is bitwise
+equal); this form is not yet checked at D = 4096.
+Streaming is consumer-bound, not DRAM-bound: 16 rows a CTA stream at 44-48% of the copy
+bandwidth, 32 rows at 80%; the grid barriers add 0.4-0.9 us a layer. Neither ring depth (96 or
+192 KB), tiled weights, nor more accumulators changed the 16-row rate. An earlier form that
+kept one wgmma in flight across slots, its A operand in registers, gave wrong results at
+D = 4096 (32 rows) with the barriers on (right without them; reruns differed). The cause is
+not confirmed: a wgmma still reading registers that the next slot's A overwrote would explain
+it, so every slot now waits for its wgmmas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.grouped_matmul_mosaic import _num_sms
+
+WGMMA_M = 64  # rows of a wgmma tile: x is broadcast to all of them
+K_STEP = 64  # contracted elements per wgmma (128 bytes of bf16: one 128-byte swizzle row)
+
+
+@dataclasses.dataclass(frozen=True)
+class RingBlocks:
+    """rows: output rows per CTA (wgmma N: a multiple of 8); k_slot: contracted elements per
+    ring slot; stages: ring slots (shared memory: stages * rows * k_slot * 2 bytes);
+    accumulators: independent wgmma accumulators a slot's products rotate through."""
+    rows: int = 16
+    k_slot: int = 256
+    stages: int = 24
+    accumulators: int = 4
+
+
+def supports(ws_shape, dtype, blocks: RingBlocks = RingBlocks(), num_sms: int = 132):
+    """None if `ring_matvec_chain` takes these weights, else the constraint they break."""
+    if len(ws_shape) != 3 or ws_shape[1] != ws_shape[2]:
+        return f"weights of shape {ws_shape} (needs [L, D, D])"
+    d = ws_shape[1]
+    if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
+        return f"dtype {jnp.dtype(dtype).name} (needs bfloat16)"
+    if blocks.rows % 8 or K_STEP % blocks.rows or d % K_STEP:
+        return (f"D={d} with {blocks.rows} rows a CTA (D: a multiple of {K_STEP}; rows: a "
+                f"multiple of 8 dividing {K_STEP})")
+    if d // blocks.rows > num_sms:
+        return f"{d // blocks.rows} CTAs (D / rows) for {num_sms} SMs: every CTA must be resident"
+    if blocks.k_slot % K_STEP or blocks.k_slot > 256 or d % blocks.k_slot:
+        return (f"D={d} with k_slot {blocks.k_slot} (k_slot: a multiple of {K_STEP} up to 256 "
+                f"dividing D)")
+    ring_bytes = blocks.stages * blocks.rows * blocks.k_slot * 2
+    if ring_bytes + 4 * d + 4 * WGMMA_M * blocks.rows > 220 * 1024:
+        return f"a {ring_bytes}-byte ring plus x and the output tile (over 220 KB of shared memory)"
+    return None
+
+
+def ring_matvec_chain_reference(ws, x0):
+    """xs [L, D] float32: the chain in float32 over the bf16 weights."""
+    def step(x, w):
+        y = jnp.dot(w.astype(jnp.float32), x, precision=lax.Precision.HIGHEST)
+        return y, y
+    return lax.scan(step, x0.astype(jnp.float32), ws)[1]
+
+
+def _fence_proxy_async_global():
+    """Orders this thread's global-memory accesses between the generic proxy (the semaphore's
+    atomics and polls) and the async proxy (TMA copies)."""
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    @plgpu.inline_mgpu()
+    def fence(ctx):
+        del ctx
+        mgpu_utils.inline_ptx("fence.proxy.async.global;", has_side_effects=True)
+
+    fence()
+
+
+def tile_weights(ws, blocks: RingBlocks = RingBlocks()):
+    """[L, D, D] -> [L, D / rows, D / k_slot, rows, k_slot]: each CTA's ring slot of a layer
+    as one contiguous block, so a TMA copy reads whole DRAM pages. A slot of row-major weights
+    is `rows` separate runs of k_slot * 2 bytes; 128 CTAs reading such runs streamed at half
+    the bandwidth (docs/benchmarks.md). Done once, when the weights are loaded."""
+    problem = supports(ws.shape, ws.dtype, blocks, _num_sms())
+    if problem is not None:
+        raise ValueError(f"ring_matvec_chain does not take {problem}")
+    num_layers, d, _ = ws.shape
+    return ws.reshape(num_layers, d // blocks.rows, blocks.rows, d // blocks.k_slot,
+                      blocks.k_slot).transpose(0, 1, 3, 2, 4)
+
+
+def ring_matvec_chain(tiled, x0, *, blocks: RingBlocks = RingBlocks(), chain: bool = True):
+    """xs [L, D] float32, xs[l] = ws[l] @ xs[l - 1] from x0, tiled = tile_weights(ws, blocks);
+    see the module docstring.
+
+    chain=False (for timing): every layer multiplies x0, with no grid barrier, which measures
+    the ring's streaming alone: xs[l] = ws[l] @ x0."""
+    num_layers, num_ctas, slots_per_layer, rows, k_slot = tiled.shape
+    if (rows, k_slot) != (blocks.rows, blocks.k_slot):
+        raise ValueError(f"weights tiled in [{rows}, {k_slot}] slots for blocks {blocks}: "
+                         "tile them with tile_weights(ws, blocks)")
+    d = num_ctas * rows
+    stages = blocks.stages
+    ws = tiled
+    total_slots = num_layers * slots_per_layer
+    transforms = (plgpu.TilingTransform((8, K_STEP)), plgpu.SwizzleTransform(128))
+
+    def kernel(ws_ref, x0_ref, out_ref, ring, full, empty, x_smem, x_barrier, y_smem):
+        wg = lax.axis_index("wg")
+        cta = lax.axis_index("ctas")
+        row0 = cta * rows
+        if chain:
+            count = pl.get_global(plgpu.SemaphoreType.REGULAR)  # rows stored, over all layers
+            done = pl.get_global(plgpu.SemaphoreType.REGULAR)  # CTAs past their last wait
+
+        @pl.when(wg == 1)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+
+            @pl.loop(0, total_slots)
+            def _slot(i):
+                slot = lax.rem(i, stages)
+
+                @pl.when(i >= stages)
+                def _wait_free():
+                    plgpu.barrier_wait(empty.at[slot])
+
+                layer, k = lax.div(i, slots_per_layer), lax.rem(i, slots_per_layer)
+                plgpu.copy_gmem_to_smem(ws_ref.at[layer, cta, k], ring.at[slot], full.at[slot])
+
+        @pl.when(wg == 0)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+
+            @pl.loop(0, num_layers)
+            def _layer(layer):
+                @pl.when((layer == 0) | (not chain))
+                def _first():
+                    plgpu.copy_gmem_to_smem(x0_ref, x_smem, x_barrier)
+
+                if chain:
+                    @pl.when(layer > 0)
+                    def _chained():  # the grid barrier: every CTA's rows of layer - 1 stored
+                        plgpu.semaphore_wait(count, num_ctas * layer, decrement=False,
+                                             memory_scope="gpu")
+                        _fence_proxy_async_global()
+                        plgpu.copy_gmem_to_smem(out_ref.at[layer - 1], x_smem, x_barrier)
+
+                plgpu.barrier_wait(x_barrier)
+
+                def products(*acc_refs):
+                    # A slot's wgmmas of K_STEP each, in turn into `accumulators` independent
+                    # accumulators: each wgmma is small (N = rows), so one accumulator's chain
+                    # of dependent wgmmas would be latency-bound.
+                    @pl.loop(0, slots_per_layer)
+                    def _slot(k):
+                        slot = lax.rem(layer * slots_per_layer + k, stages)
+                        plgpu.barrier_wait(full.at[slot])
+                        for j in range(k_slot // K_STEP):
+                            xk = plgpu.load(x_smem.at[k, pl.ds(j * K_STEP, K_STEP)],
+                                            layout=plgpu.Layout.WGMMA.reduce(0))
+                            a = lax.broadcast_in_dim(xk, (WGMMA_M, K_STEP), [1]).astype(ws.dtype)
+                            plgpu.wgmma(acc_refs[j % len(acc_refs)], a,
+                                        ring.at[slot, :, pl.ds(j * K_STEP, K_STEP)].transpose((1, 0)))
+                        # Every wgmma done before the next slot's A registers are written
+                        # (a wgmma in flight still reads its A from registers).
+                        plgpu.wgmma_wait(0)
+                        plgpu.barrier_arrive(empty.at[slot])
+
+                    total = acc_refs[0][...]
+                    for acc_ref in acc_refs[1:]:
+                        total = total + acc_ref[...]
+                    return total
+
+                acc = pl.run_scoped(products, *[plgpu.ACC((WGMMA_M, rows), jnp.float32)] *
+                                    blocks.accumulators)
+                y_smem[...] = acc
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(
+                    y_smem.at[pl.ds(0, 1)],
+                    out_ref.at[pl.ds(layer, 1), lax.div(row0, k_slot), pl.ds(lax.rem(row0, k_slot), rows)])
+                plgpu.wait_smem_to_gmem(0)
+                if chain:
+                    _fence_proxy_async_global()
+                    plgpu.semaphore_signal(count, 1, memory_scope="gpu")
+
+            if chain:
+                # Back to 0 for the next call, once every CTA is past its last wait on `count`.
+                plgpu.semaphore_signal(done, 1, memory_scope="gpu")
+
+                @pl.when(cta == 0)
+                def _reset():
+                    plgpu.semaphore_wait(done, num_ctas, decrement=True, memory_scope="gpu")
+                    plgpu.semaphore_signal(count, -num_ctas * num_layers, memory_scope="gpu")
+
+    scratch = (
+        plgpu.SMEM((stages, rows, k_slot), ws.dtype, transforms=transforms),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        plgpu.SMEM((d // k_slot, k_slot), jnp.float32),
+        plgpu.Barrier(),
+        plgpu.SMEM((WGMMA_M, rows), jnp.float32),
+    )
+
+    def entry(ws_ref, x0_ref, out_ref):
+        pl.run_scoped(lambda *refs: kernel(ws_ref, x0_ref, out_ref, *refs), *scratch,
+                      collective_axes="wg")
+
+    # x and the outputs as [D / k_slot, k_slot]: a slot's chunk of x is one row, and a TMA
+    # copy takes at most 256 elements a dim.
+    out = plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((num_layers, d // k_slot, k_slot),
+                                                            jnp.float32),
+                       grid=(num_ctas,), grid_names=("ctas",), num_threads=2, thread_name="wg",
+                       )(tiled, x0.astype(jnp.float32).reshape(d // k_slot, k_slot))
+    return out.reshape(num_layers, d)

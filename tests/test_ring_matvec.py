@@ -1,0 +1,79 @@
+"""The ring-streamed matrix-vector chain (pallas_kernels/ring_matvec.py), on CPU.
+
+The kernel itself needs a Hopper GPU: its grid barrier is a global semaphore, which neither of
+Pallas' CPU interpreters runs, and Mosaic GPU's interpreter takes no wgmma operand from
+registers. Its numerics and a rerun's bitwise agreement are checked on the GPU by
+tools/bench_ring_matvec.py (docs/benchmarks.md). Here: the weight tiling it reads, the float32
+reference against float64 numpy, the shapes it refuses, and that both variants lower for
+CUDA (Mosaic GPU) on CPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import ring_matvec as rm
+
+
+def _weights(layers, d, seed=0):
+    return (jax.random.normal(jax.random.key(seed), (layers, d, d)) / d ** 0.5).astype(jnp.bfloat16)
+
+
+def test_tile_weights_puts_each_ctas_slot_in_one_contiguous_block():
+    blocks = rm.RingBlocks(rows=16, k_slot=128, stages=4)
+    ws = _weights(3, 256)
+    tiled = np.asarray(rm.tile_weights(ws, blocks))
+    assert tiled.shape == (3, 256 // 16, 256 // 128, 16, 128)
+    w = np.asarray(ws)
+    for layer, cta, slot in [(0, 0, 0), (1, 5, 1), (2, 15, 0), (2, 9, 1)]:
+        want = w[layer, cta * 16:(cta + 1) * 16, slot * 128:(slot + 1) * 128]
+        np.testing.assert_array_equal(tiled[layer, cta, slot], want)
+    # Contiguous: the flat order is layer, CTA, slot, then the slot's rows and columns.
+    np.testing.assert_array_equal(tiled.reshape(-1)[:16 * 128], w[0, :16, :128].reshape(-1))
+
+
+def test_reference_is_the_chain_of_products_in_float64():
+    ws = _weights(4, 64, seed=1)
+    x0 = np.random.default_rng(2).standard_normal(64).astype(np.float32)
+    got = np.asarray(rm.ring_matvec_chain_reference(ws, jnp.asarray(x0)))
+    x = x0.astype(np.float64)
+    for layer, w in enumerate(np.asarray(ws, np.float64)):
+        x = w @ x
+        np.testing.assert_allclose(got[layer], x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, dtype, blocks, words", [
+    ((2, 256, 512), jnp.bfloat16, rm.RingBlocks(), "[L, D, D]"),
+    ((2, 256, 256), jnp.float32, rm.RingBlocks(), "bfloat16"),
+    ((2, 256, 256), jnp.bfloat16, rm.RingBlocks(rows=24), "multiple of 8 dividing 64"),
+    ((2, 4096, 4096), jnp.bfloat16, rm.RingBlocks(rows=16), "every CTA must be resident"),
+    ((2, 256, 256), jnp.bfloat16, rm.RingBlocks(k_slot=512), "up to 256"),
+    ((2, 256, 256), jnp.bfloat16, rm.RingBlocks(rows=64, k_slot=256, stages=8),
+     "shared memory"),
+])
+def test_unsupported_shapes_are_refused_with_the_constraint(shape, dtype, blocks, words):
+    problem = rm.supports(shape, dtype, blocks, num_sms=132)
+    assert problem is not None and words in problem
+    with pytest.raises(ValueError, match="ring_matvec_chain does not take"):
+        rm.tile_weights(jnp.zeros(shape, dtype), blocks)
+
+
+def test_weights_tiled_for_other_blocks_are_refused():
+    tiled = rm.tile_weights(_weights(2, 256), rm.RingBlocks(rows=16, k_slot=128))
+    with pytest.raises(ValueError, match="tile_weights"):
+        rm.ring_matvec_chain(tiled, jnp.zeros(256), blocks=rm.RingBlocks(rows=32, k_slot=128))
+
+
+@pytest.mark.parametrize("chain", [True, False])
+def test_kernel_lowers_to_mosaic_gpu_for_hopper(chain):
+    """Up to the Mosaic GPU module (no PTX): catches what Pallas' Mosaic GPU lowering rejects
+    (shared-memory budgets, TMA box limits, layouts)."""
+    blocks = rm.RingBlocks(rows=16, k_slot=256, stages=8, accumulators=2)
+    tiled = jax.ShapeDtypeStruct((3, 2048 // 16, 2048 // 256, 16, 256), jnp.bfloat16)
+    x0 = jax.ShapeDtypeStruct((2048,), jnp.float32)
+    run = jax.jit(lambda w, x: rm.ring_matvec_chain(w, x, blocks=blocks, chain=chain))
+    text = run.trace(tiled, x0).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text

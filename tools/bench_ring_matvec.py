@@ -1,0 +1,94 @@
+"""The ring-streamed matrix-vector chain (pallas_kernels/ring_matvec.py) against the memory
+roofline and XLA, on the GPU: does streaming weights through a shared-memory ring keep DRAM busy
+across grid barriers?
+
+    python tools/bench_ring_matvec.py                       # default cases
+    python tools/bench_ring_matvec.py --case 2048:64:16:24:256:4 --case 4096:16:32:12:256:1
+
+A case is D:L:rows:stages:k_slot[:accumulators] (L layers of [D, D] bf16 weights). For each case: the error
+against the float32 reference, a rerun's bitwise agreement (the grid barrier's semaphore must
+come back to 0 between calls), then the time of one chained call (the chain's L grid barriers),
+of one call without the barriers (every layer multiplies x0: the ring's streaming alone), and of
+XLA's chain, each as per-call time from (40 calls - 8 calls) / 32 in one jitted loop, and their
+bandwidth over the weights' bytes against the copy and read bandwidth measured in the same
+process. One JSON object per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bench_decode import copy_bandwidth, per_pass_rate, read_bandwidth  # tools/
+from pallas_kernels import ring_matvec
+
+
+def chained_calls(matvec_chain, ws):
+    """loop(n): a jitted loop of n calls, each starting from the last call's last output
+    (normalized), so no call can be skipped or overlapped with the next."""
+    def loop(n):
+        def body(_, x):
+            y = matvec_chain(ws, x)[-1]
+            return y * lax.rsqrt(jnp.mean(y * y) + 1e-12)
+        return jax.jit(lambda x: lax.fori_loop(0, n, body, x))
+    return loop
+
+
+def xla_chain(ws, x0):
+    def step(x, w):
+        y = jnp.dot(w, x.astype(w.dtype), preferred_element_type=jnp.float32)
+        return y, y
+    return lax.scan(step, x0.astype(jnp.float32), ws)[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", action="append",
+                        help="D:L:rows:stages:k_slot[:accumulators] (default 2048:64:16:24:256:4 and 4096:16:32:12:256:4)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    cases = args.case or ["2048:64:16:24:256:4", "4096:16:32:12:256:4"]
+    copy_bw, read_bw = copy_bandwidth(1 << 30), read_bandwidth(1 << 30)
+    print(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                      "copy_GBps": round(copy_bw / 1e9, 1), "read_GBps": round(read_bw / 1e9, 1)}),
+          flush=True)
+    for case in cases:
+        d, layers, rows, stages, k_slot, *accumulators = map(int, case.split(":"))
+        blocks = ring_matvec.RingBlocks(rows=rows, k_slot=k_slot, stages=stages,
+                                        accumulators=(accumulators or [4])[0])
+        kw, kx = jax.random.split(jax.random.key(d + layers))
+        ws = (jax.random.normal(kw, (layers, d, d)) / d ** 0.5).astype(jnp.bfloat16)
+        x0 = jax.random.normal(kx, (d,), jnp.float32)
+        nbytes = ws.size * 2
+        tiled = jax.block_until_ready(ring_matvec.tile_weights(ws, blocks))
+        ring = jax.jit(lambda w, x: ring_matvec.ring_matvec_chain(w, x, blocks=blocks))
+        flat = jax.jit(lambda w, x: ring_matvec.ring_matvec_chain(w, x, blocks=blocks, chain=False))
+        want = ring_matvec.ring_matvec_chain_reference(ws, x0)
+        got = ring(tiled, x0)
+        again = ring(tiled, x0)
+        scale = float(jnp.max(jnp.abs(want)))
+        want_flat = jnp.einsum("lij,j->li", ws.astype(jnp.float32), x0,
+                               precision=lax.Precision.HIGHEST)
+        row = {"case": case, "weights_MB": round(nbytes / 1e6, 1),
+               "ctas": d // rows, "ring_KB_per_cta": stages * rows * k_slot * 2 // 1024,
+               "max_err_over_scale": float(jnp.max(jnp.abs(got - want))) / scale,
+               "flat_max_err_over_scale": float(jnp.max(jnp.abs(flat(tiled, x0) - want_flat)))
+               / float(jnp.max(jnp.abs(want_flat))),
+               "rerun_bitwise_equal": bool(jnp.array_equal(got, again))}
+        for name, fn, weights in (("ring_chain", ring, tiled), ("ring_no_barrier", flat, tiled),
+                                  ("xla_chain", jax.jit(xla_chain), ws)):
+            rate = per_pass_rate(chained_calls(fn, weights), x0, nbytes, args.repeats)
+            row[f"{name}_us"] = round(nbytes / rate * 1e6, 1)
+            row[f"{name}_of_copy"] = round(rate / copy_bw, 3)
+            row[f"{name}_of_read"] = round(rate / read_bw, 3)
+        row["barrier_cost_us_per_layer"] = round(
+            (row["ring_chain_us"] - row["ring_no_barrier_us"]) / layers, 2)
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
