@@ -13,14 +13,15 @@ so DRAM idles during every barrier and every short stage's ramp. Here the weight
 depend on the chain, stream on their own:
 
 - one CTA per row block of `rows` output rows (D / rows CTAs, all resident: the grid barrier
-  needs every CTA running), two warpgroups;
-- warpgroup 1, the producer, walks the CTA's [rows, k_slot] weight tiles of every layer in
-  order and copies each with TMA into a ring of `stages` shared-memory slots, waiting only for
-  a slot to be released. It never waits for the chain, so it runs up to the ring's size ahead
-  (stages * rows * k_slot * 2 bytes per CTA, about 26 MB over 132 SMs at the default);
-- warpgroup 0, the consumer, per layer: waits at the grid barrier for the previous layer's
-  output, copies x (D float32) into shared memory, multiplies it with each ring slot on wgmma
-  and releases the slot, then stores its rows of the output and signals the barrier.
+  needs every CTA running);
+- the producer warpgroup (the last) walks the CTA's [rows, k_slot] weight tiles of every layer
+  in order and copies each with TMA into a ring of `stages` shared-memory slots, waiting only
+  for a slot to be released. It never waits for the chain, so it runs up to the ring's size
+  ahead (stages * rows * k_slot * 2 bytes per CTA, about 26 MB over 132 SMs at the default);
+- the consumer warpgroup(s), per layer: consumer 0 waits at the grid barrier for the previous
+  layer's output and copies x (D float32) into shared memory; each consumer multiplies x with
+  its slots (every `consumers`-th) on wgmma and releases them; the others hand their sums to
+  consumer 0, which stores the CTA's rows of the output and signals the barrier.
 
 The product on tensor cores: x as the A operand, broadcast to all 64 rows of a wgmma tile in
 registers (so every row of the [64, rows] accumulator holds the same dot products; row 0 is
@@ -36,10 +37,11 @@ The reference is `ring_matvec_chain_reference` (float32 products of the bf16 wei
 
 Status (docs/benchmarks.md, fourteenth session, one H200): correct on the GPU at D = 2048 (x
 rounds to bf16 each layer: 1.2% of the output's scale after 64 layers; a rerun is bitwise
-equal); this form is not yet checked at D = 4096.
-Streaming is consumer-bound, not DRAM-bound: 16 rows a CTA stream at 44-48% of the copy
-bandwidth, 32 rows at 80%; the grid barriers add 0.4-0.9 us a layer. Neither ring depth (96 or
-192 KB), tiled weights, nor more accumulators changed the 16-row rate. An earlier form that
+equal); this form is not yet checked at D = 4096, and two consumers not at all. Streaming is
+not DRAM-bound: 16 rows a CTA stream at 44-48% of the copy bandwidth, 32 rows at 80%; the grid
+barriers add 0.4-0.9 us a layer. Neither ring depth (96 or 192 KB), tiled weights, nor more
+accumulators changed the 16-row rate. Whether the consumer's per-slot work or the producer's
+TMA sets the pace is what math=False and consumers=2 are for (not yet run on a GPU). An earlier form that
 kept one wgmma in flight across slots, its A operand in registers, gave wrong results at
 D = 4096 (32 rows) with the barriers on (right without them; reruns differed). The cause is
 not confirmed: a wgmma still reading registers that the next slot's A overwrote would explain
@@ -49,6 +51,7 @@ it, so every slot now waits for its wgmmas.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -66,11 +69,13 @@ K_STEP = 64  # contracted elements per wgmma (128 bytes of bf16: one 128-byte sw
 class RingBlocks:
     """rows: output rows per CTA (wgmma N: a multiple of 8); k_slot: contracted elements per
     ring slot; stages: ring slots (shared memory: stages * rows * k_slot * 2 bytes);
-    accumulators: independent wgmma accumulators a slot's products rotate through."""
+    accumulators: independent wgmma accumulators a slot's products rotate through;
+    consumers: consumer warpgroups (1 or 2), taking a layer's slots in turn."""
     rows: int = 16
     k_slot: int = 256
     stages: int = 24
     accumulators: int = 4
+    consumers: int = 1
 
 
 def supports(ws_shape, dtype, blocks: RingBlocks = RingBlocks(), num_sms: int = 132):
@@ -88,6 +93,8 @@ def supports(ws_shape, dtype, blocks: RingBlocks = RingBlocks(), num_sms: int = 
     if blocks.k_slot % K_STEP or blocks.k_slot > 256 or d % blocks.k_slot:
         return (f"D={d} with k_slot {blocks.k_slot} (k_slot: a multiple of {K_STEP} up to 256 "
                 f"dividing D)")
+    if blocks.consumers not in (1, 2):
+        return f"{blocks.consumers} consumer warpgroups (1 or 2)"
     ring_bytes = blocks.stages * blocks.rows * blocks.k_slot * 2
     if ring_bytes + 4 * d + 4 * WGMMA_M * blocks.rows > 220 * 1024:
         return f"a {ring_bytes}-byte ring plus x and the output tile (over 220 KB of shared memory)"
@@ -117,9 +124,9 @@ def _fence_proxy_async_global():
 
 def tile_weights(ws, blocks: RingBlocks = RingBlocks()):
     """[L, D, D] -> [L, D / rows, D / k_slot, rows, k_slot]: each CTA's ring slot of a layer
-    as one contiguous block, so a TMA copy reads whole DRAM pages. A slot of row-major weights
-    is `rows` separate runs of k_slot * 2 bytes; 128 CTAs reading such runs streamed at half
-    the bandwidth (docs/benchmarks.md). Done once, when the weights are loaded."""
+    as one contiguous block (in row-major weights a slot is `rows` separate runs of k_slot * 2
+    bytes). Done once, when the weights are loaded. It did not change the streaming rate at 16
+    rows a CTA (docs/benchmarks.md), and it costs nothing per call."""
     problem = supports(ws.shape, ws.dtype, blocks, _num_sms())
     if problem is not None:
         raise ValueError(f"ring_matvec_chain does not take {problem}")
@@ -128,23 +135,28 @@ def tile_weights(ws, blocks: RingBlocks = RingBlocks()):
                       blocks.k_slot).transpose(0, 1, 3, 2, 4)
 
 
-def ring_matvec_chain(tiled, x0, *, blocks: RingBlocks = RingBlocks(), chain: bool = True):
+def ring_matvec_chain(tiled, x0, *, blocks: RingBlocks = RingBlocks(), chain: bool = True,
+                      math: bool = True):
     """xs [L, D] float32, xs[l] = ws[l] @ xs[l - 1] from x0, tiled = tile_weights(ws, blocks);
     see the module docstring.
 
-    chain=False (for timing): every layer multiplies x0, with no grid barrier, which measures
-    the ring's streaming alone: xs[l] = ws[l] @ x0."""
+    Timing only: chain=False multiplies x0 in every layer, with no grid barrier (the ring's
+    streaming alone): xs[l] = ws[l] @ x0. math=False also leaves out the products (the
+    consumers take each slot and release it; the output is zeros): the producer and TMA alone."""
     num_layers, num_ctas, slots_per_layer, rows, k_slot = tiled.shape
     if (rows, k_slot) != (blocks.rows, blocks.k_slot):
         raise ValueError(f"weights tiled in [{rows}, {k_slot}] slots for blocks {blocks}: "
                          "tile them with tile_weights(ws, blocks)")
+    consumers = blocks.consumers
+    if slots_per_layer % consumers:
+        raise ValueError(f"{slots_per_layer} slots a layer do not split over {consumers} "
+                         "consumer warpgroups")
     d = num_ctas * rows
     stages = blocks.stages
-    ws = tiled
     total_slots = num_layers * slots_per_layer
     transforms = (plgpu.TilingTransform((8, K_STEP)), plgpu.SwizzleTransform(128))
 
-    def kernel(ws_ref, x0_ref, out_ref, ring, full, empty, x_smem, x_barrier, y_smem):
+    def kernel(ws_ref, x0_ref, out_ref, ring, full, empty, x_smem, x_barrier, y_smem, handoff):
         wg = lax.axis_index("wg")
         cta = lax.axis_index("ctas")
         row0 = cta * rows
@@ -152,7 +164,7 @@ def ring_matvec_chain(tiled, x0, *, blocks: RingBlocks = RingBlocks(), chain: bo
             count = pl.get_global(plgpu.SemaphoreType.REGULAR)  # rows stored, over all layers
             done = pl.get_global(plgpu.SemaphoreType.REGULAR)  # CTAs past their last wait
 
-        @pl.when(wg == 1)
+        @pl.when(wg == consumers)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
 
@@ -167,18 +179,44 @@ def ring_matvec_chain(tiled, x0, *, blocks: RingBlocks = RingBlocks(), chain: bo
                 layer, k = lax.div(i, slots_per_layer), lax.rem(i, slots_per_layer)
                 plgpu.copy_gmem_to_smem(ws_ref.at[layer, cta, k], ring.at[slot], full.at[slot])
 
-        @pl.when(wg == 0)
+        def products(layer, *acc_refs):
+            """This consumer's slots of the layer (every consumers-th), its wgmmas of K_STEP
+            each in turn into independent accumulators: each wgmma is small (N = rows), and
+            one accumulator's chain of dependent wgmmas would be latency-bound."""
+            @pl.loop(wg, slots_per_layer, step=consumers)
+            def _slot(k):
+                slot = lax.rem(layer * slots_per_layer + k, stages)
+                plgpu.barrier_wait(full.at[slot])
+                if math:
+                    for j in range(k_slot // K_STEP):
+                        xk = plgpu.load(x_smem.at[k, pl.ds(j * K_STEP, K_STEP)],
+                                        layout=plgpu.Layout.WGMMA.reduce(0))
+                        a = lax.broadcast_in_dim(xk, (WGMMA_M, K_STEP), [1]).astype(tiled.dtype)
+                        plgpu.wgmma(acc_refs[j % len(acc_refs)], a,
+                                    ring.at[slot, :, pl.ds(j * K_STEP, K_STEP)].transpose((1, 0)))
+                    # Every wgmma done before the next slot's A registers are written (a
+                    # wgmma in flight still reads its A from registers).
+                    plgpu.wgmma_wait(0)
+                plgpu.barrier_arrive(empty.at[slot])
+
+            total = acc_refs[0][...]
+            for acc_ref in acc_refs[1:]:
+                total = total + acc_ref[...]
+            return total
+
+        @pl.when(wg < consumers)
         def _consumer():
             plgpu.set_max_registers(232, action="increase")
 
             @pl.loop(0, num_layers)
             def _layer(layer):
-                @pl.when((layer == 0) | (not chain))
+                # Consumer 0 brings x in (after the grid barrier); every consumer waits for it.
+                @pl.when((wg == 0) & ((layer == 0) | (not chain)))
                 def _first():
                     plgpu.copy_gmem_to_smem(x0_ref, x_smem, x_barrier)
 
                 if chain:
-                    @pl.when(layer > 0)
+                    @pl.when((wg == 0) & (layer > 0))
                     def _chained():  # the grid barrier: every CTA's rows of layer - 1 stored
                         plgpu.semaphore_wait(count, num_ctas * layer, decrement=False,
                                              memory_scope="gpu")
@@ -186,59 +224,55 @@ def ring_matvec_chain(tiled, x0, *, blocks: RingBlocks = RingBlocks(), chain: bo
                         plgpu.copy_gmem_to_smem(out_ref.at[layer - 1], x_smem, x_barrier)
 
                 plgpu.barrier_wait(x_barrier)
-
-                def products(*acc_refs):
-                    # A slot's wgmmas of K_STEP each, in turn into `accumulators` independent
-                    # accumulators: each wgmma is small (N = rows), so one accumulator's chain
-                    # of dependent wgmmas would be latency-bound.
-                    @pl.loop(0, slots_per_layer)
-                    def _slot(k):
-                        slot = lax.rem(layer * slots_per_layer + k, stages)
-                        plgpu.barrier_wait(full.at[slot])
-                        for j in range(k_slot // K_STEP):
-                            xk = plgpu.load(x_smem.at[k, pl.ds(j * K_STEP, K_STEP)],
-                                            layout=plgpu.Layout.WGMMA.reduce(0))
-                            a = lax.broadcast_in_dim(xk, (WGMMA_M, K_STEP), [1]).astype(ws.dtype)
-                            plgpu.wgmma(acc_refs[j % len(acc_refs)], a,
-                                        ring.at[slot, :, pl.ds(j * K_STEP, K_STEP)].transpose((1, 0)))
-                        # Every wgmma done before the next slot's A registers are written
-                        # (a wgmma in flight still reads its A from registers).
-                        plgpu.wgmma_wait(0)
-                        plgpu.barrier_arrive(empty.at[slot])
-
-                    total = acc_refs[0][...]
-                    for acc_ref in acc_refs[1:]:
-                        total = total + acc_ref[...]
-                    return total
-
-                acc = pl.run_scoped(products, *[plgpu.ACC((WGMMA_M, rows), jnp.float32)] *
+                acc = pl.run_scoped(functools.partial(products, layer),
+                                    *[plgpu.ACC((WGMMA_M, rows), jnp.float32)] *
                                     blocks.accumulators)
-                y_smem[...] = acc
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(
-                    y_smem.at[pl.ds(0, 1)],
-                    out_ref.at[pl.ds(layer, 1), lax.div(row0, k_slot), pl.ds(lax.rem(row0, k_slot), rows)])
-                plgpu.wait_smem_to_gmem(0)
-                if chain:
-                    _fence_proxy_async_global()
-                    plgpu.semaphore_signal(count, 1, memory_scope="gpu")
+
+                # Consumers 1.. hand their sums to consumer 0 through y_smem, one at a time;
+                # consumer 0 reads them only after its own products, and the next layer's x
+                # (which the others wait for) comes after that.
+                for c in range(1, consumers):
+                    @pl.when(wg == c)
+                    def _hand_over():
+                        y_smem[...] = acc
+                        plgpu.barrier_arrive(handoff.at[c - 1])
+
+                @pl.when(wg == 0)
+                def _store():
+                    total = acc
+                    for c in range(1, consumers):
+                        plgpu.barrier_wait(handoff.at[c - 1])
+                        total = total + y_smem[...]
+                    y_smem[...] = total
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(
+                        y_smem.at[pl.ds(0, 1)],
+                        out_ref.at[pl.ds(layer, 1), lax.div(row0, k_slot),
+                                   pl.ds(lax.rem(row0, k_slot), rows)])
+                    plgpu.wait_smem_to_gmem(0)
+                    if chain:
+                        _fence_proxy_async_global()
+                        plgpu.semaphore_signal(count, 1, memory_scope="gpu")
 
             if chain:
-                # Back to 0 for the next call, once every CTA is past its last wait on `count`.
-                plgpu.semaphore_signal(done, 1, memory_scope="gpu")
-
-                @pl.when(cta == 0)
+                @pl.when(wg == 0)
                 def _reset():
-                    plgpu.semaphore_wait(done, num_ctas, decrement=True, memory_scope="gpu")
-                    plgpu.semaphore_signal(count, -num_ctas * num_layers, memory_scope="gpu")
+                    # Back to 0 for the next call, once every CTA is past its last wait.
+                    plgpu.semaphore_signal(done, 1, memory_scope="gpu")
+
+                    @pl.when(cta == 0)
+                    def _last():
+                        plgpu.semaphore_wait(done, num_ctas, decrement=True, memory_scope="gpu")
+                        plgpu.semaphore_signal(count, -num_ctas * num_layers, memory_scope="gpu")
 
     scratch = (
-        plgpu.SMEM((stages, rows, k_slot), ws.dtype, transforms=transforms),
+        plgpu.SMEM((stages, rows, k_slot), tiled.dtype, transforms=transforms),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
         plgpu.SMEM((d // k_slot, k_slot), jnp.float32),
         plgpu.Barrier(),
         plgpu.SMEM((WGMMA_M, rows), jnp.float32),
+        plgpu.Barrier(num_arrivals=1, num_barriers=max(1, consumers - 1)),
     )
 
     def entry(ws_ref, x0_ref, out_ref):
@@ -249,6 +283,7 @@ def ring_matvec_chain(tiled, x0, *, blocks: RingBlocks = RingBlocks(), chain: bo
     # copy takes at most 256 elements a dim.
     out = plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((num_layers, d // k_slot, k_slot),
                                                             jnp.float32),
-                       grid=(num_ctas,), grid_names=("ctas",), num_threads=2, thread_name="wg",
+                       grid=(num_ctas,), grid_names=("ctas",), num_threads=consumers + 1,
+                       thread_name="wg",
                        )(tiled, x0.astype(jnp.float32).reshape(d // k_slot, k_slot))
     return out.reshape(num_layers, d)

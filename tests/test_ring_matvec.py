@@ -53,6 +53,7 @@ def test_reference_is_the_chain_of_products_in_float64():
     ((2, 256, 256), jnp.bfloat16, rm.RingBlocks(k_slot=512), "up to 256"),
     ((2, 256, 256), jnp.bfloat16, rm.RingBlocks(rows=64, k_slot=256, stages=8),
      "shared memory"),
+    ((2, 256, 256), jnp.bfloat16, rm.RingBlocks(consumers=3), "(1 or 2)"),
 ])
 def test_unsupported_shapes_are_refused_with_the_constraint(shape, dtype, blocks, words):
     problem = rm.supports(shape, dtype, blocks, num_sms=132)
@@ -65,15 +66,20 @@ def test_weights_tiled_for_other_blocks_are_refused():
     tiled = rm.tile_weights(_weights(2, 256), rm.RingBlocks(rows=16, k_slot=128))
     with pytest.raises(ValueError, match="tile_weights"):
         rm.ring_matvec_chain(tiled, jnp.zeros(256), blocks=rm.RingBlocks(rows=32, k_slot=128))
+    odd = rm.tile_weights(_weights(2, 384), rm.RingBlocks(rows=16, k_slot=128))  # 3 slots a layer
+    with pytest.raises(ValueError, match="do not split over 2 consumer"):
+        rm.ring_matvec_chain(odd, jnp.zeros(384),
+                             blocks=rm.RingBlocks(rows=16, k_slot=128, consumers=2))
 
 
-@pytest.mark.parametrize("chain", [True, False])
-def test_kernel_lowers_to_mosaic_gpu_for_hopper(chain):
+@pytest.mark.parametrize("chain, consumers, math", [
+    (True, 1, True), (False, 1, True), (True, 2, True), (False, 2, False)])
+def test_kernel_lowers_to_mosaic_gpu_for_hopper(chain, consumers, math):
     """Up to the Mosaic GPU module (no PTX): catches what Pallas' Mosaic GPU lowering rejects
     (shared-memory budgets, TMA box limits, layouts)."""
-    blocks = rm.RingBlocks(rows=16, k_slot=256, stages=8, accumulators=2)
+    blocks = rm.RingBlocks(rows=16, k_slot=256, stages=8, accumulators=2, consumers=consumers)
     tiled = jax.ShapeDtypeStruct((3, 2048 // 16, 2048 // 256, 16, 256), jnp.bfloat16)
     x0 = jax.ShapeDtypeStruct((2048,), jnp.float32)
-    run = jax.jit(lambda w, x: rm.ring_matvec_chain(w, x, blocks=blocks, chain=chain))
+    run = jax.jit(lambda w, x: rm.ring_matvec_chain(w, x, blocks=blocks, chain=chain, math=math))
     text = run.trace(tiled, x0).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

@@ -3,15 +3,16 @@ roofline and XLA, on the GPU: does streaming weights through a shared-memory rin
 across grid barriers?
 
     python tools/bench_ring_matvec.py                       # default cases
-    python tools/bench_ring_matvec.py --case 2048:64:16:24:256:4 --case 4096:16:32:12:256:1
+    python tools/bench_ring_matvec.py --case 2048:64:16:24:256:4:2 --case 4096:16:32:12:256
 
-A case is D:L:rows:stages:k_slot[:accumulators] (L layers of [D, D] bf16 weights). For each case: the error
-against the float32 reference, a rerun's bitwise agreement (the grid barrier's semaphore must
-come back to 0 between calls), then the time of one chained call (the chain's L grid barriers),
-of one call without the barriers (every layer multiplies x0: the ring's streaming alone), and of
-XLA's chain, each as per-call time from (40 calls - 8 calls) / 32 in one jitted loop, and their
-bandwidth over the weights' bytes against the copy and read bandwidth measured in the same
-process. One JSON object per line.
+A case is D:L:rows:stages:k_slot[:accumulators[:consumers]] (L layers of [D, D] bf16 weights;
+4 accumulators and 1 consumer warpgroup unless given). For each case: the error against the
+float32 reference, a rerun's bitwise agreement (the grid barrier's semaphore must come back to
+0 between calls), then the time of one chained call (the chain's L grid barriers), of one call
+without the barriers (every layer multiplies x0: the ring's streaming alone), of one without
+barriers or products (the producer and TMA alone), and of XLA's chain, each as per-call time
+from (40 calls - 8 calls) / 32 in one jitted loop, and their bandwidth over the weights' bytes
+against the copy and read bandwidth measured in the same process. One JSON object per line.
 """
 
 from __future__ import annotations
@@ -48,18 +49,25 @@ def xla_chain(ws, x0):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", action="append",
-                        help="D:L:rows:stages:k_slot[:accumulators] (default 2048:64:16:24:256:4 and 4096:16:32:12:256:4)")
+                        help="D:L:rows:stages:k_slot[:accumulators[:consumers]] (default "
+                             "2048:64:16:24:256:4:1 and 2048:64:16:24:256:4:2)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    cases = args.case or ["2048:64:16:24:256:4", "4096:16:32:12:256:4"]
+    cases = args.case or ["2048:64:16:24:256:4:1", "2048:64:16:24:256:4:2"]
+    for case in cases:
+        fields = case.split(":")
+        if not 5 <= len(fields) <= 7 or not all(f.isdigit() and int(f) > 0 for f in fields):
+            parser.error(f"--case {case!r}: want D:L:rows:stages:k_slot[:accumulators[:consumers]], "
+                         "positive integers, e.g. 2048:64:16:24:256")
     copy_bw, read_bw = copy_bandwidth(1 << 30), read_bandwidth(1 << 30)
     print(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                       "copy_GBps": round(copy_bw / 1e9, 1), "read_GBps": round(read_bw / 1e9, 1)}),
           flush=True)
     for case in cases:
-        d, layers, rows, stages, k_slot, *accumulators = map(int, case.split(":"))
+        d, layers, rows, stages, k_slot, *rest = map(int, case.split(":"))
+        accumulators, consumers = (rest + [4, 1][len(rest):])[:2]
         blocks = ring_matvec.RingBlocks(rows=rows, k_slot=k_slot, stages=stages,
-                                        accumulators=(accumulators or [4])[0])
+                                        accumulators=accumulators, consumers=consumers)
         kw, kx = jax.random.split(jax.random.key(d + layers))
         ws = (jax.random.normal(kw, (layers, d, d)) / d ** 0.5).astype(jnp.bfloat16)
         x0 = jax.random.normal(kx, (d,), jnp.float32)
@@ -67,6 +75,8 @@ def main() -> None:
         tiled = jax.block_until_ready(ring_matvec.tile_weights(ws, blocks))
         ring = jax.jit(lambda w, x: ring_matvec.ring_matvec_chain(w, x, blocks=blocks))
         flat = jax.jit(lambda w, x: ring_matvec.ring_matvec_chain(w, x, blocks=blocks, chain=False))
+        no_math = jax.jit(lambda w, x: ring_matvec.ring_matvec_chain(w, x, blocks=blocks,
+                                                                      chain=False, math=False))
         want = ring_matvec.ring_matvec_chain_reference(ws, x0)
         got = ring(tiled, x0)
         again = ring(tiled, x0)
@@ -80,6 +90,7 @@ def main() -> None:
                / float(jnp.max(jnp.abs(want_flat))),
                "rerun_bitwise_equal": bool(jnp.array_equal(got, again))}
         for name, fn, weights in (("ring_chain", ring, tiled), ("ring_no_barrier", flat, tiled),
+                                  ("ring_no_math", no_math, tiled),
                                   ("xla_chain", jax.jit(xla_chain), ws)):
             rate = per_pass_rate(chained_calls(fn, weights), x0, nbytes, args.repeats)
             row[f"{name}_us"] = round(nbytes / rate * 1e6, 1)
