@@ -50,10 +50,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", action="append",
                         help="D:L:rows:stages:k_slot[:accumulators[:consumers]] (default "
-                             "2048:64:16:24:256:4:1 and 2048:64:16:24:256:4:2)")
+                             "2048:64:16:24:256:4:1, 2048:64:16:24:256:4:2 and 8192:4:64:5:256:4:1)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    cases = args.case or ["2048:64:16:24:256:4:1", "2048:64:16:24:256:4:2"]
+    # 16 rows a CTA with one and two consumers, and 64 rows (if a small-N wgmma's fixed cost
+    # per instruction is the limit, this one streams near the copy bandwidth).
+    cases = args.case or ["2048:64:16:24:256:4:1", "2048:64:16:24:256:4:2", "8192:4:64:5:256:4:1"]
     for case in cases:
         fields = case.split(":")
         if not 5 <= len(fields) <= 7 or not all(f.isdigit() and int(f) > 0 for f in fields):
