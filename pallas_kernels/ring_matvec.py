@@ -35,6 +35,11 @@ mid-way (it cannot, short of a device fault) would leave the count wrong.
 
 The reference is `ring_matvec_chain_reference` (float32 products of the bf16 weights).
 
+A second form, `split_k_matvec_chain` (end of the file), turns the product around: the
+weights are the wgmma A operand (64 rows a CTA, the contraction split over CTAs), x the B
+operand. It runs in Mosaic GPU's interpreter on CPU without its grid barrier (the tests do,
+with race detection) and is not yet run on a GPU.
+
 Status (docs/benchmarks.md, fourteenth session, one H200): correct on the GPU at D = 2048 (x
 rounds to bf16 each layer: 1.2% of the output's scale after 64 layers; a rerun is bitwise
 equal); this form is not yet checked at D = 4096, and two consumers not at all. Streaming is
@@ -63,6 +68,7 @@ from pallas_kernels.grouped_matmul_mosaic import _num_sms
 
 WGMMA_M = 64  # rows of a wgmma tile: x is broadcast to all of them
 K_STEP = 64  # contracted elements per wgmma (128 bytes of bf16: one 128-byte swizzle row)
+SWIZZLED = (plgpu.TilingTransform((8, K_STEP)), plgpu.SwizzleTransform(128))  # wgmma operands
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +128,67 @@ def _fence_proxy_async_global():
     fence()
 
 
+class _GridBarrier:
+    """A barrier over all `num_ctas` CTAs on a global semaphore (module docstring): `arrive`
+    once a CTA's outputs of a generation are in global memory (TMA stores waited for), `wait`
+    for every CTA's `generation`-th arrival, and `reset` once per call after the last wait."""
+
+    def __init__(self, num_ctas: int):
+        self.num_ctas = num_ctas
+        self.count = pl.get_global(plgpu.SemaphoreType.REGULAR)  # arrivals, all generations
+        self.done = pl.get_global(plgpu.SemaphoreType.REGULAR)  # CTAs past their last wait
+
+    def arrive(self):
+        _fence_proxy_async_global()
+        plgpu.semaphore_signal(self.count, 1, memory_scope="gpu")
+
+    def wait(self, generation):
+        plgpu.semaphore_wait(self.count, self.num_ctas * generation, decrement=False,
+                             memory_scope="gpu")
+        _fence_proxy_async_global()
+
+    def reset(self, cta, generations: int):
+        """The count back to 0 for the next call, once every CTA is past its last wait."""
+        plgpu.semaphore_signal(self.done, 1, memory_scope="gpu")
+
+        @pl.when(cta == 0)
+        def _last():
+            plgpu.semaphore_wait(self.done, self.num_ctas, decrement=True, memory_scope="gpu")
+            plgpu.semaphore_signal(self.count, -self.num_ctas * generations, memory_scope="gpu")
+
+
+def _stream_weights(ws_ref, ring, full, empty, cta, total_slots: int, slots_per_layer: int):
+    """The producer warpgroup: every slot of this CTA's weights (ws_ref[layer, cta, k]) in
+    order into the ring, waiting only for a slot to be released."""
+    stages = ring.shape[0]
+    plgpu.set_max_registers(40, action="decrease")
+
+    @pl.loop(0, total_slots)
+    def _slot(i):
+        slot = lax.rem(i, stages)
+
+        @pl.when(i >= stages)
+        def _wait_free():
+            plgpu.barrier_wait(empty.at[slot])
+
+        layer, k = lax.div(i, slots_per_layer), lax.rem(i, slots_per_layer)
+        plgpu.copy_gmem_to_smem(ws_ref.at[layer, cta, k], ring.at[slot], full.at[slot])
+
+    # Every release observed before the CTA ends (Mosaic GPU's interpreter checks it).
+    @pl.loop(max(0, total_slots - stages), total_slots)
+    def _drain(i):
+        plgpu.barrier_wait(empty.at[lax.rem(i, stages)])
+
+
+def _launch(kernel, scratch, out_type, num_ctas: int, num_threads: int, *args):
+    def entry(*refs):
+        pl.run_scoped(lambda *scratch_refs: kernel(*refs, *scratch_refs), *scratch,
+                      collective_axes="wg")
+
+    return plgpu.kernel(entry, out_type=out_type, grid=(num_ctas,), grid_names=("ctas",),
+                        num_threads=num_threads, thread_name="wg")(*args)
+
+
 def tile_weights(ws, blocks: RingBlocks = RingBlocks()):
     """[L, D, D] -> [L, D / rows, D / k_slot, rows, k_slot]: each CTA's ring slot of a layer
     as one contiguous block (in row-major weights a slot is `rows` separate runs of k_slot * 2
@@ -154,30 +221,16 @@ def ring_matvec_chain(tiled, x0, *, blocks: RingBlocks = RingBlocks(), chain: bo
     d = num_ctas * rows
     stages = blocks.stages
     total_slots = num_layers * slots_per_layer
-    transforms = (plgpu.TilingTransform((8, K_STEP)), plgpu.SwizzleTransform(128))
 
     def kernel(ws_ref, x0_ref, out_ref, ring, full, empty, x_smem, x_barrier, y_smem, handoff):
         wg = lax.axis_index("wg")
         cta = lax.axis_index("ctas")
         row0 = cta * rows
-        if chain:
-            count = pl.get_global(plgpu.SemaphoreType.REGULAR)  # rows stored, over all layers
-            done = pl.get_global(plgpu.SemaphoreType.REGULAR)  # CTAs past their last wait
+        barrier = _GridBarrier(num_ctas) if chain else None
 
         @pl.when(wg == consumers)
         def _producer():
-            plgpu.set_max_registers(40, action="decrease")
-
-            @pl.loop(0, total_slots)
-            def _slot(i):
-                slot = lax.rem(i, stages)
-
-                @pl.when(i >= stages)
-                def _wait_free():
-                    plgpu.barrier_wait(empty.at[slot])
-
-                layer, k = lax.div(i, slots_per_layer), lax.rem(i, slots_per_layer)
-                plgpu.copy_gmem_to_smem(ws_ref.at[layer, cta, k], ring.at[slot], full.at[slot])
+            _stream_weights(ws_ref, ring, full, empty, cta, total_slots, slots_per_layer)
 
         def products(layer, *acc_refs):
             """This consumer's slots of the layer (every consumers-th), its wgmmas of K_STEP
@@ -218,9 +271,7 @@ def ring_matvec_chain(tiled, x0, *, blocks: RingBlocks = RingBlocks(), chain: bo
                 if chain:
                     @pl.when((wg == 0) & (layer > 0))
                     def _chained():  # the grid barrier: every CTA's rows of layer - 1 stored
-                        plgpu.semaphore_wait(count, num_ctas * layer, decrement=False,
-                                             memory_scope="gpu")
-                        _fence_proxy_async_global()
+                        barrier.wait(layer)
                         plgpu.copy_gmem_to_smem(out_ref.at[layer - 1], x_smem, x_barrier)
 
                 plgpu.barrier_wait(x_barrier)
@@ -251,22 +302,15 @@ def ring_matvec_chain(tiled, x0, *, blocks: RingBlocks = RingBlocks(), chain: bo
                                    pl.ds(lax.rem(row0, k_slot), rows)])
                     plgpu.wait_smem_to_gmem(0)
                     if chain:
-                        _fence_proxy_async_global()
-                        plgpu.semaphore_signal(count, 1, memory_scope="gpu")
+                        barrier.arrive()
 
             if chain:
                 @pl.when(wg == 0)
                 def _reset():
-                    # Back to 0 for the next call, once every CTA is past its last wait.
-                    plgpu.semaphore_signal(done, 1, memory_scope="gpu")
-
-                    @pl.when(cta == 0)
-                    def _last():
-                        plgpu.semaphore_wait(done, num_ctas, decrement=True, memory_scope="gpu")
-                        plgpu.semaphore_signal(count, -num_ctas * num_layers, memory_scope="gpu")
+                    barrier.reset(cta, num_layers)
 
     scratch = (
-        plgpu.SMEM((stages, rows, k_slot), tiled.dtype, transforms=transforms),
+        plgpu.SMEM((stages, rows, k_slot), tiled.dtype, transforms=SWIZZLED),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
         plgpu.SMEM((d // k_slot, k_slot), jnp.float32),
@@ -275,15 +319,188 @@ def ring_matvec_chain(tiled, x0, *, blocks: RingBlocks = RingBlocks(), chain: bo
         plgpu.Barrier(num_arrivals=1, num_barriers=max(1, consumers - 1)),
     )
 
-    def entry(ws_ref, x0_ref, out_ref):
-        pl.run_scoped(lambda *refs: kernel(ws_ref, x0_ref, out_ref, *refs), *scratch,
-                      collective_axes="wg")
-
     # x and the outputs as [D / k_slot, k_slot]: a slot's chunk of x is one row, and a TMA
     # copy takes at most 256 elements a dim.
-    out = plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((num_layers, d // k_slot, k_slot),
-                                                            jnp.float32),
-                       grid=(num_ctas,), grid_names=("ctas",), num_threads=consumers + 1,
-                       thread_name="wg",
-                       )(tiled, x0.astype(jnp.float32).reshape(d // k_slot, k_slot))
+    out_type = jax.ShapeDtypeStruct((num_layers, d // k_slot, k_slot), jnp.float32)
+    out = _launch(kernel, scratch, out_type, num_ctas, consumers + 1,
+                  tiled, x0.astype(jnp.float32).reshape(d // k_slot, k_slot))
     return out.reshape(num_layers, d)
+
+
+# ----------------------------------------------------------------------------- split-K form
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitKBlocks:
+    """The weights as the wgmma A operand: a CTA owns WGMMA_M (64) rows over D / k_splits
+    contracted columns; k_slot: columns per ring slot; stages: ring slots."""
+    k_splits: int = 4
+    k_slot: int = 128
+    stages: int = 8
+
+
+X_CHUNK = 256  # x travels as [..., 256] rows: a TMA copy takes at most 256 elements a dim
+
+
+def supports_split_k(ws_shape, dtype, blocks: SplitKBlocks = SplitKBlocks(),
+                     num_sms: int = 132):
+    """None if `split_k_matvec_chain` takes these weights, else the constraint they break."""
+    if len(ws_shape) != 3 or ws_shape[1] != ws_shape[2]:
+        return f"weights of shape {ws_shape} (needs [L, D, D])"
+    d = ws_shape[1]
+    if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
+        return f"dtype {jnp.dtype(dtype).name} (needs bfloat16)"
+    if d % WGMMA_M or (d // WGMMA_M) * blocks.k_splits > num_sms:
+        return (f"D={d} in {WGMMA_M}-row blocks x {blocks.k_splits} splits (D: a multiple of "
+                f"{WGMMA_M}; blocks x splits CTAs, at most {num_sms}: every CTA must be resident)")
+    part = d // blocks.k_splits
+    if d % blocks.k_splits or part % X_CHUNK or part % blocks.k_slot or blocks.k_slot % K_STEP:
+        return (f"D={d} in {blocks.k_splits} splits with k_slot {blocks.k_slot} (each split a "
+                f"multiple of {X_CHUNK} and of k_slot; k_slot a multiple of {K_STEP})")
+    smem = (blocks.stages * WGMMA_M * blocks.k_slot * 2 + WGMMA_M * part * 2
+            + blocks.k_splits * part * 4)
+    if smem > 220 * 1024:
+        return f"{smem} bytes of ring, x tile and partial sums (over 220 KB of shared memory)"
+    return None
+
+
+def tile_weights_split_k(ws, blocks: SplitKBlocks = SplitKBlocks()):
+    """[L, D, D] -> [L, C, slots, 64, k_slot]: CTA c = row block r * k_splits + split s owns
+    rows [64 r, 64 r + 64) over columns [s D / S, (s + 1) D / S), each ring slot contiguous."""
+    problem = supports_split_k(ws.shape, ws.dtype, blocks, _num_sms())
+    if problem is not None:
+        raise ValueError(f"split_k_matvec_chain does not take {problem}")
+    num_layers, d, _ = ws.shape
+    splits, k_slot = blocks.k_splits, blocks.k_slot
+    slots = d // splits // k_slot
+    tiled = ws.reshape(num_layers, d // WGMMA_M, WGMMA_M, splits, slots, k_slot)
+    return tiled.transpose(0, 1, 3, 4, 2, 5).reshape(
+        num_layers, d // WGMMA_M * splits, slots, WGMMA_M, k_slot)
+
+
+def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), chain: bool = True,
+                         math: bool = True):
+    """xs [L, D] float32 as `ring_matvec_chain`, tiled = tile_weights_split_k(ws, blocks).
+
+    NOT YET RUN ON A GPU (lowered on CPU only). The form to try if a small-N wgmma's fixed
+    cost per instruction is what holds `ring_matvec_chain` at 16 rows a CTA (design.md): here
+    each k16 wgmma consumes a [64, 16] weight tile (2 KB) as the A operand from the ring.
+    - CTA c = r * S + s (S = k_splits) multiplies rows [64 r, 64 r + 64) of each layer's
+      weights with x's split s, columns [s D / S, (s + 1) D / S), and stores the partial sums
+      of its 64 rows as partial s of the layer's output: parts [L, S, D].
+    - After the grid barrier, each CTA loads its split of all S partials of the layer before
+      (S * D / S floats), sums them, and writes the sum, in bf16 and broadcast to 64 rows,
+      into a swizzled [64, D / S] tile: the wgmma B operand (transposed), N = 64. Every
+      column of the [64, 64] accumulator then holds the same sums; the row max is stored.
+    - The A operand comes from shared memory, so a wgmma stays in flight across slots and a
+      slot is released one slot late.
+    Timing only: chain=False multiplies x0 in every layer; math=False leaves out the products.
+    The wrapper sums the S partials of every layer (xs)."""
+    num_layers, num_ctas, slots_per_layer, m, k_slot = tiled.shape
+    splits = blocks.k_splits
+    if (m, k_slot) != (WGMMA_M, blocks.k_slot) or num_ctas % splits:
+        raise ValueError(f"weights tiled as {tiled.shape} for blocks {blocks}: tile them with "
+                         "tile_weights_split_k(ws, blocks)")
+    d = num_ctas // splits * WGMMA_M
+    part = d // splits  # columns of a split
+    chunks = part // X_CHUNK
+    stages = blocks.stages
+    total_slots = num_layers * slots_per_layer
+    dtype = tiled.dtype
+
+    def kernel(ws_ref, x0_ref, parts_ref, ring, full, empty, x_smem, x_barrier, b_smem, y_smem):
+        wg = lax.axis_index("wg")
+        cta = lax.axis_index("ctas")
+        block, split = lax.div(cta, splits), lax.rem(cta, splits)
+        row0 = block * WGMMA_M
+        barrier = _GridBarrier(num_ctas) if chain else None
+
+        @pl.when(wg == 1)
+        def _producer():
+            _stream_weights(ws_ref, ring, full, empty, cta, total_slots, slots_per_layer)
+
+        def products(layer, acc_ref):
+            def slot_of(k):
+                return lax.rem(layer * slots_per_layer + k, stages)
+
+            @pl.loop(0, slots_per_layer)
+            def _slot(k):
+                plgpu.barrier_wait(full.at[slot_of(k)])
+                if math:
+                    plgpu.wgmma(acc_ref, ring.at[slot_of(k)],
+                                b_smem.at[:, pl.ds(k * k_slot, k_slot)].transpose((1, 0)))
+                    plgpu.wgmma_wait(1)  # the slot before is read: release it
+
+                    @pl.when(k > 0)
+                    def _release():
+                        plgpu.barrier_arrive(empty.at[slot_of(k - 1)])
+                else:
+                    plgpu.barrier_arrive(empty.at[slot_of(k)])
+
+            if math:
+                plgpu.wgmma_wait(0)
+                plgpu.barrier_arrive(empty.at[slot_of(slots_per_layer - 1)])
+            return acc_ref[...]
+
+        @pl.when(wg == 0)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+
+            @pl.loop(0, num_layers)
+            def _layer(layer):
+                @pl.when((layer == 0) | (not chain))
+                def _first():
+                    plgpu.copy_gmem_to_smem(x0_ref.at[:, pl.ds(split * chunks, chunks)], x_smem,
+                                            x_barrier)
+
+                if chain:
+                    @pl.when(layer > 0)
+                    def _chained():  # every CTA's partials of layer - 1 stored
+                        barrier.wait(layer)
+                        plgpu.copy_gmem_to_smem(
+                            parts_ref.at[layer - 1, :, pl.ds(split * chunks, chunks)], x_smem,
+                            x_barrier)
+
+                plgpu.barrier_wait(x_barrier)
+                # x's split: the sum of the S partials, in bf16, broadcast to every row of B.
+                for c in range(chunks):
+                    xc = plgpu.load(x_smem.at[0, c], layout=plgpu.Layout.WGMMA.reduce(0))
+                    for i in range(1, splits):
+                        xc = xc + plgpu.load(x_smem.at[i, c], layout=plgpu.Layout.WGMMA.reduce(0))
+                    b_smem[:, pl.ds(c * X_CHUNK, X_CHUNK)] = lax.broadcast_in_dim(
+                        xc, (WGMMA_M, X_CHUNK), [1]).astype(dtype)
+                plgpu.commit_smem()  # the generic stores before the wgmmas' async reads
+
+                acc = pl.run_scoped(functools.partial(products, layer),
+                                    plgpu.ACC((WGMMA_M, WGMMA_M), jnp.float32))
+                if math:
+                    y_smem[...] = acc.max(axis=1)  # every column holds the sums
+                else:
+                    y_smem[...] = plgpu.layout_cast(jnp.zeros((WGMMA_M,), jnp.float32),
+                                                    plgpu.Layout.WGMMA.reduce(1))
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(
+                    y_smem, parts_ref.at[layer, split, lax.div(row0, X_CHUNK),
+                                         pl.ds(lax.rem(row0, X_CHUNK), WGMMA_M)])
+                plgpu.wait_smem_to_gmem(0)
+                if chain:
+                    barrier.arrive()
+
+            if chain:
+                barrier.reset(cta, num_layers)
+
+    scratch = (
+        plgpu.SMEM((stages, WGMMA_M, k_slot), dtype, transforms=SWIZZLED),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        plgpu.SMEM((splits, chunks, X_CHUNK), jnp.float32),
+        plgpu.Barrier(),
+        plgpu.SMEM((WGMMA_M, part), dtype, transforms=SWIZZLED),
+        plgpu.SMEM((WGMMA_M,), jnp.float32),
+    )
+    # x0 as S partials: x0 itself, then zeros.
+    x0_parts = jnp.zeros((splits, d), jnp.float32).at[0].set(x0.astype(jnp.float32))
+    out_type = jax.ShapeDtypeStruct((num_layers, splits, d // X_CHUNK, X_CHUNK), jnp.float32)
+    parts = _launch(kernel, scratch, out_type, num_ctas, 2,
+                    tiled, x0_parts.reshape(splits, d // X_CHUNK, X_CHUNK))
+    return parts.reshape(num_layers, splits, d).sum(axis=1)

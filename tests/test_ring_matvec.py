@@ -10,6 +10,9 @@ CUDA (Mosaic GPU) on CPU.
 
 from __future__ import annotations
 
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,3 +86,87 @@ def test_kernel_lowers_to_mosaic_gpu_for_hopper(chain, consumers, math):
     run = jax.jit(lambda w, x: rm.ring_matvec_chain(w, x, blocks=blocks, chain=chain, math=math))
     text = run.trace(tiled, x0).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+# ----------------------------------------------------------------------------- split-K form
+
+
+def _interpret_params():
+    """Mosaic GPU's interpreter with race detection, or a skip where this JAX lacks it."""
+    plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    if not hasattr(plgpu, "force_gpu_interpret_mode"):
+        pytest.skip("this JAX has no Mosaic GPU interpreter")
+    return plgpu, plgpu.InterpretGPUParams(detect_races=True)
+
+
+def test_split_k_tiling_gives_each_cta_its_rows_and_split():
+    blocks = rm.SplitKBlocks(k_splits=2, k_slot=128, stages=2)
+    ws = _weights(2, 512, seed=3)
+    tiled = np.asarray(rm.tile_weights_split_k(ws, blocks))
+    assert tiled.shape == (2, 512 // 64 * 2, 2, 64, 128)  # [L, CTAs, slots, 64, k_slot]
+    w = np.asarray(ws)
+    for layer, block, split, slot in [(0, 0, 0, 0), (1, 3, 1, 1), (0, 7, 1, 0), (1, 5, 0, 1)]:
+        cols = slice(split * 256 + slot * 128, split * 256 + (slot + 1) * 128)
+        np.testing.assert_array_equal(tiled[layer, block * 2 + split, slot],
+                                      w[layer, block * 64:(block + 1) * 64, cols])
+
+
+@pytest.mark.parametrize("shape, blocks, words", [
+    ((2, 512, 512), rm.SplitKBlocks(k_splits=2, k_slot=96), "multiple of 64"),
+    ((2, 512, 512), rm.SplitKBlocks(k_splits=4, k_slot=128), "each split a multiple of 256"),
+    ((2, 4096, 4096), rm.SplitKBlocks(k_splits=4), "every CTA must be resident"),
+    ((2, 2048, 2048), rm.SplitKBlocks(k_splits=2, k_slot=128, stages=8), "shared memory"),
+])
+def test_split_k_refuses_what_it_cannot_tile(shape, blocks, words):
+    problem = rm.supports_split_k(shape, jnp.bfloat16, blocks, num_sms=132)
+    assert problem is not None and words in problem
+    with pytest.raises(ValueError, match="split_k_matvec_chain does not take"):
+        rm.tile_weights_split_k(jnp.zeros(shape, jnp.bfloat16), blocks)
+
+
+def test_split_k_products_match_float64_in_the_interpreter_without_races():
+    """The flat form (no grid barrier: Pallas' interpreter has no global semaphores) runs the
+    whole ring: producer, TMA slots, release barriers, the B tile built from the partials,
+    wgmma from shared memory, the partial stores and the wrapper's sum."""
+    plgpu, params = _interpret_params()
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+    blocks = rm.SplitKBlocks(k_splits=2, k_slot=128, stages=2)
+    ws = _weights(3, 512, seed=4)
+    x0 = jax.random.normal(jax.random.key(5), (512,))
+    with plgpu.force_gpu_interpret_mode(params):
+        got = np.asarray(rm.split_k_matvec_chain(rm.tile_weights_split_k(ws, blocks), x0,
+                                                 blocks=blocks, chain=False))
+        assert not gpu_callbacks.get_races().races_found
+        zeros = np.asarray(rm.split_k_matvec_chain(rm.tile_weights_split_k(ws, blocks), x0,
+                                                   blocks=blocks, chain=False, math=False))
+    # x enters the products in bf16 (the B tile), the sums are float32.
+    x = np.asarray(x0.astype(jnp.bfloat16), np.float64)
+    want = np.einsum("lij,j->li", np.asarray(ws, np.float64), x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_array_equal(zeros, 0.0)
+
+
+@pytest.mark.parametrize("chain, math", [(True, True), (False, False)])
+def test_split_k_lowers_to_mosaic_gpu_for_hopper(chain, math):
+    blocks = rm.SplitKBlocks()
+    tiled = jax.ShapeDtypeStruct((3, 2048 // 64 * 4, 2048 // 4 // 128, 64, 128), jnp.bfloat16)
+    x0 = jax.ShapeDtypeStruct((2048,), jnp.float32)
+    run = jax.jit(lambda w, x: rm.split_k_matvec_chain(w, x, blocks=blocks, chain=chain,
+                                                      math=math))
+    assert "mosaic_gpu" in run.trace(tiled, x0).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_bench_cases_parse_both_forms_and_refuse_what_the_kernels_do_not_take():
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
+    import bench_ring_matvec as bench
+
+    d, layers, blocks, kernel, _, ctas = bench.parse_case("2048:64:16:24:256:4:2")
+    assert (d, layers, blocks.consumers, kernel, ctas) == (2048, 64, 2, rm.ring_matvec_chain, 128)
+    d, layers, blocks, kernel, _, ctas = bench.parse_case("sk:2048:64:4:128:8")
+    assert (blocks.k_splits, kernel, ctas) == (4, rm.split_k_matvec_chain, 128)
+    for bad, words in [("2048:64", "want D:L"), ("sk:2048:64:4", "want D:L"),
+                       ("2048:64:16:24:x", "want D:L"), ("2048:64:24:8:256", "rows a CTA"),
+                       ("sk:4096:4:4:128:8", "every CTA must be resident")]:
+        with pytest.raises(ValueError, match=words):
+            bench.parse_case(bad)

@@ -3,10 +3,11 @@ roofline and XLA, on the GPU: does streaming weights through a shared-memory rin
 across grid barriers?
 
     python tools/bench_ring_matvec.py                       # default cases
-    python tools/bench_ring_matvec.py --case 2048:64:16:24:256:4:2 --case 4096:16:32:12:256
+    python tools/bench_ring_matvec.py --case 2048:64:16:24:256:4:2 --case sk:2048:64:4:128:8
 
-A case is D:L:rows:stages:k_slot[:accumulators[:consumers]] (L layers of [D, D] bf16 weights;
-4 accumulators and 1 consumer warpgroup unless given). For each case: the error against the
+A case is D:L:rows:stages:k_slot[:accumulators[:consumers]] (L layers of [D, D] bf16 weights,
+x as the wgmma A operand; 4 accumulators and 1 consumer warpgroup unless given), or
+sk:D:L:k_splits:k_slot:stages (the split-K form, the weights as the A operand). For each case: the error against the
 float32 reference, a rerun's bitwise agreement (the grid barrier's semaphore must come back to
 0 between calls), then the time of one chained call (the chain's L grid barriers), of one call
 without the barriers (every layer multiplies x0: the ring's streaming alone), of one without
@@ -46,47 +47,75 @@ def xla_chain(ws, x0):
     return lax.scan(step, x0.astype(jnp.float32), ws)[1]
 
 
+def parse_case(case: str):
+    """(D, L, blocks, the kernel, the tiling, CTAs) of a --case, or a ValueError that says the
+    format."""
+    split_k = case.startswith("sk:")
+    fields = (case[3:] if split_k else case).split(":")
+    usage = ("want D:L:rows:stages:k_slot[:accumulators[:consumers]] or sk:D:L:k_splits:k_slot:"
+             "stages, positive integers, e.g. 2048:64:16:24:256 or sk:2048:64:4:128:8")
+    if not all(f.isdigit() and int(f) > 0 for f in fields) or not (
+            len(fields) == 5 if split_k else 5 <= len(fields) <= 7):
+        raise ValueError(usage)
+    values = list(map(int, fields))
+    if split_k:
+        d, layers, splits, k_slot, stages = values
+        blocks = ring_matvec.SplitKBlocks(k_splits=splits, k_slot=k_slot, stages=stages)
+        problem = ring_matvec.supports_split_k((layers, d, d), jnp.bfloat16, blocks)
+        if problem:
+            raise ValueError(f"the split-K form does not take {problem}")
+        return (d, layers, blocks, ring_matvec.split_k_matvec_chain,
+                ring_matvec.tile_weights_split_k, d // 64 * splits)
+    d, layers, rows, stages, k_slot, *rest = values
+    accumulators, consumers = (rest + [4, 1][len(rest):])[:2]
+    blocks = ring_matvec.RingBlocks(rows=rows, k_slot=k_slot, stages=stages,
+                                    accumulators=accumulators, consumers=consumers)
+    problem = ring_matvec.supports((layers, d, d), jnp.bfloat16, blocks)
+    if problem:
+        raise ValueError(f"ring_matvec_chain does not take {problem}")
+    return (d, layers, blocks, ring_matvec.ring_matvec_chain, ring_matvec.tile_weights,
+            d // rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", action="append",
-                        help="D:L:rows:stages:k_slot[:accumulators[:consumers]] (default "
-                             "2048:64:16:24:256:4:1, 2048:64:16:24:256:4:2 and 8192:4:64:5:256:4:1)")
+                        help="D:L:rows:stages:k_slot[:accumulators[:consumers]] (x as the wgmma "
+                             "A operand) or sk:D:L:k_splits:k_slot:stages (the split-K form, "
+                             "weights as A); default: the four below")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    # 16 rows a CTA with one and two consumers, and 64 rows (if a small-N wgmma's fixed cost
-    # per instruction is the limit, this one streams near the copy bandwidth).
-    cases = args.case or ["2048:64:16:24:256:4:1", "2048:64:16:24:256:4:2", "8192:4:64:5:256:4:1"]
+    # 16 rows a CTA with one and two consumers, 64 rows (if a small-N wgmma's fixed cost per
+    # instruction is the limit, this one streams near the copy bandwidth), and the split-K form
+    # at the first one's D.
+    cases = args.case or ["2048:64:16:24:256:4:1", "2048:64:16:24:256:4:2",
+                          "8192:4:64:5:256:4:1", "sk:2048:64:4:128:8"]
     for case in cases:
-        fields = case.split(":")
-        if not 5 <= len(fields) <= 7 or not all(f.isdigit() and int(f) > 0 for f in fields):
-            parser.error(f"--case {case!r}: want D:L:rows:stages:k_slot[:accumulators[:consumers]], "
-                         "positive integers, e.g. 2048:64:16:24:256")
+        try:
+            parse_case(case)
+        except ValueError as error:
+            parser.error(f"--case {case!r}: {error}")
     copy_bw, read_bw = copy_bandwidth(1 << 30), read_bandwidth(1 << 30)
     print(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                       "copy_GBps": round(copy_bw / 1e9, 1), "read_GBps": round(read_bw / 1e9, 1)}),
           flush=True)
     for case in cases:
-        d, layers, rows, stages, k_slot, *rest = map(int, case.split(":"))
-        accumulators, consumers = (rest + [4, 1][len(rest):])[:2]
-        blocks = ring_matvec.RingBlocks(rows=rows, k_slot=k_slot, stages=stages,
-                                        accumulators=accumulators, consumers=consumers)
+        d, layers, blocks, kernel, tile, ctas = parse_case(case)
         kw, kx = jax.random.split(jax.random.key(d + layers))
         ws = (jax.random.normal(kw, (layers, d, d)) / d ** 0.5).astype(jnp.bfloat16)
         x0 = jax.random.normal(kx, (d,), jnp.float32)
         nbytes = ws.size * 2
-        tiled = jax.block_until_ready(ring_matvec.tile_weights(ws, blocks))
-        ring = jax.jit(lambda w, x: ring_matvec.ring_matvec_chain(w, x, blocks=blocks))
-        flat = jax.jit(lambda w, x: ring_matvec.ring_matvec_chain(w, x, blocks=blocks, chain=False))
-        no_math = jax.jit(lambda w, x: ring_matvec.ring_matvec_chain(w, x, blocks=blocks,
-                                                                      chain=False, math=False))
+        tiled = jax.block_until_ready(tile(ws, blocks))
+        ring = jax.jit(lambda w, x: kernel(w, x, blocks=blocks))
+        flat = jax.jit(lambda w, x: kernel(w, x, blocks=blocks, chain=False))
+        no_math = jax.jit(lambda w, x: kernel(w, x, blocks=blocks, chain=False, math=False))
         want = ring_matvec.ring_matvec_chain_reference(ws, x0)
         got = ring(tiled, x0)
         again = ring(tiled, x0)
         scale = float(jnp.max(jnp.abs(want)))
         want_flat = jnp.einsum("lij,j->li", ws.astype(jnp.float32), x0,
                                precision=lax.Precision.HIGHEST)
-        row = {"case": case, "weights_MB": round(nbytes / 1e6, 1),
-               "ctas": d // rows, "ring_KB_per_cta": stages * rows * k_slot * 2 // 1024,
+        row = {"case": case, "weights_MB": round(nbytes / 1e6, 1), "ctas": ctas,
                "max_err_over_scale": float(jnp.max(jnp.abs(got - want))) / scale,
                "flat_max_err_over_scale": float(jnp.max(jnp.abs(flat(tiled, x0) - want_flat)))
                / float(jnp.max(jnp.abs(want_flat))),
