@@ -62,11 +62,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.grouped_matmul_mosaic import _num_sms
 
-WGMMA_M = 64  # rows of a wgmma tile: x is broadcast to all of them
+WGMMA_M = 64  # rows (M) of a wgmma tile
 K_STEP = 64  # contracted elements per wgmma (128 bytes of bf16: one 128-byte swizzle row)
 SWIZZLED = (plgpu.TilingTransform((8, K_STEP)), plgpu.SwizzleTransform(128))  # wgmma operands
 
@@ -118,8 +119,6 @@ def ring_matvec_chain_reference(ws, x0):
 def _fence_proxy_async_global():
     """Orders this thread's global-memory accesses between the generic proxy (the semaphore's
     atomics and polls) and the async proxy (TMA copies)."""
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils
-
     @plgpu.inline_mgpu()
     def fence(ctx):
         del ctx
