@@ -217,12 +217,12 @@ class MosaicBackwardBlocks:
 
 def _row_vector(ref):
     """A [64] float32 vector from shared memory, one value per row of a wgmma accumulator."""
-    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
+    return plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1))
 
 
 def _col_vector(ref):
     """A [n] float32 vector from shared memory, one value per column of a wgmma accumulator."""
-    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
+    return plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(0))
 
 
 def mosaic_backward(q, k, v, lse, delta, do, *, causal: bool, sm_scale: float,
