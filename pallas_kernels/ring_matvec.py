@@ -179,6 +179,11 @@ def _stream_weights(ws_ref, ring, full, empty, cta, total_slots: int, slots_per_
         plgpu.barrier_wait(empty.at[lax.rem(i, stages)])
 
 
+def _check_x0(x0, d: int):
+    if x0.shape != (d,):
+        raise ValueError(f"x0 of shape {x0.shape} for weights of D={d}: it must be [{d}]")
+
+
 def _launch(kernel, scratch, out_type, num_ctas: int, num_threads: int, *args):
     def entry(*refs):
         pl.run_scoped(lambda *scratch_refs: kernel(*refs, *scratch_refs), *scratch,
@@ -218,6 +223,7 @@ def ring_matvec_chain(tiled, x0, *, blocks: RingBlocks = RingBlocks(), chain: bo
         raise ValueError(f"{slots_per_layer} slots a layer do not split over {consumers} "
                          "consumer warpgroups")
     d = num_ctas * rows
+    _check_x0(x0, d)
     stages = blocks.stages
     total_slots = num_layers * slots_per_layer
 
@@ -401,6 +407,7 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
         raise ValueError(f"weights tiled as {tiled.shape} for blocks {blocks}: tile them with "
                          "tile_weights_split_k(ws, blocks)")
     d = num_ctas // splits * WGMMA_M
+    _check_x0(x0, d)
     part = d // splits  # columns of a split
     chunks = part // X_CHUNK
     stages = blocks.stages

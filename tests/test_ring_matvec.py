@@ -69,6 +69,12 @@ def test_weights_tiled_for_other_blocks_are_refused():
     tiled = rm.tile_weights(_weights(2, 256), rm.RingBlocks(rows=16, k_slot=128))
     with pytest.raises(ValueError, match="tile_weights"):
         rm.ring_matvec_chain(tiled, jnp.zeros(256), blocks=rm.RingBlocks(rows=32, k_slot=128))
+    with pytest.raises(ValueError, match=r"x0 of shape \(128,\) for weights of D=256"):
+        rm.ring_matvec_chain(tiled, jnp.zeros(128), blocks=rm.RingBlocks(rows=16, k_slot=128))
+    split = rm.SplitKBlocks(k_splits=2, k_slot=128, stages=2)
+    with pytest.raises(ValueError, match="x0 of shape"):
+        rm.split_k_matvec_chain(rm.tile_weights_split_k(_weights(2, 512), split), jnp.zeros(256),
+                                blocks=split)
     odd = rm.tile_weights(_weights(2, 384), rm.RingBlocks(rows=16, k_slot=128))  # 3 slots a layer
     with pytest.raises(ValueError, match="do not split over 2 consumer"):
         rm.ring_matvec_chain(odd, jnp.zeros(384),

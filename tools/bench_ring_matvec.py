@@ -85,6 +85,8 @@ def main() -> None:
                              "weights as A); default: the four below")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1 (got {args.repeats})")
     # 16 rows a CTA with one and two consumers, 64 rows (if a small-N wgmma's fixed cost per
     # instruction is the limit, this one streams near the copy bandwidth), and the split-K form
     # at the first one's D.
