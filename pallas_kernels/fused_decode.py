@@ -223,7 +223,12 @@ def _timer(anchor) -> jax.Array:
     return _timer_p.bind(jnp.asarray(anchor, jnp.int32))
 
 
-def _register_timer():
+def _asm_primitive(name: str, asm, operand):
+    """A primitive (one operand, static params) -> int32 scalar, lowered for Triton to inline
+    PTX with side effects: asm(**params) is the PTX ($0 the result, $1 the operand),
+    operand(ctx, value, ir, tt_dialect, lowering) the operand as the asm takes it. None where
+    jax's Pallas Triton internals are not importable. Its result must be used: Pallas drops a
+    kernel equation whose result is not."""
     try:
         from jax._src import core as jax_core
         from jax._src.lib.mlir import ir
@@ -231,57 +236,38 @@ def _register_timer():
         from jax._src.pallas.triton import lowering as triton_lowering
     except ImportError:
         return None
-    primitive = jax_core.Primitive("fused_decode_timer")
-    primitive.def_abstract_eval(lambda anchor: jax_core.ShapedArray((), jnp.int32))
+    primitive = jax_core.Primitive(name)
+    primitive.def_abstract_eval(lambda value, **params: jax_core.ShapedArray((), jnp.int32))
 
     @triton_lowering.register_lowering(primitive)
-    def _lower(ctx, anchor):
+    def _lower(ctx, value, **params):
+        arg = operand(ctx, value, ir, tt_dialect, triton_lowering)
+        constraint = "l" if ir.IntegerType(arg.type).width == 64 else "r"
         out = tt_dialect.elementwise_inline_asm(
-            [ir.IntegerType.get_signless(32)], "mov.u32 $0, %globaltimer_lo;",
-            constraints="=r,r", pure=False, packed_element=1,
-            args=[triton_lowering._ensure_ir_value(anchor, ctx.avals_in[0])])
+            [ir.IntegerType.get_signless(32)], asm(**params), constraints=f"=r,{constraint}",
+            pure=False, packed_element=1, args=[arg])
         return out[0] if isinstance(out, (list, tuple)) else out
 
     return primitive
 
 
-_timer_p = _register_timer()
+_timer_p = _asm_primitive(
+    "fused_decode_timer", lambda: "mov.u32 $0, %globaltimer_lo;",
+    lambda ctx, anchor, ir, tt, lowering: lowering._ensure_ir_value(anchor, ctx.avals_in[0]))
 
-
-def _register_barrier_asm():
-    """A primitive (counter ref) -> int32 for Plan.release_barrier, inline PTX with side
-    effects: op="arrive" has thread 0 add 1 with release semantics at GPU scope (after the
-    caller's CTA barrier) and returns 0; op="poll" reads the counter with acquire semantics,
-    so the loads after the last poll see what every program stored before its arrival. The
-    result must be used (Pallas drops a kernel equation whose result is not)."""
-    try:
-        from jax._src import core as jax_core
-        from jax._src.lib.mlir import ir
-        from jax._src.lib.triton import dialect as tt_dialect
-        from jax._src.pallas.triton import lowering as triton_lowering
-    except ImportError:
-        return None
-    primitive = jax_core.Primitive("fused_decode_barrier_asm")
-    primitive.def_abstract_eval(lambda ref, *, op: jax_core.ShapedArray((), jnp.int32))
-    asm = {
-        "arrive": ("{ .reg .u32 %ba_t; .reg .pred %ba_p; mov.u32 %ba_t, %tid.x;"
-                   " setp.eq.u32 %ba_p, %ba_t, 0;"
-                   " @%ba_p red.release.gpu.global.add.s32 [$1], 1; mov.u32 $0, 0; }"),
-        "poll": "ld.acquire.gpu.global.b32 $0, [$1];",
-    }
-
-    @triton_lowering.register_lowering(primitive)
-    def _lower(ctx, ptr, *, op):
-        i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
-        out = tt_dialect.elementwise_inline_asm(
-            [i32], asm[op], constraints="=r,l", pure=False, packed_element=1,
-            args=[tt_dialect.ptr_to_int(i64, ptr)])
-        return out[0] if isinstance(out, (list, tuple)) else out
-
-    return primitive
-
-
-_barrier_asm_p = _register_barrier_asm()
+# Plan.release_barrier, on the counter ref: op="arrive" has thread 0 add 1 with release
+# semantics at GPU scope (after the caller's CTA barrier) and returns 0; op="poll" reads the
+# counter with acquire semantics, so the loads after the last poll see what every program
+# stored before its arrival.
+_BARRIER_ASM = {
+    "arrive": ("{ .reg .u32 %ba_t; .reg .pred %ba_p; mov.u32 %ba_t, %tid.x;"
+               " setp.eq.u32 %ba_p, %ba_t, 0;"
+               " @%ba_p red.release.gpu.global.add.s32 [$1], 1; mov.u32 $0, 0; }"),
+    "poll": "ld.acquire.gpu.global.b32 $0, [$1];",
+}
+_barrier_asm_p = _asm_primitive(
+    "fused_decode_barrier_asm", lambda op: _BARRIER_ASM[op],
+    lambda ctx, ptr, ir, tt, lowering: tt.ptr_to_int(ir.IntegerType.get_signless(64), ptr))
 
 
 def _wait(counter_ref, epoch, plan: Plan, arrived=None):
