@@ -105,10 +105,6 @@ class Plan:
     # program at each barrier (stage done, arrival counted, released), at the end and at four
     # points of its attention unit (state["trace"]; tools/check_fused_decode.timeline reads it).
     trace: bool = False
-    # One launch, GPU only, off by default (not yet timed): the grid barrier as a release-only
-    # arrival (one thread's red.release after the CTA barrier) and acquire polls (ld.acquire),
-    # instead of an acq_rel atomic whose round trip each program waits out before polling.
-    release_barrier: bool = False
 
     @property
     def group(self) -> int:
@@ -204,12 +200,9 @@ def _i(value: int) -> jax.Array:
 def _arrive(counter_ref, plan: Plan):
     """This program has reached the next barrier: one atomic add to the arrival counter (a
     scalar atomic: performed once per program), after a CTA barrier so all the program's
-    stores come first (the atomic has release semantics). _wait knows how many to expect.
-    With Plan.release_barrier: thread 0's red.release, which returns a 0 for _wait to use."""
+    stores come first (the atomic has release semantics). _wait knows how many to expect."""
     if not plan.interpret:
         plgpu.debug_barrier()
-    if plan.release_barrier:
-        return _barrier_asm_p.bind(counter_ref, op="arrive")
     return plgpu.atomic_add(counter_ref, (_i(0),), jnp.int32(1))
 
 
@@ -223,12 +216,7 @@ def _timer(anchor) -> jax.Array:
     return _timer_p.bind(jnp.asarray(anchor, jnp.int32))
 
 
-def _asm_primitive(name: str, asm, operand):
-    """A primitive (one operand, static params) -> int32 scalar, lowered for Triton to inline
-    PTX with side effects: asm(**params) is the PTX ($0 the result, $1 the operand),
-    operand(ctx, value, ir, tt_dialect, lowering) the operand as the asm takes it. None where
-    jax's Pallas Triton internals are not importable. Its result must be used: Pallas drops a
-    kernel equation whose result is not."""
+def _register_timer():
     try:
         from jax._src import core as jax_core
         from jax._src.lib.mlir import ir
@@ -236,56 +224,34 @@ def _asm_primitive(name: str, asm, operand):
         from jax._src.pallas.triton import lowering as triton_lowering
     except ImportError:
         return None
-    primitive = jax_core.Primitive(name)
-    primitive.def_abstract_eval(lambda value, **params: jax_core.ShapedArray((), jnp.int32))
+    primitive = jax_core.Primitive("fused_decode_timer")
+    primitive.def_abstract_eval(lambda anchor: jax_core.ShapedArray((), jnp.int32))
 
     @triton_lowering.register_lowering(primitive)
-    def _lower(ctx, value, **params):
-        arg = operand(ctx, value, ir, tt_dialect, triton_lowering)
-        constraint = "l" if ir.IntegerType(arg.type).width == 64 else "r"
+    def _lower(ctx, anchor):
         out = tt_dialect.elementwise_inline_asm(
-            [ir.IntegerType.get_signless(32)], asm(**params), constraints=f"=r,{constraint}",
-            pure=False, packed_element=1, args=[arg])
+            [ir.IntegerType.get_signless(32)], "mov.u32 $0, %globaltimer_lo;",
+            constraints="=r,r", pure=False, packed_element=1,
+            args=[triton_lowering._ensure_ir_value(anchor, ctx.avals_in[0])])
         return out[0] if isinstance(out, (list, tuple)) else out
 
     return primitive
 
 
-_timer_p = _asm_primitive(
-    "fused_decode_timer", lambda: "mov.u32 $0, %globaltimer_lo;",
-    lambda ctx, anchor, ir, tt, lowering: lowering._ensure_ir_value(anchor, ctx.avals_in[0]))
-
-# Plan.release_barrier, on the counter ref: op="arrive" has thread 0 add 1 with release
-# semantics at GPU scope (after the caller's CTA barrier) and returns 0; op="poll" reads the
-# counter with acquire semantics, so the loads after the last poll see what every program
-# stored before its arrival.
-_BARRIER_ASM = {
-    "arrive": ("{ .reg .u32 %ba_t; .reg .pred %ba_p; mov.u32 %ba_t, %tid.x;"
-               " setp.eq.u32 %ba_p, %ba_t, 0;"
-               " @%ba_p red.release.gpu.global.add.s32 [$1], 1; mov.u32 $0, 0; }"),
-    "poll": "ld.acquire.gpu.global.b32 $0, [$1];",
-}
-_barrier_asm_p = _asm_primitive(
-    "fused_decode_barrier_asm", lambda op: _BARRIER_ASM[op],
-    lambda ctx, ptr, ir, tt, lowering: tt.ptr_to_int(ir.IntegerType.get_signless(64), ptr))
+_timer_p = _register_timer()
 
 
-def _wait(counter_ref, epoch, plan: Plan, arrived=None):
-    """Poll the counter (volatile loads; acquire loads with Plan.release_barrier, where
-    `arrived` is _arrive's 0, used here so it is kept) until every program has arrived at
-    barrier `epoch`. Programs never outnumber the SMs, so all are resident and the spin cannot
-    deadlock. Returns the poll count."""
+def _wait(counter_ref, epoch, plan: Plan):
+    """Poll the counter (volatile loads) until every program has arrived at barrier `epoch`.
+    Programs never outnumber the SMs, so all are resident and the spin cannot deadlock.
+    Returns the poll count."""
     target = jnp.asarray(epoch, jnp.int32) * plan.programs
-    if plan.release_barrier:
-        target = target + arrived
 
     def poll(carry):
         # NOTE: the loop also counts its polls, and the caller must use the count. With the
         # polled value as its only carry (a body that ignores its input) the loop did not wait
         # on an H200 with jax 0.11.2 (docs/benchmarks.md, "A Pallas decode step").
         _, polls = carry
-        if plan.release_barrier:
-            return _barrier_asm_p.bind(counter_ref, op="poll"), polls + 1
         return jnp.max(plgpu.load(counter_ref.at[pl.ds(0, 1)], volatile=True)), polls + 1
 
     _, polls = lax.while_loop(lambda carry: carry[0] < target, poll, (target - 1, jnp.int32(0)))
@@ -713,7 +679,7 @@ def _kernel(*refs, plan: Plan, stage: Optional[str]):
         first = prefetch()
         if plan.trace:  # the counter answered
             k.stamp(column + 1, before)
-        polls = _wait(s["counter"], epoch, plan, before)
+        polls = _wait(s["counter"], epoch, plan)
         if plan.trace:  # released
             k.stamp(column + 2, polls)
         return first, polls
@@ -837,8 +803,6 @@ def make_plan(cfg, cache: dict, *, programs: Optional[int] = None, splits: Optio
                                                  WAITABLE, "{} cannot wait on data")
     if options.get("trace") and interpret:
         raise ValueError("trace reads the GPU's timer: it needs a GPU (interpret=False)")
-    if options.get("release_barrier") and interpret:
-        raise ValueError("release_barrier is inline PTX: it needs a GPU (interpret=False)")
     if "attention" in waits and cfg.num_heads != cfg.num_kv_heads:
         # On an H200 the 350m and 1b steps (2 and 4 query heads per kv head) never finished
         # with it, while the o-proj and down waits did; the cause is not known yet.

@@ -36,21 +36,22 @@ mid-way (it cannot, short of a device fault) would leave the count wrong.
 The reference is `ring_matvec_chain_reference` (float32 products of the bf16 weights).
 
 A second form, `split_k_matvec_chain` (end of the file), turns the product around: the
-weights are the wgmma A operand (64 rows a CTA, the contraction split over CTAs), x the B
-operand. It runs in Mosaic GPU's interpreter on CPU without its grid barrier (the tests do,
-with race detection) and is not yet run on a GPU.
+weights are the wgmma A operand (64 rows a CTA, the contraction split over CTAs), x an N = 8
+B operand copied in by TMA. Its flat form runs in Mosaic GPU's interpreter on CPU (the tests
+do, with race detection); this version is not yet run on a GPU.
 
-Status (docs/benchmarks.md, fourteenth session, one H200): correct on the GPU at D = 2048 (x
-rounds to bf16 each layer: 1.2% of the output's scale after 64 layers; a rerun is bitwise
-equal); this form is not yet checked at D = 4096, and two consumers not at all. Streaming is
-not DRAM-bound: 16 rows a CTA stream at 44-48% of the copy bandwidth, 32 rows at 80%; the grid
-barriers add 0.4-0.9 us a layer. Neither ring depth (96 or 192 KB), tiled weights, nor more
-accumulators changed the 16-row rate. Whether the consumer's per-slot work or the producer's
-TMA sets the pace is what math=False and consumers=2 are for (not yet run on a GPU). An earlier form that
+Status (docs/benchmarks.md, fourteenth and fifteenth sessions, H200 and H100): correct on the
+GPU at D = 2048, 4096 and 8192 (x rounds to bf16 each layer: 0.3-1.2% of the output's scale
+after 4-64 layers; reruns are bitwise equal). Without products (math=False) the producer and
+TMA stream at 96-102% of the copy bandwidth, so the ring is not the limit; the consumer is.
+Without barriers, 16 rows a CTA stream at 49% (66% with two consumer warpgroups), 32 rows at
+92-96%, 64 rows at 100%; the grid barriers add 1.2-1.9 us a layer at these layer sizes. What
+the consumer pays per slot is the A operand: x broadcast to 64 rows, rebuilt from shared
+memory in registers for every slot, whatever the slot's rows. An earlier form that
 kept one wgmma in flight across slots, its A operand in registers, gave wrong results at
 D = 4096 (32 rows) with the barriers on (right without them; reruns differed). The cause is
 not confirmed: a wgmma still reading registers that the next slot's A overwrote would explain
-it, so every slot now waits for its wgmmas.
+it, so every slot now waits for its wgmmas (correct at 4096 on an H100, fifteenth session).
 """
 
 from __future__ import annotations
@@ -344,7 +345,7 @@ class SplitKBlocks:
     stages: int = 8
 
 
-X_CHUNK = 256  # x travels as [..., 256] rows: a TMA copy takes at most 256 elements a dim
+B_ROWS = 8  # rows of the B tile (wgmma N): the S partials of x, then zeros
 
 
 def supports_split_k(ws_shape, dtype, blocks: SplitKBlocks = SplitKBlocks(),
@@ -358,14 +359,15 @@ def supports_split_k(ws_shape, dtype, blocks: SplitKBlocks = SplitKBlocks(),
     if d % WGMMA_M or (d // WGMMA_M) * blocks.k_splits > num_sms:
         return (f"D={d} in {WGMMA_M}-row blocks x {blocks.k_splits} splits (D: a multiple of "
                 f"{WGMMA_M}; blocks x splits CTAs, at most {num_sms}: every CTA must be resident)")
+    if blocks.k_splits > B_ROWS:
+        return f"{blocks.k_splits} splits (at most {B_ROWS}: the partials are the B tile's rows)"
     part = d // blocks.k_splits
-    if d % blocks.k_splits or part % X_CHUNK or part % blocks.k_slot or blocks.k_slot % K_STEP:
+    if d % blocks.k_splits or part % blocks.k_slot or blocks.k_slot % K_STEP:
         return (f"D={d} in {blocks.k_splits} splits with k_slot {blocks.k_slot} (each split a "
-                f"multiple of {X_CHUNK} and of k_slot; k_slot a multiple of {K_STEP})")
-    smem = (blocks.stages * WGMMA_M * blocks.k_slot * 2 + WGMMA_M * part * 2
-            + blocks.k_splits * part * 4)
+                f"multiple of k_slot; k_slot a multiple of {K_STEP})")
+    smem = blocks.stages * WGMMA_M * blocks.k_slot * 2 + B_ROWS * part * 2
     if smem > 220 * 1024:
-        return f"{smem} bytes of ring, x tile and partial sums (over 220 KB of shared memory)"
+        return f"{smem} bytes of ring and x tile (over 220 KB of shared memory)"
     return None
 
 
@@ -387,34 +389,40 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
                          math: bool = True):
     """xs [L, D] float32 as `ring_matvec_chain`, tiled = tile_weights_split_k(ws, blocks).
 
-    NOT YET RUN ON A GPU (lowered on CPU only). The form to try if a small-N wgmma's fixed
-    cost per instruction is what holds `ring_matvec_chain` at 16 rows a CTA (design.md): here
-    each k16 wgmma consumes a [64, 16] weight tile (2 KB) as the A operand from the ring.
+    The form to try where a small-N wgmma with x broadcast as A is what holds
+    `ring_matvec_chain` at 16 rows a CTA (design.md): here each k16 wgmma consumes a [64, 16]
+    weight tile (2 KB) as the A operand from the ring, and x is an N = 8 B operand that one
+    TMA copy brings in per layer, with no register work.
     - CTA c = r * S + s (S = k_splits) multiplies rows [64 r, 64 r + 64) of each layer's
       weights with x's split s, columns [s D / S, (s + 1) D / S), and stores the partial sums
-      of its 64 rows as partial s of the layer's output: parts [L, S, D].
-    - After the grid barrier, each CTA loads its split of all S partials of the layer before
-      (S * D / S floats), sums them, and writes the sum, in bf16 and broadcast to 64 rows,
-      into a swizzled [64, D / S] tile: the wgmma B operand (transposed), N = 64. Every
-      column of the [64, 64] accumulator then holds the same sums; the row max is stored.
+      of its 64 rows, in bf16, as row s of the layer's output: parts [L, 8, D].
+    - After the grid barrier, each CTA copies its split of all 8 rows of the layer before
+      ([8, D / S]) into a swizzled shared-memory tile: the wgmma B operand (transposed). Rows
+      S.. are zeros (written once per call). Column i of the [64, 8] accumulator is then the
+      product with partial i, and the CTA's sums are the accumulator's row sums: the S
+      partials are added by the tensor cores, never by a separate pass.
     - The A operand comes from shared memory, so a wgmma stays in flight across slots and a
       slot is released one slot late.
-    Timing only: chain=False multiplies x0 in every layer; math=False leaves out the products.
-    The wrapper sums the S partials of every layer (xs)."""
+    x enters every layer as S bf16 partials (the sum of their roundings, not the rounding of
+    their sum); x0 may be [D] or up to S such partials [n, D]. Timing only: chain=False multiplies x0 in every layer; math=False leaves out
+    the products. The wrapper sums the S partials of every layer (xs)."""
     num_layers, num_ctas, slots_per_layer, m, k_slot = tiled.shape
     splits = blocks.k_splits
     if (m, k_slot) != (WGMMA_M, blocks.k_slot) or num_ctas % splits:
         raise ValueError(f"weights tiled as {tiled.shape} for blocks {blocks}: tile them with "
                          "tile_weights_split_k(ws, blocks)")
     d = num_ctas // splits * WGMMA_M
-    _check_x0(x0, d)
+    if x0.ndim == 2 and x0.shape[0] <= splits:
+        _check_x0(x0[0], d)
+    else:
+        _check_x0(x0, d)
     part = d // splits  # columns of a split
-    chunks = part // X_CHUNK
     stages = blocks.stages
     total_slots = num_layers * slots_per_layer
     dtype = tiled.dtype
+    zero_rows = B_ROWS - splits
 
-    def kernel(ws_ref, x0_ref, parts_ref, ring, full, empty, x_smem, x_barrier, b_smem, y_smem):
+    def kernel(ws_ref, x0_ref, parts_ref, ring, full, empty, b_smem, b_barrier, y_smem, z_smem):
         wg = lax.axis_index("wg")
         cta = lax.axis_index("ctas")
         block, split = lax.div(cta, splits), lax.rem(cta, splits)
@@ -451,43 +459,46 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
         @pl.when(wg == 0)
         def _consumer():
             plgpu.set_max_registers(232, action="increase")
+            if chain and zero_rows:
+                # Rows S.. of every layer's partials, which the B copies read: zeros, written
+                # by split 0 of each row block before its first arrival (whose proxy fence
+                # and release cover these stores, waited for with the layer's own).
+                @pl.when(split == 0)
+                def _zeros():
+                    z_smem[...] = jnp.zeros(z_smem.shape, dtype)
+                    plgpu.commit_smem()
+
+                    @pl.loop(0, num_layers)
+                    def _layer(layer):
+                        plgpu.copy_smem_to_gmem(
+                            z_smem, parts_ref.at[layer, pl.ds(splits, zero_rows),
+                                                 pl.ds(row0, WGMMA_M)])
 
             @pl.loop(0, num_layers)
             def _layer(layer):
                 @pl.when((layer == 0) | (not chain))
                 def _first():
-                    plgpu.copy_gmem_to_smem(x0_ref.at[:, pl.ds(split * chunks, chunks)], x_smem,
-                                            x_barrier)
+                    plgpu.copy_gmem_to_smem(x0_ref.at[:, pl.ds(split * part, part)], b_smem,
+                                            b_barrier)
 
                 if chain:
                     @pl.when(layer > 0)
                     def _chained():  # every CTA's partials of layer - 1 stored
                         barrier.wait(layer)
                         plgpu.copy_gmem_to_smem(
-                            parts_ref.at[layer - 1, :, pl.ds(split * chunks, chunks)], x_smem,
-                            x_barrier)
+                            parts_ref.at[layer - 1, :, pl.ds(split * part, part)], b_smem,
+                            b_barrier)
 
-                plgpu.barrier_wait(x_barrier)
-                # x's split: the sum of the S partials, in bf16, broadcast to every row of B.
-                for c in range(chunks):
-                    xc = plgpu.load(x_smem.at[0, c], layout=plgpu.Layout.WGMMA.reduce(0))
-                    for i in range(1, splits):
-                        xc = xc + plgpu.load(x_smem.at[i, c], layout=plgpu.Layout.WGMMA.reduce(0))
-                    b_smem[:, pl.ds(c * X_CHUNK, X_CHUNK)] = lax.broadcast_in_dim(
-                        xc, (WGMMA_M, X_CHUNK), [1]).astype(dtype)
-                plgpu.commit_smem()  # the generic stores before the wgmmas' async reads
-
+                plgpu.barrier_wait(b_barrier)
                 acc = pl.run_scoped(functools.partial(products, layer),
-                                    plgpu.ACC((WGMMA_M, WGMMA_M), jnp.float32))
+                                    plgpu.ACC((WGMMA_M, B_ROWS), jnp.float32))
                 if math:
-                    y_smem[...] = acc.max(axis=1)  # every column holds the sums
+                    y_smem[...] = acc.sum(axis=1).astype(dtype)  # column i: partial i
                 else:
-                    y_smem[...] = plgpu.layout_cast(jnp.zeros((WGMMA_M,), jnp.float32),
+                    y_smem[...] = plgpu.layout_cast(jnp.zeros((WGMMA_M,), dtype),
                                                     plgpu.Layout.WGMMA.reduce(1))
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(
-                    y_smem, parts_ref.at[layer, split, lax.div(row0, X_CHUNK),
-                                         pl.ds(lax.rem(row0, X_CHUNK), WGMMA_M)])
+                plgpu.copy_smem_to_gmem(y_smem, parts_ref.at[layer, split, pl.ds(row0, WGMMA_M)])
                 plgpu.wait_smem_to_gmem(0)
                 if chain:
                     barrier.arrive()
@@ -499,14 +510,14 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
         plgpu.SMEM((stages, WGMMA_M, k_slot), dtype, transforms=SWIZZLED),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-        plgpu.SMEM((splits, chunks, X_CHUNK), jnp.float32),
+        plgpu.SMEM((B_ROWS, part), dtype, transforms=SWIZZLED),
         plgpu.Barrier(),
-        plgpu.SMEM((WGMMA_M, part), dtype, transforms=SWIZZLED),
-        plgpu.SMEM((WGMMA_M,), jnp.float32),
+        plgpu.SMEM((WGMMA_M,), dtype),
+        plgpu.SMEM((max(1, zero_rows), WGMMA_M), dtype),
     )
-    # x0 as S partials: x0 itself, then zeros.
-    x0_parts = jnp.zeros((splits, d), jnp.float32).at[0].set(x0.astype(jnp.float32))
-    out_type = jax.ShapeDtypeStruct((num_layers, splits, d // X_CHUNK, X_CHUNK), jnp.float32)
-    parts = _launch(kernel, scratch, out_type, num_ctas, 2,
-                    tiled, x0_parts.reshape(splits, d // X_CHUNK, X_CHUNK))
-    return parts.reshape(num_layers, splits, d).sum(axis=1)
+    # x0 (or its partials) as the first rows of a B tile, in bf16, then zeros.
+    x0_parts = x0.reshape(-1, d).astype(dtype)
+    x0_rows = jnp.zeros((B_ROWS, d), dtype).at[:x0_parts.shape[0]].set(x0_parts)
+    out_type = jax.ShapeDtypeStruct((num_layers, B_ROWS, d), dtype)
+    parts = _launch(kernel, scratch, out_type, num_ctas, 2, tiled, x0_rows)
+    return parts[:, :splits].astype(jnp.float32).sum(axis=1)

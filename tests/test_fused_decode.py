@@ -235,18 +235,6 @@ def test_an_input_never_written_ends_in_nan_not_a_hang(monkeypatch):
         fused_decode.make_plan(cfg, cache, interpret=True, data_waits=("attention",))
 
 
-def test_release_barrier_lowers_to_red_release_and_acquire_polls(hopper_lowering):
-    """Plan.release_barrier (inline PTX: thread 0's red.release, ld.acquire polls) lowers for
-    CUDA with both in the module, and is refused where it cannot run (interpret mode)."""
-    cfg = _config(1, dtype="bfloat16")
-    text = _cuda_ir(cfg, True, programs=3, release_barrier=True)
-    assert "red.release.gpu.global.add.s32" in text and "ld.acquire.gpu.global.b32" in text
-    assert "red.release" not in _cuda_ir(cfg, True, programs=3)
-    with pytest.raises(ValueError, match="needs a GPU"):
-        fused_decode.make_plan(cfg, kv_cache.init_cache(cfg, 1, 64), interpret=True,
-                               release_barrier=True)
-
-
 def test_trace_timeline_adds_up(hopper_lowering):
     """Plan.trace lowers (the timer is inline PTX), needs a GPU, and check_fused_decode.timeline
     splits a step into barrier and stage time that sum to the whole, across the timer's wrap."""

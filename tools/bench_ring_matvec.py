@@ -82,16 +82,16 @@ def main() -> None:
     parser.add_argument("--case", action="append",
                         help="D:L:rows:stages:k_slot[:accumulators[:consumers]] (x as the wgmma "
                              "A operand) or sk:D:L:k_splits:k_slot:stages (the split-K form, "
-                             "weights as A); default: the four below")
+                             "weights as A); default: the three below")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1 (got {args.repeats})")
-    # 16 rows a CTA with one and two consumers, 64 rows (if a small-N wgmma's fixed cost per
-    # instruction is the limit, this one streams near the copy bandwidth), and the split-K form
-    # at the first one's D.
-    cases = args.case or ["2048:64:16:24:256:4:1", "2048:64:16:24:256:4:2",
-                          "8192:4:64:5:256:4:1", "sk:2048:64:4:128:8"]
+    # The split-K form (x as a TMA-copied N = 8 B tile) at D = 2048 and at a small model's
+    # width (one 16 KB slot a CTA a layer), and the x-as-A form's best at D = 2048 (16 rows
+    # a CTA, two consumers) to compare with in the same process.
+    cases = args.case or ["sk:2048:64:4:128:8", "sk:1024:128:8:128:10",
+                          "2048:64:16:24:256:4:2"]
     for case in cases:
         try:
             parse_case(case)
