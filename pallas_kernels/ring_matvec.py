@@ -63,6 +63,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -187,13 +188,24 @@ def _check_x0(x0, d: int):
         raise ValueError(f"x0 of shape {x0.shape} for weights of D={d}: it must be [{d}]")
 
 
-def _launch(kernel, scratch, out_type, num_ctas: int, num_threads: int, *args):
+PROFILED_PHASES = ("wait", "x", "products", "store", "arrive")  # a layer's, in order
+
+
+def _launch(kernel, scratch, out_type, num_ctas: int, num_threads: int, *args,
+            profile_dir=None, profile_regions: int = 0):
+    """The kernel over num_ctas CTAs of num_threads warpgroups. With profile_dir, Mosaic GPU's
+    profiler records each warpgroup's named scopes (up to profile_regions of them, the rest
+    dropped) and writes a trace (Chrome trace JSON, times in SM clock cycles) there per call."""
     def entry(*refs):
         pl.run_scoped(lambda *scratch_refs: kernel(*refs, *scratch_refs), *scratch,
                       collective_axes="wg")
 
+    params = None
+    if profile_dir:
+        params = plgpu.CompilerParams(profile_space=profile_regions, profile_dir=str(profile_dir),
+                                      profile_bounds_check=True)
     return plgpu.kernel(entry, out_type=out_type, grid=(num_ctas,), grid_names=("ctas",),
-                        num_threads=num_threads, thread_name="wg")(*args)
+                        num_threads=num_threads, thread_name="wg", compiler_params=params)(*args)
 
 
 def tile_weights(ws, blocks: RingBlocks = RingBlocks()):
@@ -388,7 +400,7 @@ def tile_weights_split_k(ws, blocks: SplitKBlocks = SplitKBlocks()):
 
 
 def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), chain: bool = True,
-                         math: bool = True):
+                         math: bool = True, profile_dir=None):
     """xs [L, D] float32 as `ring_matvec_chain`, tiled = tile_weights_split_k(ws, blocks).
 
     The form to try where a small-N wgmma with x broadcast as A is what holds
@@ -406,7 +418,9 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
     - The A operand comes from shared memory, so a wgmma stays in flight across slots and a
       slot is released one slot late.
     x enters every layer as S bf16 partials (the sum of their roundings, not the rounding of
-    their sum); x0 may be [D] or up to S such partials [n, D]. Timing only: chain=False multiplies x0 in every layer; math=False leaves out
+    their sum); x0 may be [D] or up to S such partials [n, D]. profile_dir: write a trace of
+    the consumer's phases (PROFILED_PHASES, every layer; `profile_phases` reads it) there per
+    call. Timing only: chain=False multiplies x0 in every layer; math=False leaves out
     the products. The wrapper sums the S partials of every layer (xs)."""
     num_layers, num_ctas, slots_per_layer, m, k_slot = tiled.shape
     splits = blocks.k_splits
@@ -486,24 +500,30 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
                 if chain:
                     @pl.when(layer > 0)
                     def _chained():  # every CTA's partials of layer - 1 stored
-                        barrier.wait(layer)
+                        with jax.named_scope("wait"):
+                            barrier.wait(layer)
                         plgpu.copy_gmem_to_smem(
                             parts_ref.at[layer - 1, :, pl.ds(split * part, part)], b_smem,
                             b_barrier)
 
-                plgpu.barrier_wait(b_barrier)
-                acc = pl.run_scoped(functools.partial(products, layer),
-                                    plgpu.ACC((WGMMA_M, B_ROWS), jnp.float32))
-                if math:
-                    y_smem[...] = acc.sum(axis=1).astype(dtype)  # column i: partial i
-                else:
-                    y_smem[...] = plgpu.layout_cast(jnp.zeros((WGMMA_M,), dtype),
-                                                    plgpu.Layout.WGMMA.reduce(1))
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(y_smem, parts_ref.at[layer, split, pl.ds(row0, WGMMA_M)])
-                plgpu.wait_smem_to_gmem(0)
+                with jax.named_scope("x"):
+                    plgpu.barrier_wait(b_barrier)
+                with jax.named_scope("products"):
+                    acc = pl.run_scoped(functools.partial(products, layer),
+                                        plgpu.ACC((WGMMA_M, B_ROWS), jnp.float32))
+                with jax.named_scope("store"):
+                    if math:
+                        y_smem[...] = acc.sum(axis=1).astype(dtype)  # column i: partial i
+                    else:
+                        y_smem[...] = plgpu.layout_cast(jnp.zeros((WGMMA_M,), dtype),
+                                                        plgpu.Layout.WGMMA.reduce(1))
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(y_smem,
+                                            parts_ref.at[layer, split, pl.ds(row0, WGMMA_M)])
+                    plgpu.wait_smem_to_gmem(0)
                 if chain:
-                    barrier.arrive()
+                    with jax.named_scope("arrive"):
+                        barrier.arrive()
 
             if chain:
                 barrier.reset(cta, num_layers)
@@ -521,5 +541,43 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
     x0_parts = x0.reshape(-1, d).astype(dtype)
     x0_rows = jnp.zeros((B_ROWS, d), dtype).at[:x0_parts.shape[0]].set(x0_parts)
     out_type = jax.ShapeDtypeStruct((num_layers, B_ROWS, d), dtype)
-    parts = _launch(kernel, scratch, out_type, num_ctas, 2, tiled, x0_rows)
+    parts = _launch(kernel, scratch, out_type, num_ctas, 2, tiled, x0_rows,
+                    profile_dir=profile_dir,
+                    profile_regions=len(PROFILED_PHASES) * num_layers + 8)
     return parts[:, :splits].astype(jnp.float32).sum(axis=1)
+
+
+def profile_phases(trace: dict) -> dict:
+    """{phase: {"cycles": median over CTAs and layers, "count": n}} of a profiled call's
+    trace (the JSON the profiler writes): the consumer's named scopes, outermost only, each
+    from its begin to its matching end. "layer" is the median time from one layer's "x"
+    begin to the next's (the whole loop body, gaps included). The profiler's timestamps are
+    SM clock cycles (its "ts" divides them by 1e3, as if they were ns)."""
+    durations: dict = {}
+    starts: dict = {}
+    for thread, events in _by_thread(trace["traceEvents"]).items():
+        depth, opened = 0, None
+        for event in events:
+            if event["ph"] == "B":
+                if depth == 0:
+                    opened = event
+                    if event["name"] == "x":
+                        starts.setdefault(thread, []).append(event["ts"])
+                depth += 1
+            else:
+                depth -= 1
+                if depth == 0 and opened is not None:
+                    durations.setdefault(opened["name"], []).append(
+                        round((event["ts"] - opened["ts"]) * 1e3))
+    for begins in starts.values():
+        durations.setdefault("layer", []).extend(
+            round((b - a) * 1e3) for a, b in zip(begins, begins[1:]))
+    return {name: {"cycles": float(np.median(values)), "count": len(values)}
+            for name, values in durations.items()}
+
+
+def _by_thread(events) -> dict:
+    threads: dict = {}
+    for event in events:
+        threads.setdefault((event["pid"], event["tid"]), []).append(event)
+    return threads

@@ -182,3 +182,36 @@ def test_bench_cases_parse_both_forms_and_refuse_what_the_kernels_do_not_take():
                        ("sk:4096:4:4:128:8", "every CTA must be resident")]:
         with pytest.raises(ValueError, match=words):
             bench.parse_case(bad)
+
+
+def _trace(threads):
+    """A profiler trace (the JSON Mosaic GPU writes) from {thread: [(name, begin, end), ...]}
+    in cycles, nested scopes as given."""
+    events = []
+    for (pid, tid), scopes in threads.items():
+        marks = []
+        for name, begin, end in scopes:
+            marks += [(begin, 0, name), (end, 1, name)]
+        for ts, end, name in sorted(marks, key=lambda m: (m[0], -m[1])):
+            events.append({"name": name, "ph": "E" if end else "B", "ts": ts / 1e3,
+                           "pid": pid, "tid": tid})
+    return {"displayTimeUnit": "ns", "traceEvents": events}
+
+
+def test_profile_phases_takes_outermost_scopes_and_layer_starts_per_warpgroup():
+    # Two consumer warpgroups (CTAs), three layers each; the second CTA's "wait" holds a
+    # nested "wait" (a scope inside a conditional), which must not count twice.
+    first = [("x", 0, 100), ("products", 100, 400), ("store", 400, 500), ("arrive", 500, 520),
+             ("wait", 520, 900), ("x", 900, 1000), ("products", 1000, 1300),
+             ("store", 1300, 1400), ("arrive", 1400, 1420), ("wait", 1420, 1800),
+             ("x", 1800, 1900)]
+    second = [("x", 50, 170), ("products", 170, 470), ("store", 470, 570), ("arrive", 570, 600),
+              ("wait", 600, 1000), ("wait", 650, 990), ("x", 1000, 1100),
+              ("products", 1100, 1400), ("store", 1400, 1500), ("arrive", 1500, 1530),
+              ("wait", 1530, 1850), ("x", 1850, 1950)]
+    phases = rm.profile_phases(_trace({(1, 1): first, (2, 3): second}))
+    assert phases["wait"] == {"cycles": 380.0, "count": 4}  # 380, 380, 400, 320
+    assert phases["x"] == {"cycles": 100.0, "count": 6}
+    assert phases["products"] == {"cycles": 300.0, "count": 4}
+    assert phases["arrive"] == {"cycles": 25.0, "count": 4}  # 20, 20, 30, 30
+    assert phases["layer"] == {"cycles": 900.0, "count": 4}  # 900, 900, 950, 850

@@ -14,12 +14,16 @@ without the barriers (every layer multiplies x0: the ring's streaming alone), of
 barriers or products (the producer and TMA alone), and of XLA's chain, each as per-call time
 from (40 calls - 8 calls) / 32 in one jitted loop, and their bandwidth over the weights' bytes
 against the copy and read bandwidth measured in the same process. One JSON object per line.
+With --profile DIR, split-K rows also give the consumer's phases per layer (grid-barrier wait,
+x's copy, products, partials' store, arrival) from one chained call under Mosaic GPU's
+profiler, whose trace stays in DIR (chrome://tracing or Perfetto open it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +42,24 @@ def chained_calls(matvec_chain, ws):
             return y * lax.rsqrt(jnp.mean(y * y) + 1e-12)
         return jax.jit(lambda x: lax.fori_loop(0, n, body, x))
     return loop
+
+
+def profiled_phases(kernel, tiled, x0, blocks, directory, layer_us):
+    """One chained call under the profiler: {phase: {cycles, us}} per layer (medians over
+    CTAs and layers), us scaled so that a whole layer takes layer_us (the unprofiled
+    chained time: the profiler's clock is the SM's, in cycles)."""
+    out = pathlib.Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    before = set(out.glob("*-trace.json"))
+    jax.block_until_ready(kernel(tiled, x0, blocks=blocks, profile_dir=str(out)))
+    jax.effects_barrier()  # the trace is written by a host callback
+    new = sorted(set(out.glob("*-trace.json")) - before)
+    if not new:
+        raise RuntimeError(f"the profiled call wrote no trace into {out}")
+    phases = ring_matvec.profile_phases(json.loads(new[-1].read_text()))
+    per_cycle = layer_us / phases["layer"]["cycles"]
+    return {name: {"cycles": round(v["cycles"]), "us": round(v["cycles"] * per_cycle, 3)}
+            for name, v in phases.items()}
 
 
 def xla_chain(ws, x0):
@@ -84,6 +106,10 @@ def main() -> None:
                              "A operand) or sk:D:L:k_splits:k_slot:stages (the split-K form, "
                              "weights as A); default: the three below")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", metavar="DIR",
+                        help="split-K cases: also run one chained call under Mosaic GPU's "
+                             "profiler, keep its trace in DIR and report the consumer's phases "
+                             "per layer (cycles, and us scaled to the unprofiled chained time)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1 (got {args.repeats})")
@@ -131,6 +157,12 @@ def main() -> None:
             row[f"{name}_of_read"] = round(rate / read_bw, 3)
         row["barrier_cost_us_per_layer"] = round(
             (row["ring_chain_us"] - row["ring_no_barrier_us"]) / layers, 2)
+        if args.profile and kernel is ring_matvec.split_k_matvec_chain:
+            try:  # (not run on a GPU yet: a failure is reported, the timings are kept)
+                row["phases"] = profiled_phases(kernel, tiled, x0, blocks, args.profile,
+                                                row["ring_chain_us"] / layers)
+            except Exception as error:  # noqa: BLE001
+                row["phases_error"] = f"{type(error).__name__}: {error}"[:500]
         print(json.dumps(row), flush=True)
 
 
