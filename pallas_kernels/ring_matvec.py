@@ -357,6 +357,10 @@ class SplitKBlocks:
     k_splits: int = 4
     k_slot: int = 128
     stages: int = 8
+    # How a CTA's partial sums reach global memory: "tma" (a bulk copy from shared memory,
+    # waited for before the arrival) or "generic" (plain stores from registers, ordered by
+    # the arrival's release; not yet timed).
+    store: str = "tma"
 
 
 B_ROWS = 8  # rows of the B tile (wgmma N): the S partials of x, then zeros
@@ -373,6 +377,8 @@ def supports_split_k(ws_shape, dtype, blocks: SplitKBlocks = SplitKBlocks(),
     if d % WGMMA_M or (d // WGMMA_M) * blocks.k_splits > num_sms:
         return (f"D={d} in {WGMMA_M}-row blocks x {blocks.k_splits} splits (D: a multiple of "
                 f"{WGMMA_M}; blocks x splits CTAs, at most {num_sms}: every CTA must be resident)")
+    if blocks.store not in ("tma", "generic"):
+        return f"store {blocks.store!r} (tma or generic)"
     if blocks.k_splits > B_ROWS:
         return f"{blocks.k_splits} splits (at most {B_ROWS}: the partials are the B tile's rows)"
     part = d // blocks.k_splits
@@ -477,8 +483,8 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
             plgpu.set_max_registers(232, action="increase")
             if chain and zero_rows:
                 # Rows S.. of every layer's partials, which the B copies read: zeros, written
-                # by split 0 of each row block before its first arrival (whose proxy fence
-                # and release cover these stores, waited for with the layer's own).
+                # by split 0 of each row block and waited for before its first arrival (whose
+                # proxy fence and release cover them).
                 @pl.when(split == 0)
                 def _zeros():
                     z_smem[...] = jnp.zeros(z_smem.shape, dtype)
@@ -489,6 +495,8 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
                         plgpu.copy_smem_to_gmem(
                             z_smem, parts_ref.at[layer, pl.ds(splits, zero_rows),
                                                  pl.ds(row0, WGMMA_M)])
+
+                    plgpu.wait_smem_to_gmem(0)
 
             @pl.loop(0, num_layers)
             def _layer(layer):
@@ -513,14 +521,18 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
                                         plgpu.ACC((WGMMA_M, B_ROWS), jnp.float32))
                 with jax.named_scope("store"):
                     if math:
-                        y_smem[...] = acc.sum(axis=1).astype(dtype)  # column i: partial i
+                        y = acc.sum(axis=1).astype(dtype)  # column i: partial i
                     else:
-                        y_smem[...] = plgpu.layout_cast(jnp.zeros((WGMMA_M,), dtype),
-                                                        plgpu.Layout.WGMMA.reduce(1))
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(y_smem,
-                                            parts_ref.at[layer, split, pl.ds(row0, WGMMA_M)])
-                    plgpu.wait_smem_to_gmem(0)
+                        y = plgpu.layout_cast(jnp.zeros((WGMMA_M,), dtype),
+                                              plgpu.Layout.WGMMA.reduce(1))
+                    destination = parts_ref.at[layer, split, pl.ds(row0, WGMMA_M)]
+                    if blocks.store == "generic":
+                        destination[...] = y
+                    else:
+                        y_smem[...] = y
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(y_smem, destination)
+                        plgpu.wait_smem_to_gmem(0)
                 if chain:
                     with jax.named_scope("arrive"):
                         barrier.arrive()

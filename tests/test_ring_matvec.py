@@ -123,6 +123,7 @@ def test_split_k_tiling_gives_each_cta_its_rows_and_split():
     ((2, 512, 512), rm.SplitKBlocks(k_splits=16, k_slot=64), "at most 8"),
     ((2, 4096, 4096), rm.SplitKBlocks(k_splits=4), "every CTA must be resident"),
     ((2, 2048, 2048), rm.SplitKBlocks(k_splits=2, k_slot=128, stages=14), "shared memory"),
+    ((2, 512, 512), rm.SplitKBlocks(k_splits=2, store="shared"), "tma or generic"),
 ])
 def test_split_k_refuses_what_it_cannot_tile(shape, blocks, words):
     problem = rm.supports_split_k(shape, jnp.bfloat16, blocks, num_sms=132)
@@ -131,7 +132,8 @@ def test_split_k_refuses_what_it_cannot_tile(shape, blocks, words):
         rm.tile_weights_split_k(jnp.zeros(shape, jnp.bfloat16), blocks)
 
 
-def test_split_k_products_match_float64_in_the_interpreter_without_races():
+@pytest.mark.parametrize("store", ["tma", "generic"])
+def test_split_k_products_match_float64_in_the_interpreter_without_races(store):
     """The flat form (no grid barrier: Pallas' interpreter has no global semaphores) runs the
     whole ring: producer, TMA slots, release barriers, the B tile copied in with TMA, wgmma
     from shared memory, the partials' bf16 stores and the wrapper's sum."""
@@ -139,7 +141,7 @@ def test_split_k_products_match_float64_in_the_interpreter_without_races():
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 
     splits = 2
-    blocks = rm.SplitKBlocks(k_splits=splits, k_slot=128, stages=2)
+    blocks = rm.SplitKBlocks(k_splits=splits, k_slot=128, stages=2, store=store)
     ws = _weights(3, 512, seed=4)
     x0 = jax.random.normal(jax.random.key(5), (splits, 512))  # x as two partials
     with plgpu.force_gpu_interpret_mode(params):
@@ -159,9 +161,10 @@ def test_split_k_products_match_float64_in_the_interpreter_without_races():
     np.testing.assert_array_equal(zeros, 0.0)
 
 
-@pytest.mark.parametrize("chain, math", [(True, True), (False, False)])
-def test_split_k_lowers_to_mosaic_gpu_for_hopper(chain, math):
-    blocks = rm.SplitKBlocks()
+@pytest.mark.parametrize("chain, math, store", [(True, True, "tma"), (False, False, "tma"),
+                                               (True, True, "generic")])
+def test_split_k_lowers_to_mosaic_gpu_for_hopper(chain, math, store):
+    blocks = rm.SplitKBlocks(store=store)
     tiled = jax.ShapeDtypeStruct((3, 2048 // 64 * 4, 2048 // 4 // 128, 64, 128), jnp.bfloat16)
     x0 = jax.ShapeDtypeStruct((2048,), jnp.float32)
     run = jax.jit(lambda w, x: rm.split_k_matvec_chain(w, x, blocks=blocks, chain=chain,
@@ -176,10 +179,13 @@ def test_bench_cases_parse_both_forms_and_refuse_what_the_kernels_do_not_take():
     d, layers, blocks, kernel, _, ctas = bench.parse_case("2048:64:16:24:256:4:2")
     assert (d, layers, blocks.consumers, kernel, ctas) == (2048, 64, 2, rm.ring_matvec_chain, 128)
     d, layers, blocks, kernel, _, ctas = bench.parse_case("sk:2048:64:4:128:8")
-    assert (blocks.k_splits, kernel, ctas) == (4, rm.split_k_matvec_chain, 128)
+    assert (blocks.k_splits, blocks.store, kernel, ctas) == (4, "tma", rm.split_k_matvec_chain,
+                                                             128)
+    assert bench.parse_case("sk:2048:64:4:128:8:generic")[2].store == "generic"
     for bad, words in [("2048:64", "want D:L"), ("sk:2048:64:4", "want D:L"),
                        ("2048:64:16:24:x", "want D:L"), ("2048:64:24:8:256", "rows a CTA"),
-                       ("sk:4096:4:4:128:8", "every CTA must be resident")]:
+                       ("sk:4096:4:4:128:8", "every CTA must be resident"),
+                       ("sk:2048:64:4:128:8:smem", "want D:L")]:
         with pytest.raises(ValueError, match=words):
             bench.parse_case(bad)
 

@@ -7,7 +7,8 @@ across grid barriers?
 
 A case is D:L:rows:stages:k_slot[:accumulators[:consumers]] (L layers of [D, D] bf16 weights,
 x as the wgmma A operand; 4 accumulators and 1 consumer warpgroup unless given), or
-sk:D:L:k_splits:k_slot:stages (the split-K form, the weights as the A operand). For each case: the error against the
+sk:D:L:k_splits:k_slot:stages[:tma|generic] (the split-K form, the weights as the A operand;
+its partial sums stored by TMA, the default, or by plain stores). For each case: the error against the
 float32 reference, a rerun's bitwise agreement (the grid barrier's semaphore must come back to
 0 between calls), then the time of one chained call (the chain's L grid barriers), of one call
 without the barriers (every layer multiplies x0: the ring's streaming alone), of one without
@@ -75,14 +76,19 @@ def parse_case(case: str):
     split_k = case.startswith("sk:")
     fields = (case[3:] if split_k else case).split(":")
     usage = ("want D:L:rows:stages:k_slot[:accumulators[:consumers]] or sk:D:L:k_splits:k_slot:"
-             "stages, positive integers, e.g. 2048:64:16:24:256 or sk:2048:64:4:128:8")
+             "stages[:tma|generic], positive integers, e.g. 2048:64:16:24:256 or "
+             "sk:2048:64:4:128:8")
+    store = "tma"
+    if split_k and len(fields) == 6 and fields[-1] in ("tma", "generic"):
+        store = fields.pop()
     if not all(f.isdigit() and int(f) > 0 for f in fields) or not (
             len(fields) == 5 if split_k else 5 <= len(fields) <= 7):
         raise ValueError(usage)
     values = list(map(int, fields))
     if split_k:
         d, layers, splits, k_slot, stages = values
-        blocks = ring_matvec.SplitKBlocks(k_splits=splits, k_slot=k_slot, stages=stages)
+        blocks = ring_matvec.SplitKBlocks(k_splits=splits, k_slot=k_slot, stages=stages,
+                                          store=store)
         problem = ring_matvec.supports_split_k((layers, d, d), jnp.bfloat16, blocks)
         if problem:
             raise ValueError(f"the split-K form does not take {problem}")
@@ -103,8 +109,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", action="append",
                         help="D:L:rows:stages:k_slot[:accumulators[:consumers]] (x as the wgmma "
-                             "A operand) or sk:D:L:k_splits:k_slot:stages (the split-K form, "
-                             "weights as A); default: the three below")
+                             "A operand) or sk:D:L:k_splits:k_slot:stages[:tma|generic] (the "
+                             "split-K form, weights as A; how partials are stored); default: "
+                             "the three below")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", metavar="DIR",
                         help="split-K cases: also run one chained call under Mosaic GPU's "
@@ -113,11 +120,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1 (got {args.repeats})")
-    # The split-K form (x as a TMA-copied N = 8 B tile) at D = 2048 and at a small model's
-    # width (one 16 KB slot a CTA a layer), and the x-as-A form's best at D = 2048 (16 rows
-    # a CTA, two consumers) to compare with in the same process.
-    cases = args.case or ["sk:2048:64:4:128:8", "sk:1024:128:8:128:10",
-                          "2048:64:16:24:256:4:2"]
+    # The split-K form (x as a TMA-copied N = 8 B tile) at D = 2048 with its partials stored
+    # by TMA and by plain stores, and at a small model's width (one 16 KB slot a CTA a layer).
+    cases = args.case or ["sk:2048:64:4:128:8", "sk:2048:64:4:128:8:generic",
+                          "sk:1024:128:8:128:10"]
     for case in cases:
         try:
             parse_case(case)
