@@ -405,6 +405,48 @@ def tile_weights_split_k(ws, blocks: SplitKBlocks = SplitKBlocks()):
         num_layers, d // WGMMA_M * splits, slots, WGMMA_M, k_slot)
 
 
+def _check_split_k(tiled, x0, blocks: SplitKBlocks) -> int:
+    """D of weights tiled by tile_weights_split_k for these blocks, with x0 [D] or up to S
+    partials [n, D]; else a ValueError that says what to do."""
+    _, num_ctas, _, m, k_slot = tiled.shape
+    if (m, k_slot) != (WGMMA_M, blocks.k_slot) or num_ctas % blocks.k_splits:
+        raise ValueError(f"weights tiled as {tiled.shape} for blocks {blocks}: tile them with "
+                         "tile_weights_split_k(ws, blocks)")
+    d = num_ctas // blocks.k_splits * WGMMA_M
+    _check_x0(x0[0] if x0.ndim == 2 and x0.shape[0] <= blocks.k_splits else x0, d)
+    return d
+
+
+def _split_k_products(ring, full, empty, b_smem, math: bool, layer, acc_ref):
+    """One layer's products of a split-K consumer: each of its ring slots (waited for) times
+    the B tile's matching columns, one wgmma in flight (a slot is released once the next
+    one's wgmma is issued and the one before is done). -> the [64, 8] accumulator."""
+    stages, _, k_slot = ring.shape
+    slots_per_layer = b_smem.shape[1] // k_slot
+
+    def slot_of(k):
+        return lax.rem(layer * slots_per_layer + k, stages)
+
+    @pl.loop(0, slots_per_layer)
+    def _slot(k):
+        plgpu.barrier_wait(full.at[slot_of(k)])
+        if math:
+            plgpu.wgmma(acc_ref, ring.at[slot_of(k)],
+                        b_smem.at[:, pl.ds(k * k_slot, k_slot)].transpose((1, 0)))
+            plgpu.wgmma_wait(1)  # the slot before is read: release it
+
+            @pl.when(k > 0)
+            def _release():
+                plgpu.barrier_arrive(empty.at[slot_of(k - 1)])
+        else:
+            plgpu.barrier_arrive(empty.at[slot_of(k)])
+
+    if math:
+        plgpu.wgmma_wait(0)
+        plgpu.barrier_arrive(empty.at[slot_of(slots_per_layer - 1)])
+    return acc_ref[...]
+
+
 def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), chain: bool = True,
                          math: bool = True, profile_dir=None):
     """xs [L, D] float32 as `ring_matvec_chain`, tiled = tile_weights_split_k(ws, blocks).
@@ -428,16 +470,9 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
     the consumer's phases (PROFILED_PHASES, every layer; `profile_phases` reads it) there per
     call. Timing only: chain=False multiplies x0 in every layer; math=False leaves out
     the products. The wrapper sums the S partials of every layer (xs)."""
-    num_layers, num_ctas, slots_per_layer, m, k_slot = tiled.shape
+    num_layers, num_ctas, slots_per_layer, _, k_slot = tiled.shape
     splits = blocks.k_splits
-    if (m, k_slot) != (WGMMA_M, blocks.k_slot) or num_ctas % splits:
-        raise ValueError(f"weights tiled as {tiled.shape} for blocks {blocks}: tile them with "
-                         "tile_weights_split_k(ws, blocks)")
-    d = num_ctas // splits * WGMMA_M
-    if x0.ndim == 2 and x0.shape[0] <= splits:
-        _check_x0(x0[0], d)
-    else:
-        _check_x0(x0, d)
+    d = _check_split_k(tiled, x0, blocks)
     part = d // splits  # columns of a split
     stages = blocks.stages
     total_slots = num_layers * slots_per_layer
@@ -455,28 +490,7 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
         def _producer():
             _stream_weights(ws_ref, ring, full, empty, cta, total_slots, slots_per_layer)
 
-        def products(layer, acc_ref):
-            def slot_of(k):
-                return lax.rem(layer * slots_per_layer + k, stages)
-
-            @pl.loop(0, slots_per_layer)
-            def _slot(k):
-                plgpu.barrier_wait(full.at[slot_of(k)])
-                if math:
-                    plgpu.wgmma(acc_ref, ring.at[slot_of(k)],
-                                b_smem.at[:, pl.ds(k * k_slot, k_slot)].transpose((1, 0)))
-                    plgpu.wgmma_wait(1)  # the slot before is read: release it
-
-                    @pl.when(k > 0)
-                    def _release():
-                        plgpu.barrier_arrive(empty.at[slot_of(k - 1)])
-                else:
-                    plgpu.barrier_arrive(empty.at[slot_of(k)])
-
-            if math:
-                plgpu.wgmma_wait(0)
-                plgpu.barrier_arrive(empty.at[slot_of(slots_per_layer - 1)])
-            return acc_ref[...]
+        products = functools.partial(_split_k_products, ring, full, empty, b_smem, math)
 
         @pl.when(wg == 0)
         def _consumer():
@@ -557,6 +571,128 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
                     profile_dir=profile_dir,
                     profile_regions=len(PROFILED_PHASES) * num_layers + 8)
     return parts[:, :splits].astype(jnp.float32).sum(axis=1)
+
+
+# ------------------------------------------------------------------ split-K, polling the data
+
+NOT_WRITTEN = float("nan")  # a partial sum not yet stored in this call
+MAX_POLLS = 1 << 16  # copies of x a layer may take before it goes on (with NaN) instead of hanging
+
+
+def poll_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), chain: bool = True,
+                      math: bool = True, profile_dir=None):
+    """xs [L, D] float32 as `split_k_matvec_chain` (same tiling, same products), with no grid
+    barrier between layers: each layer polls the partial sums it needs.
+
+    NOT YET RUN ON A GPU, and not checkable on CPU beyond lowering: its B tile is written
+    through a second view of the same shared memory (below), which Mosaic GPU's interpreter
+    does not alias. The barrier form's dependency from layer to layer is a TMA store waited
+    for, a release, a poll of the count and a TMA load of x: about 1.7 us on an H200
+    (docs/benchmarks.md). Here it is a plain store and the reader's copies:
+    - partial sums are float32 [L, S, D] (S = k_splits); each CTA first writes NaN into its
+      own slots of every layer, and one grid barrier (the only one) makes that visible;
+    - a CTA stores its layer's 64 partial sums with plain stores, and the next layer's CTAs
+      copy their split of all S partials with TMA (through L2, never a stale L1 line) until
+      none is NaN (at most MAX_POLLS copies; then the NaN goes on into the result);
+    - the S partials are summed in registers and written, in bf16, as row 0 of the B tile
+      through an unswizzled view: the 128-byte swizzle leaves row 0 of each 8-row tile in
+      place, and rows 1-7 stay zero (written once);
+    - so a layer waits only for the 32 or so CTAs whose partials it reads, not for all.
+    x0 may be [D] or up to S partials [n, D]; chain=False and math=False as in
+    `split_k_matvec_chain` (chain=False copies x0 every layer, no polling)."""
+    num_layers, num_ctas, slots_per_layer, _, k_slot = tiled.shape
+    splits = blocks.k_splits
+    d = _check_split_k(tiled, x0, blocks)
+    part = d // splits
+    tiles = part // K_STEP  # the B tile's 8 x 64 tiles
+    vec = max(v for v in (1, 2, 4) if part % (128 * v) == 0)  # x's elements a thread
+    stages = blocks.stages
+    dtype = tiled.dtype
+
+    def kernel(ws_ref, x0_ref, parts_ref, ring, full, empty, b_views, got, got_barrier):
+        b_smem, b_plain = b_views  # [8, part] swizzled (wgmma) / [tiles, 8, 64] (plain stores)
+        wg = lax.axis_index("wg")
+        cta = lax.axis_index("ctas")
+        block, split = lax.div(cta, splits), lax.rem(cta, splits)
+        barrier = _GridBarrier(num_ctas) if chain else None
+
+        @pl.when(wg == 1)
+        def _producer():
+            _stream_weights(ws_ref, ring, full, empty, cta, num_layers * slots_per_layer,
+                            slots_per_layer)
+
+        layout = plgpu.Layout.WG_STRIDED((tiles, K_STEP), vec_size=vec)
+
+        def copy_x(source):
+            """This split's columns of all S partials into `got` -> them, S values."""
+            plgpu.copy_gmem_to_smem(source.at[:, pl.ds(split * tiles, tiles)], got, got_barrier)
+            plgpu.barrier_wait(got_barrier)
+            return tuple(plgpu.load(got.at[i], layout=layout) for i in range(splits))
+
+        def unwritten(values):
+            return sum(jnp.sum(jnp.isnan(v).astype(jnp.int32)) for v in values) > 0
+
+        @pl.when(wg == 0)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            if chain:
+                with jax.named_scope("arm"):
+                    @pl.loop(0, num_layers)
+                    def _arm(layer):
+                        parts_ref.at[layer, split, block][...] = plgpu.layout_cast(
+                            jnp.full((WGMMA_M,), NOT_WRITTEN, jnp.float32),
+                            plgpu.Layout.WGMMA.reduce(1))  # (y's layout, stored below)
+
+                    barrier.arrive()
+                    barrier.wait(1)
+            b_plain[...] = jnp.zeros(b_plain.shape, dtype)
+
+            @pl.loop(0, num_layers)
+            def _layer(layer):
+                with jax.named_scope("x"):
+                    if chain:
+                        source = parts_ref.at[jnp.maximum(layer - 1, 0)]
+                        first = lax.cond(layer == 0, lambda: copy_x(x0_ref),
+                                         lambda: copy_x(source))
+                        values, _ = lax.while_loop(
+                            lambda c: unwritten(c[0]) & (c[1] < MAX_POLLS),
+                            lambda c: (copy_x(source), c[1] + 1), (first, jnp.int32(1)))
+                    else:
+                        values = copy_x(x0_ref)
+                    x = values[0]
+                    for v in values[1:]:
+                        x = x + v
+                    b_plain.at[:, 0, :][...] = x.astype(dtype)
+                    plgpu.commit_smem()  # the plain stores before the wgmmas' async reads
+                with jax.named_scope("products"):
+                    acc = pl.run_scoped(
+                        functools.partial(_split_k_products, ring, full, empty, b_smem, math,
+                                          layer),
+                        plgpu.ACC((WGMMA_M, B_ROWS), jnp.float32))
+                with jax.named_scope("store"):
+                    y = acc.sum(axis=1) if math else plgpu.layout_cast(
+                        jnp.zeros((WGMMA_M,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                    parts_ref.at[layer, split, block][...] = y
+
+            if chain:
+                barrier.reset(cta, 1)
+
+    scratch = (
+        plgpu.SMEM((stages, WGMMA_M, k_slot), dtype, transforms=SWIZZLED),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        plgpu.RefUnion(plgpu.SMEM((B_ROWS, part), dtype, transforms=SWIZZLED),
+                       plgpu.SMEM((tiles, B_ROWS, K_STEP), dtype)),
+        plgpu.SMEM((splits, tiles, K_STEP), jnp.float32),
+        plgpu.Barrier(),
+    )
+    x0_parts = x0.reshape(-1, d).astype(jnp.float32)
+    x0_parts = jnp.zeros((splits, d), jnp.float32).at[:x0_parts.shape[0]].set(x0_parts)
+    out_type = jax.ShapeDtypeStruct((num_layers, splits, d // K_STEP, K_STEP), jnp.float32)
+    parts = _launch(kernel, scratch, out_type, num_ctas, 2, tiled,
+                    x0_parts.reshape(splits, d // K_STEP, K_STEP), profile_dir=profile_dir,
+                    profile_regions=3 * num_layers + 8)
+    return parts.reshape(num_layers, splits, d).sum(axis=1)
 
 
 def profile_phases(trace: dict) -> dict:

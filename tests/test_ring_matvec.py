@@ -172,6 +172,22 @@ def test_split_k_lowers_to_mosaic_gpu_for_hopper(chain, math, store):
     assert "mosaic_gpu" in run.trace(tiled, x0).lower(lowering_platforms=("cuda",)).as_text()
 
 
+@pytest.mark.parametrize("d, splits, chain, math", [(2048, 4, True, True), (2048, 4, False, False),
+                                                  (1024, 8, True, True)])
+def test_poll_form_lowers_to_mosaic_gpu_for_hopper(d, splits, chain, math):
+    """The polling form (no grid barrier a layer) lowers for CUDA. Its numerics need a GPU:
+    Mosaic GPU's interpreter keeps the two views of its B tile apart (the plain stores never
+    reach the swizzled view), so tools/bench_ring_matvec.py checks them."""
+    blocks = rm.SplitKBlocks(k_splits=splits, k_slot=128, stages=8)
+    tiled = jax.ShapeDtypeStruct((3, d // 64 * splits, d // splits // 128, 64, 128), jnp.bfloat16)
+    x0 = jax.ShapeDtypeStruct((d,), jnp.float32)
+    run = jax.jit(lambda w, x: rm.poll_matvec_chain(w, x, blocks=blocks, chain=chain, math=math))
+    assert "mosaic_gpu" in run.trace(tiled, x0).lower(lowering_platforms=("cuda",)).as_text()
+    with pytest.raises(ValueError, match="x0 of shape"):
+        rm.poll_matvec_chain(jnp.zeros(tiled.shape, jnp.bfloat16), jnp.zeros(d // 2),
+                             blocks=blocks)
+
+
 def test_bench_cases_parse_both_forms_and_refuse_what_the_kernels_do_not_take():
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
     import bench_ring_matvec as bench
@@ -182,10 +198,12 @@ def test_bench_cases_parse_both_forms_and_refuse_what_the_kernels_do_not_take():
     assert (blocks.k_splits, blocks.store, kernel, ctas) == (4, "tma", rm.split_k_matvec_chain,
                                                              128)
     assert bench.parse_case("sk:2048:64:4:128:8:generic")[2].store == "generic"
+    assert bench.parse_case("pk:1024:128:8:128:10")[3] is rm.poll_matvec_chain
     for bad, words in [("2048:64", "want D:L"), ("sk:2048:64:4", "want D:L"),
                        ("2048:64:16:24:x", "want D:L"), ("2048:64:24:8:256", "rows a CTA"),
                        ("sk:4096:4:4:128:8", "every CTA must be resident"),
-                       ("sk:2048:64:4:128:8:smem", "want D:L")]:
+                       ("sk:2048:64:4:128:8:smem", "want D:L"),
+                       ("pk:2048:64:4:128:8:generic", "want D:L")]:
         with pytest.raises(ValueError, match=words):
             bench.parse_case(bad)
 

@@ -8,7 +8,8 @@ across grid barriers?
 A case is D:L:rows:stages:k_slot[:accumulators[:consumers]] (L layers of [D, D] bf16 weights,
 x as the wgmma A operand; 4 accumulators and 1 consumer warpgroup unless given), or
 sk:D:L:k_splits:k_slot:stages[:tma|generic] (the split-K form, the weights as the A operand;
-its partial sums stored by TMA, the default, or by plain stores). For each case: the error against the
+its partial sums stored by TMA, the default, or by plain stores), or pk:D:L:k_splits:k_slot:stages
+(the split-K form polling its input instead of a grid barrier a layer). For each case: the error against the
 float32 reference, a rerun's bitwise agreement (the grid barrier's semaphore must come back to
 0 between calls), then the time of one chained call (the chain's L grid barriers), of one call
 without the barriers (every layer multiplies x0: the ring's streaming alone), of one without
@@ -73,13 +74,14 @@ def xla_chain(ws, x0):
 def parse_case(case: str):
     """(D, L, blocks, the kernel, the tiling, CTAs) of a --case, or a ValueError that says the
     format."""
-    split_k = case.startswith("sk:")
+    polled = case.startswith("pk:")
+    split_k = polled or case.startswith("sk:")
     fields = (case[3:] if split_k else case).split(":")
-    usage = ("want D:L:rows:stages:k_slot[:accumulators[:consumers]] or sk:D:L:k_splits:k_slot:"
-             "stages[:tma|generic], positive integers, e.g. 2048:64:16:24:256 or "
-             "sk:2048:64:4:128:8")
+    usage = ("want D:L:rows:stages:k_slot[:accumulators[:consumers]], sk:D:L:k_splits:k_slot:"
+             "stages[:tma|generic] or pk:D:L:k_splits:k_slot:stages, positive integers, e.g. "
+             "2048:64:16:24:256 or sk:2048:64:4:128:8")
     store = "tma"
-    if split_k and len(fields) == 6 and fields[-1] in ("tma", "generic"):
+    if split_k and not polled and len(fields) == 6 and fields[-1] in ("tma", "generic"):
         store = fields.pop()
     if not all(f.isdigit() and int(f) > 0 for f in fields) or not (
             len(fields) == 5 if split_k else 5 <= len(fields) <= 7):
@@ -92,8 +94,8 @@ def parse_case(case: str):
         problem = ring_matvec.supports_split_k((layers, d, d), jnp.bfloat16, blocks)
         if problem:
             raise ValueError(f"the split-K form does not take {problem}")
-        return (d, layers, blocks, ring_matvec.split_k_matvec_chain,
-                ring_matvec.tile_weights_split_k, d // 64 * splits)
+        kernel = ring_matvec.poll_matvec_chain if polled else ring_matvec.split_k_matvec_chain
+        return d, layers, blocks, kernel, ring_matvec.tile_weights_split_k, d // 64 * splits
     d, layers, rows, stages, k_slot, *rest = values
     accumulators, consumers = (rest + [4, 1][len(rest):])[:2]
     blocks = ring_matvec.RingBlocks(rows=rows, k_slot=k_slot, stages=stages,
@@ -109,21 +111,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", action="append",
                         help="D:L:rows:stages:k_slot[:accumulators[:consumers]] (x as the wgmma "
-                             "A operand) or sk:D:L:k_splits:k_slot:stages[:tma|generic] (the "
-                             "split-K form, weights as A; how partials are stored); default: "
-                             "the three below")
+                             "A operand), sk:D:L:k_splits:k_slot:stages[:tma|generic] (the "
+                             "split-K form, weights as A; how partials are stored) or "
+                             "pk:D:L:k_splits:k_slot:stages (split-K, polling); default: the "
+                             "five below")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", metavar="DIR",
-                        help="split-K cases: also run one chained call under Mosaic GPU's "
+                        help="split-K and polling cases: also run one chained call under Mosaic GPU's "
                              "profiler, keep its trace in DIR and report the consumer's phases "
                              "per layer (cycles, and us scaled to the unprofiled chained time)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1 (got {args.repeats})")
     # The split-K form (x as a TMA-copied N = 8 B tile) at D = 2048 with its partials stored
-    # by TMA and by plain stores, and at a small model's width (one 16 KB slot a CTA a layer).
+    # by TMA and by plain stores, its polling form (no barrier a layer), and both at a small
+    # model's width (one 16 KB slot a CTA a layer).
     cases = args.case or ["sk:2048:64:4:128:8", "sk:2048:64:4:128:8:generic",
-                          "sk:1024:128:8:128:10"]
+                          "pk:2048:64:4:128:8", "sk:1024:128:8:128:10", "pk:1024:128:8:128:10"]
     for case in cases:
         try:
             parse_case(case)
@@ -163,7 +167,7 @@ def main() -> None:
             row[f"{name}_of_read"] = round(rate / read_bw, 3)
         row["barrier_cost_us_per_layer"] = round(
             (row["ring_chain_us"] - row["ring_no_barrier_us"]) / layers, 2)
-        if args.profile and kernel is ring_matvec.split_k_matvec_chain:
+        if args.profile and kernel is not ring_matvec.ring_matvec_chain:
             try:  # (not run on a GPU yet: a failure is reported, the timings are kept)
                 row["phases"] = profiled_phases(kernel, tiled, x0, blocks, args.profile,
                                                 row["ring_chain_us"] / layers)
