@@ -239,3 +239,34 @@ def test_profile_phases_takes_outermost_scopes_and_layer_starts_per_warpgroup():
     assert phases["products"] == {"cycles": 300.0, "count": 4}
     assert phases["arrive"] == {"cycles": 25.0, "count": 4}  # 20, 20, 30, 30
     assert phases["layer"] == {"cycles": 900.0, "count": 4}  # 900, 900, 950, 850
+
+
+def test_profile_phases_reads_what_the_mosaic_gpu_profiler_writes():
+    """A trace written by Mosaic GPU's own ProfilerSpec.dump from a raw event buffer (two
+    CTAs of two warpgroups; the producer's records nothing), read back by profile_phases."""
+    import io
+    import json
+
+    profiler = pytest.importorskip("jax.experimental.mosaic.gpu.profiler")
+    entries = 64
+    spec = profiler.ProfilerSpec(entries)
+    ids = {name: spec.intern_name(name) for name in ("x", "products", "store")}
+    buffer = np.zeros((2, 2, entries), np.uint32)  # [CTA, warpgroup, entries]
+    # (regions 1 cycle apart: the dump subtracts the smallest gap less 1 per event as the
+    # profiler's own overhead, and moves an event that does not come after the last)
+    for cta, offset in ((0, 0), (1, 7)):
+        times = [("x", 10), ("products", 111), ("store", 412), ("x", 1010),
+                 ("products", 1111), ("store", 1412)]
+        events = []
+        for i, (name, begin) in enumerate(times):
+            length = {"x": 100, "products": 300, "store": 100 + 10 * cta}[name]
+            events += [ids[name] | spec.ENTER, begin + offset,
+                       ids[name] | spec.EXIT, begin + offset + length]
+        buffer[cta, 0, :3] = (1000 * cta, cta, len(events))  # start time, SM, entries used
+        buffer[cta, 0, 3:3 + len(events)] = events
+    out = io.StringIO()
+    spec.dump(buffer.reshape(-1), out, grid=(2,), block=(256,))
+    phases = rm.profile_phases(json.loads(out.getvalue()))
+    assert phases["products"] == {"cycles": 300.0, "count": 4}
+    assert phases["x"]["count"] == 4 and phases["layer"] == {"cycles": 1000.0, "count": 2}
+    assert phases["store"] == {"cycles": 105.0, "count": 4}  # 100, 100, 110, 110
