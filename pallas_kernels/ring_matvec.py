@@ -189,20 +189,25 @@ def _check_x0(x0, d: int):
 
 
 PROFILED_PHASES = ("wait", "x", "products", "store", "arrive")  # a layer's, in order
+# Scopes a profiled warpgroup records before the rest are dropped: 16 bytes each per warpgroup
+# in shared memory (16 KB for two warpgroups). Loops inside a scope record a nested scope per
+# iteration (profile_phases reads the outermost), so long chains are cut short; the medians
+# come from the layers recorded.
+PROFILE_REGIONS = 512
 
 
 def _launch(kernel, scratch, out_type, num_ctas: int, num_threads: int, *args,
-            profile_dir=None, profile_regions: int = 0):
+            profile_dir=None):
     """The kernel over num_ctas CTAs of num_threads warpgroups. With profile_dir, Mosaic GPU's
-    profiler records each warpgroup's named scopes (up to profile_regions of them, the rest
-    dropped) and writes a trace (Chrome trace JSON, times in SM clock cycles) there per call."""
+    profiler records each warpgroup's named scopes (the first PROFILE_REGIONS) and writes a
+    trace (Chrome trace JSON, times in SM clock cycles) there per call."""
     def entry(*refs):
         pl.run_scoped(lambda *scratch_refs: kernel(*refs, *scratch_refs), *scratch,
                       collective_axes="wg")
 
     params = None
     if profile_dir:
-        params = plgpu.CompilerParams(profile_space=profile_regions, profile_dir=str(profile_dir),
+        params = plgpu.CompilerParams(profile_space=PROFILE_REGIONS, profile_dir=str(profile_dir),
                                       profile_bounds_check=True)
     return plgpu.kernel(entry, out_type=out_type, grid=(num_ctas,), grid_names=("ctas",),
                         num_threads=num_threads, thread_name="wg", compiler_params=params)(*args)
@@ -568,8 +573,7 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
     x0_rows = jnp.zeros((B_ROWS, d), dtype).at[:x0_parts.shape[0]].set(x0_parts)
     out_type = jax.ShapeDtypeStruct((num_layers, B_ROWS, d), dtype)
     parts = _launch(kernel, scratch, out_type, num_ctas, 2, tiled, x0_rows,
-                    profile_dir=profile_dir,
-                    profile_regions=len(PROFILED_PHASES) * num_layers + 8)
+                    profile_dir=profile_dir)
     return parts[:, :splits].astype(jnp.float32).sum(axis=1)
 
 
@@ -690,8 +694,7 @@ def poll_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), chain
     x0_parts = jnp.zeros((splits, d), jnp.float32).at[:x0_parts.shape[0]].set(x0_parts)
     out_type = jax.ShapeDtypeStruct((num_layers, splits, d // K_STEP, K_STEP), jnp.float32)
     parts = _launch(kernel, scratch, out_type, num_ctas, 2, tiled,
-                    x0_parts.reshape(splits, d // K_STEP, K_STEP), profile_dir=profile_dir,
-                    profile_regions=3 * num_layers + 8)
+                    x0_parts.reshape(splits, d // K_STEP, K_STEP), profile_dir=profile_dir)
     return parts.reshape(num_layers, splits, d).sum(axis=1)
 
 
