@@ -390,9 +390,10 @@ def supports_split_k(ws_shape, dtype, blocks: SplitKBlocks = SplitKBlocks(),
     if d % blocks.k_splits or part % blocks.k_slot or blocks.k_slot % K_STEP:
         return (f"D={d} in {blocks.k_splits} splits with k_slot {blocks.k_slot} (each split a "
                 f"multiple of k_slot; k_slot a multiple of {K_STEP})")
-    smem = blocks.stages * WGMMA_M * blocks.k_slot * 2 + B_ROWS * part * 2
+    # ring, B tile, and the polling form's float32 copy of the S partials of x's split
+    smem = blocks.stages * WGMMA_M * blocks.k_slot * 2 + B_ROWS * part * 2 + 4 * d
     if smem > 220 * 1024:
-        return f"{smem} bytes of ring and x tile (over 220 KB of shared memory)"
+        return f"{smem} bytes of ring, x tile and x's partials (over 220 KB of shared memory)"
     return None
 
 
