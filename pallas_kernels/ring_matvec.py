@@ -42,6 +42,11 @@ do, with race detection). On an H200 (fifteenth session) it is correct chained a
 and streams at 97.7% of the copy bandwidth without barriers; chained, the dependency between
 layers (about 1.7 us) holds it at 53%.
 
+A third, `poll_matvec_chain`, is the split-K form without a grid barrier per layer: each
+layer polls the partial sums it reads (NaN until written). Not yet run on a GPU. Both
+split-K forms can record their consumer's phases with Mosaic GPU's profiler (profile_dir;
+`profile_phases` reads the trace).
+
 Status (docs/benchmarks.md, fourteenth and fifteenth sessions, H200 and H100): correct on the
 GPU at D = 2048, 4096 and 8192 (x rounds to bf16 each layer: 0.3-1.2% of the output's scale
 after 4-64 layers; reruns are bitwise equal). Without products (math=False) the producer and
