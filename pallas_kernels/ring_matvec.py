@@ -193,7 +193,6 @@ def _check_x0(x0, d: int):
         raise ValueError(f"x0 of shape {x0.shape} for weights of D={d}: it must be [{d}]")
 
 
-PROFILED_PHASES = ("wait", "x", "products", "store", "arrive")  # a layer's, in order
 # Scopes a profiled warpgroup records before the rest are dropped: 16 bytes each per warpgroup
 # in shared memory (16 KB for two warpgroups). Loops inside a scope record a nested scope per
 # iteration (profile_phases reads the outermost), so long chains are cut short; the medians
@@ -416,16 +415,21 @@ def tile_weights_split_k(ws, blocks: SplitKBlocks = SplitKBlocks()):
         num_layers, d // WGMMA_M * splits, slots, WGMMA_M, k_slot)
 
 
-def _check_split_k(tiled, x0, blocks: SplitKBlocks) -> int:
-    """D of weights tiled by tile_weights_split_k for these blocks, with x0 [D] or up to S
-    partials [n, D]; else a ValueError that says what to do."""
+def _split_k_input(tiled, x0, blocks: SplitKBlocks, rows: int, dtype):
+    """(D, x0 as `rows` [D] rows of dtype: its partials, then zeros) for weights tiled by
+    tile_weights_split_k with these blocks, x0 being [D] or up to S partials [n, D]; else a
+    ValueError that says what to do."""
     _, num_ctas, _, m, k_slot = tiled.shape
-    if (m, k_slot) != (WGMMA_M, blocks.k_slot) or num_ctas % blocks.k_splits:
+    splits = blocks.k_splits
+    if (m, k_slot) != (WGMMA_M, blocks.k_slot) or num_ctas % splits:
         raise ValueError(f"weights tiled as {tiled.shape} for blocks {blocks}: tile them with "
                          "tile_weights_split_k(ws, blocks)")
-    d = num_ctas // blocks.k_splits * WGMMA_M
-    _check_x0(x0[0] if x0.ndim == 2 and x0.shape[0] <= blocks.k_splits else x0, d)
-    return d
+    d = num_ctas // splits * WGMMA_M
+    if x0.shape != (d,) and not (x0.ndim == 2 and x0.shape[0] <= splits and x0.shape[1] == d):
+        raise ValueError(f"x0 of shape {x0.shape} for weights of D={d}: it must be [{d}] or "
+                         f"up to {splits} partial sums [n, {d}]")
+    parts = x0.reshape(-1, d).astype(dtype)
+    return d, jnp.zeros((rows, d), dtype).at[:parts.shape[0]].set(parts)
 
 
 def _split_k_products(ring, full, empty, b_smem, math: bool, layer, acc_ref):
@@ -478,12 +482,12 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
       slot is released one slot late.
     x enters every layer as S bf16 partials (the sum of their roundings, not the rounding of
     their sum); x0 may be [D] or up to S such partials [n, D]. profile_dir: write a trace of
-    the consumer's phases (PROFILED_PHASES, every layer; `profile_phases` reads it) there per
-    call. Timing only: chain=False multiplies x0 in every layer; math=False leaves out
+    the consumer's phases (named scopes: barrier wait, x copy, products, store, arrival;
+    `profile_phases` reads it) there per call. Timing only: chain=False multiplies x0 in every layer; math=False leaves out
     the products. The wrapper sums the S partials of every layer (xs)."""
     num_layers, num_ctas, slots_per_layer, _, k_slot = tiled.shape
     splits = blocks.k_splits
-    d = _check_split_k(tiled, x0, blocks)
+    d, x0_rows = _split_k_input(tiled, x0, blocks, B_ROWS, tiled.dtype)
     part = d // splits  # columns of a split
     stages = blocks.stages
     total_slots = num_layers * slots_per_layer
@@ -574,9 +578,6 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
         plgpu.SMEM((WGMMA_M,), dtype),
         plgpu.SMEM((max(1, zero_rows), WGMMA_M), dtype),
     )
-    # x0 (or its partials) as the first rows of a B tile, in bf16, then zeros.
-    x0_parts = x0.reshape(-1, d).astype(dtype)
-    x0_rows = jnp.zeros((B_ROWS, d), dtype).at[:x0_parts.shape[0]].set(x0_parts)
     out_type = jax.ShapeDtypeStruct((num_layers, B_ROWS, d), dtype)
     parts = _launch(kernel, scratch, out_type, num_ctas, 2, tiled, x0_rows,
                     profile_dir=profile_dir)
@@ -612,7 +613,7 @@ def poll_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), chain
     `split_k_matvec_chain` (chain=False copies x0 every layer, no polling)."""
     num_layers, num_ctas, slots_per_layer, _, k_slot = tiled.shape
     splits = blocks.k_splits
-    d = _check_split_k(tiled, x0, blocks)
+    d, x0_parts = _split_k_input(tiled, x0, blocks, splits, jnp.float32)
     part = d // splits
     tiles = part // K_STEP  # the B tile's 8 x 64 tiles
     vec = max(v for v in (1, 2, 4) if part % (128 * v) == 0)  # x's elements a thread
@@ -696,8 +697,6 @@ def poll_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), chain
         plgpu.SMEM((splits, tiles, K_STEP), jnp.float32),
         plgpu.Barrier(),
     )
-    x0_parts = x0.reshape(-1, d).astype(jnp.float32)
-    x0_parts = jnp.zeros((splits, d), jnp.float32).at[:x0_parts.shape[0]].set(x0_parts)
     out_type = jax.ShapeDtypeStruct((num_layers, splits, d // K_STEP, K_STEP), jnp.float32)
     parts = _launch(kernel, scratch, out_type, num_ctas, 2, tiled,
                     x0_parts.reshape(splits, d // K_STEP, K_STEP), profile_dir=profile_dir)
