@@ -43,9 +43,11 @@ and streams at 97.7% of the copy bandwidth without barriers; chained, the depend
 layers (about 1.7 us) holds it at 53%.
 
 A third, `poll_matvec_chain`, is the split-K form without a grid barrier per layer: each
-layer polls the partial sums it reads (NaN until written). Not yet run on a GPU. Both
-split-K forms can record their consumer's phases with Mosaic GPU's profiler (profile_dir;
-`profile_phases` reads the trace).
+layer polls the partial sums it reads (NaN until written), best with volatile loads into
+registers (blocks.poll="load"). It is correct on H100 and H200 and the fastest chain here
+(sixteenth session): 1.5-1.7 us a layer at D = 1024, where the barrier form takes 2.0-2.3.
+Both split-K forms can record their consumer's phases with Mosaic GPU's profiler
+(profile_dir; `profile_phases` reads the trace).
 
 Status (docs/benchmarks.md, fourteenth and fifteenth sessions, H200 and H100): correct on the
 GPU at D = 2048, 4096 and 8192 (x rounds to bf16 each layer: 0.3-1.2% of the output's scale
@@ -71,6 +73,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, llvm, scf, vector
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -147,7 +152,12 @@ class _GridBarrier:
         self.done = pl.get_global(plgpu.SemaphoreType.REGULAR)  # CTAs past their last wait
 
     def arrive(self):
+        """For outputs stored by TMA: the proxy fence, then `signal`."""
         _fence_proxy_async_global()
+        self.signal()
+
+    def signal(self):
+        """This CTA's arrival (a release: its plain stores before it are visible first)."""
         plgpu.semaphore_signal(self.count, 1, memory_scope="gpu")
 
     def wait(self, generation):
@@ -366,10 +376,14 @@ class SplitKBlocks:
     k_splits: int = 4
     k_slot: int = 128
     stages: int = 8
-    # How a CTA's partial sums reach global memory: "tma" (a bulk copy from shared memory,
-    # waited for before the arrival) or "generic" (plain stores from registers, ordered by
-    # the arrival's release; not yet timed).
+    # How a CTA's partial sums reach global memory (split_k_matvec_chain): "tma" (a bulk copy
+    # from shared memory, waited for, then a proxy fence before the arrival) or "generic"
+    # (plain stores from registers, ordered by the arrival's release alone).
     store: str = "tma"
+    # How poll_matvec_chain reads the partials it waits for: "tma" (bulk copies into shared
+    # memory, repeated while any value is NaN) or "load" (each thread's own values, loaded
+    # volatile from L2 into registers and reloaded until none of them is NaN).
+    poll: str = "tma"
 
 
 B_ROWS = 8  # rows of the B tile (wgmma N): the S partials of x, then zeros
@@ -388,6 +402,8 @@ def supports_split_k(ws_shape, dtype, blocks: SplitKBlocks = SplitKBlocks(),
                 f"{WGMMA_M}; blocks x splits CTAs, at most {num_sms}: every CTA must be resident)")
     if blocks.store not in ("tma", "generic"):
         return f"store {blocks.store!r} (tma or generic)"
+    if blocks.poll not in ("tma", "load"):
+        return f"poll {blocks.poll!r} (tma or load)"
     if blocks.k_splits > B_ROWS:
         return f"{blocks.k_splits} splits (at most {B_ROWS}: the partials are the B tile's rows)"
     part = d // blocks.k_splits
@@ -482,9 +498,10 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
       slot is released one slot late.
     x enters every layer as S bf16 partials (the sum of their roundings, not the rounding of
     their sum); x0 may be [D] or up to S such partials [n, D]. profile_dir: write a trace of
-    the consumer's phases (named scopes: barrier wait, x copy, products, store, arrival;
-    `profile_phases` reads it) there per call. Timing only: chain=False multiplies x0 in every layer; math=False leaves out
-    the products. The wrapper sums the S partials of every layer (xs)."""
+    the consumer's phases (named scopes: barrier wait, x copy, products, store, the TMA
+    form's proxy fence, arrival; `profile_phases` reads it) there per call. Timing only:
+    chain=False multiplies x0 in every layer; math=False leaves out the products. The
+    wrapper sums the S partials of every layer (xs)."""
     num_layers, num_ctas, slots_per_layer, _, k_slot = tiled.shape
     splits = blocks.k_splits
     d, x0_rows = _split_k_input(tiled, x0, blocks, B_ROWS, tiled.dtype)
@@ -526,6 +543,7 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
                                                  pl.ds(row0, WGMMA_M)])
 
                     plgpu.wait_smem_to_gmem(0)
+                    _fence_proxy_async_global()  # (TMA stores, ordered before the arrivals)
 
             @pl.loop(0, num_layers)
             def _layer(layer):
@@ -563,8 +581,11 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
                         plgpu.copy_smem_to_gmem(y_smem, destination)
                         plgpu.wait_smem_to_gmem(0)
                 if chain:
+                    if blocks.store == "tma":
+                        with jax.named_scope("fence"):
+                            _fence_proxy_async_global()
                     with jax.named_scope("arrive"):
-                        barrier.arrive()
+                        barrier.signal()
 
             if chain:
                 barrier.reset(cta, num_layers)
@@ -590,21 +611,92 @@ NOT_WRITTEN = float("nan")  # a partial sum not yet stored in this call
 MAX_POLLS = 1 << 16  # copies of x a layer may take before it goes on (with NaN) instead of hanging
 
 
+def _poll_loads(sources, shape, vec: int):
+    """The float32 refs `sources` (global memory, each of `shape`) as WG_STRIDED arrays, each
+    thread reloading its own values until none is NaN (at most MAX_POLLS rounds).
+
+    The loads are volatile, so they bypass the SM's L1 (which does not see other SMs' stores)
+    and are not merged or hoisted by the compiler; each round issues all of the thread's loads
+    before it checks any. No thread waits for another, so there is no cross-thread reduction
+    per round; the caller's next warpgroup-wide step (a commit_smem) joins them."""
+    layout = plgpu.Layout.WG_STRIDED(shape, vec_size=vec)
+
+    @plgpu.inline_mgpu(
+        arg_types=tuple(plgpu.RefType() for _ in sources),
+        return_type=tuple(plgpu.ShapeDtypeStruct(shape, jnp.float32, layout=layout)
+                          for _ in sources))
+    def poll(ctx, *refs):
+        del ctx
+        f32, i32 = ir.F32Type.get(), ir.IntegerType.get_signless(32)
+        i64 = ir.IntegerType.get_signless(64)
+        vec_ty = ir.VectorType.get((vec,), f32)
+        mgpu_layout = mgpu.WGStridedFragLayout(shape=shape, vec_size=vec)
+        layout_registers = mgpu_layout.registers_shape(shape)
+        pointers, updates = [], []
+        for ref in refs:
+            updates.append([])
+            for _get, update, transfer_ref, idx in mgpu.FragmentedArray.transfer_strided(
+                    ref, vec):
+                strides, _ = ir.MemRefType(transfer_ref.type).get_strides_and_offset()
+                flat = mgpu_utils.dyn_dot(idx, [arith.constant(ir.IndexType.get(), st)
+                                                for st in strides])
+                index = arith.index_cast(i64, arith.divui(flat, arith.constant(
+                    ir.IndexType.get(), vec)))
+                pointers.append(mgpu_utils.getelementptr(mgpu_utils.memref_ptr(transfer_ref),
+                                                         [index], vec_ty))
+                updates[-1].append(update)
+        n = len(pointers)
+        i1 = ir.IntegerType.get_signless(1)
+        # A do-while: the before region loads and checks; its condition's operands are the
+        # loop's results, so the last round's values come out. (Two rounds in flight, the
+        # next issued before the last is checked, were slower on an H100: design.md.)
+        loop = scf.WhileOp([i32] + [vec_ty] * n, [arith.constant(i32, 0)])
+        before = loop.before.blocks.append(i32)
+        with ir.InsertionPoint(before):
+            count = arith.addi(before.arguments[0], arith.constant(i32, 1))
+            values = [llvm.load(vec_ty, ptr, volatile_=True) for ptr in pointers]
+            nan = arith.constant(i1, 0)
+            for v in values:
+                nan = arith.ori(nan, vector.reduction(i1, vector.CombiningKind.OR,
+                                                      arith.cmpf(arith.CmpFPredicate.UNO, v, v)))
+            again = arith.andi(nan, arith.cmpi(arith.CmpIPredicate.slt, count,
+                                               arith.constant(i32, MAX_POLLS)))
+            scf.condition(again, [count, *values])
+        after = loop.after.blocks.append(i32, *([vec_ty] * n))
+        with ir.InsertionPoint(after):
+            scf.yield_([after.arguments[0]])
+        results = list(loop.results)[1:1 + n]
+        arrays = []
+        for group in updates:
+            registers = np.empty(layout_registers, dtype=object)
+            for update in group:
+                update(registers, results.pop(0))
+            arrays.append(mgpu.FragmentedArray(_registers=registers, _layout=mgpu_layout,
+                                               _is_signed=None))
+        return tuple(arrays)
+
+    return poll(*sources)
+
+
 def poll_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), chain: bool = True,
                       math: bool = True, profile_dir=None):
     """xs [L, D] float32 as `split_k_matvec_chain` (same tiling, same products), with no grid
     barrier between layers: each layer polls the partial sums it needs.
 
-    NOT YET RUN ON A GPU, and not checkable on CPU beyond lowering: its B tile is written
-    through a second view of the same shared memory (below), which Mosaic GPU's interpreter
-    does not alias. The barrier form's dependency from layer to layer is a TMA store waited
-    for, a release, a poll of the count and a TMA load of x: about 1.7 us on an H200
-    (docs/benchmarks.md). Here it is a plain store and the reader's copies:
+    Correct on H100 and H200 (sixteenth session, docs/benchmarks.md); not checkable on CPU
+    beyond lowering: its B tile is written through a second view of the same shared memory
+    (below), which Mosaic GPU's interpreter does not alias. The barrier form's dependency
+    from layer to layer is a store, a release (a memory barrier that waits for this SM's
+    stores, 0.8-2.1 us under full DRAM load), a poll of the count and a TMA load of x. Here
+    it is a plain store and the reader's polls:
     - partial sums are float32 [L, S, D] (S = k_splits); each CTA first writes NaN into its
       own slots of every layer, and one grid barrier (the only one) makes that visible;
     - a CTA stores its layer's 64 partial sums with plain stores, and the next layer's CTAs
-      copy their split of all S partials with TMA (through L2, never a stale L1 line) until
-      none is NaN (at most MAX_POLLS copies; then the NaN goes on into the result);
+      read their split of all S partials until none is NaN (at most MAX_POLLS rounds; then
+      the NaN goes on into the result). blocks.poll="tma" repeats a TMA copy (through L2,
+      never a stale L1 line) and checks it across the warpgroup; "load" (faster: 1.5-1.7 us
+      a layer at D = 1024 against 2.3) has each thread reload its own values with volatile
+      loads (`_poll_loads`), no cross-thread step;
     - the S partials are summed in registers and written, in bf16, as row 0 of the B tile
       through an unswizzled view: the 128-byte swizzle leaves row 0 of each 8-row tile in
       place, and rows 1-7 stay zero (written once);
@@ -640,6 +732,11 @@ def poll_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), chain
             plgpu.barrier_wait(got_barrier)
             return tuple(plgpu.load(got.at[i], layout=layout) for i in range(splits))
 
+        def load_x(source):
+            """As copy_x, each thread polling its own values with volatile loads."""
+            return _poll_loads([source.at[i, pl.ds(split * tiles, tiles)] for i in range(splits)],
+                               (tiles, K_STEP), vec)
+
         def unwritten(values):
             return sum(jnp.sum(jnp.isnan(v).astype(jnp.int32)) for v in values) > 0
 
@@ -663,11 +760,15 @@ def poll_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), chain
                 with jax.named_scope("x"):
                     if chain:
                         source = parts_ref.at[jnp.maximum(layer - 1, 0)]
-                        first = lax.cond(layer == 0, lambda: copy_x(x0_ref),
-                                         lambda: copy_x(source))
-                        values, _ = lax.while_loop(
-                            lambda c: unwritten(c[0]) & (c[1] < MAX_POLLS),
-                            lambda c: (copy_x(source), c[1] + 1), (first, jnp.int32(1)))
+                        if blocks.poll == "load":
+                            values = lax.cond(layer == 0, lambda: copy_x(x0_ref),
+                                              lambda: load_x(source))
+                        else:
+                            first = lax.cond(layer == 0, lambda: copy_x(x0_ref),
+                                             lambda: copy_x(source))
+                            values, _ = lax.while_loop(
+                                lambda c: unwritten(c[0]) & (c[1] < MAX_POLLS),
+                                lambda c: (copy_x(source), c[1] + 1), (first, jnp.int32(1)))
                     else:
                         values = copy_x(x0_ref)
                     x = values[0]

@@ -124,6 +124,7 @@ def test_split_k_tiling_gives_each_cta_its_rows_and_split():
     ((2, 4096, 4096), rm.SplitKBlocks(k_splits=4), "every CTA must be resident"),
     ((2, 2048, 2048), rm.SplitKBlocks(k_splits=2, k_slot=128, stages=14), "shared memory"),
     ((2, 512, 512), rm.SplitKBlocks(k_splits=2, store="shared"), "tma or generic"),
+    ((2, 512, 512), rm.SplitKBlocks(k_splits=2, poll="spin"), "tma or load"),
 ])
 def test_split_k_refuses_what_it_cannot_tile(shape, blocks, words):
     problem = rm.supports_split_k(shape, jnp.bfloat16, blocks, num_sms=132)
@@ -172,13 +173,15 @@ def test_split_k_lowers_to_mosaic_gpu_for_hopper(chain, math, store):
     assert "mosaic_gpu" in run.trace(tiled, x0).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("d, splits, chain, math", [(2048, 4, True, True), (2048, 4, False, False),
-                                                  (1024, 8, True, True)])
-def test_poll_form_lowers_to_mosaic_gpu_for_hopper(d, splits, chain, math):
-    """The polling form (no grid barrier a layer) lowers for CUDA. Its numerics need a GPU:
-    Mosaic GPU's interpreter keeps the two views of its B tile apart (the plain stores never
-    reach the swizzled view), so tools/bench_ring_matvec.py checks them."""
-    blocks = rm.SplitKBlocks(k_splits=splits, k_slot=128, stages=8)
+@pytest.mark.parametrize("d, splits, chain, math, poll", [
+    (2048, 4, True, True, "tma"), (2048, 4, False, False, "tma"), (1024, 8, True, True, "tma"),
+    (2048, 4, True, True, "load"), (1024, 8, True, True, "load")])
+def test_poll_form_lowers_to_mosaic_gpu_for_hopper(d, splits, chain, math, poll):
+    """The polling form (no grid barrier a layer) lowers for CUDA, polling by TMA copies or by
+    volatile loads. Its numerics need a GPU: Mosaic GPU's interpreter keeps the two views of
+    its B tile apart (the plain stores never reach the swizzled view), so
+    tools/bench_ring_matvec.py checks them (correct on an H200, sixteenth session)."""
+    blocks = rm.SplitKBlocks(k_splits=splits, k_slot=128, stages=8, poll=poll)
     tiled = jax.ShapeDtypeStruct((3, d // 64 * splits, d // splits // 128, 64, 128), jnp.bfloat16)
     x0 = jax.ShapeDtypeStruct((d,), jnp.float32)
     run = jax.jit(lambda w, x: rm.poll_matvec_chain(w, x, blocks=blocks, chain=chain, math=math))
@@ -199,11 +202,14 @@ def test_bench_cases_parse_both_forms_and_refuse_what_the_kernels_do_not_take():
                                                              128)
     assert bench.parse_case("sk:2048:64:4:128:8:generic")[2].store == "generic"
     assert bench.parse_case("pk:1024:128:8:128:10")[3] is rm.poll_matvec_chain
+    assert bench.parse_case("pk:1024:128:8:128:10")[2].poll == "tma"
+    assert bench.parse_case("pk:1024:128:8:128:10:load")[2].poll == "load"
     for bad, words in [("2048:64", "want D:L"), ("sk:2048:64:4", "want D:L"),
                        ("2048:64:16:24:x", "want D:L"), ("2048:64:24:8:256", "rows a CTA"),
                        ("sk:4096:4:4:128:8", "every CTA must be resident"),
                        ("sk:2048:64:4:128:8:smem", "want D:L"),
-                       ("pk:2048:64:4:128:8:generic", "want D:L")]:
+                       ("pk:2048:64:4:128:8:generic", "want D:L"),
+                       ("sk:2048:64:4:128:8:load", "want D:L")]:
         with pytest.raises(ValueError, match=words):
             bench.parse_case(bad)
 

@@ -8,8 +8,10 @@ across grid barriers?
 A case is D:L:rows:stages:k_slot[:accumulators[:consumers]] (L layers of [D, D] bf16 weights,
 x as the wgmma A operand; 4 accumulators and 1 consumer warpgroup unless given), or
 sk:D:L:k_splits:k_slot:stages[:tma|generic] (the split-K form, the weights as the A operand;
-its partial sums stored by TMA, the default, or by plain stores), or pk:D:L:k_splits:k_slot:stages
-(the split-K form polling its input instead of a grid barrier a layer). For each case: the error against the
+its partial sums stored by TMA, the default, or by plain stores), or
+pk:D:L:k_splits:k_slot:stages[:tma|load] (the split-K form polling its input
+instead of a grid barrier a layer: by TMA copies, the default, or by each thread's volatile
+loads). For each case: the error against the
 float32 reference, a rerun's bitwise agreement (the grid barrier's semaphore must come back to
 0 between calls), then the time of one chained call (the chain's L grid barriers), of one call
 without the barriers (every layer multiplies x0: the ring's streaming alone), of one without
@@ -85,11 +87,14 @@ def parse_case(case: str):
     split_k = polled or case.startswith("sk:")
     fields = (case[3:] if split_k else case).split(":")
     usage = ("want D:L:rows:stages:k_slot[:accumulators[:consumers]], sk:D:L:k_splits:k_slot:"
-             "stages[:tma|generic] or pk:D:L:k_splits:k_slot:stages, positive integers, e.g. "
+             "stages[:tma|generic] or pk:D:L:k_splits:k_slot:stages[:tma|load], positive "
+             "integers, e.g. "
              "2048:64:16:24:256 or sk:2048:64:4:128:8")
-    store = "tma"
+    store = poll = "tma"
     if split_k and not polled and len(fields) == 6 and fields[-1] in ("tma", "generic"):
         store = fields.pop()
+    if polled and len(fields) == 6 and fields[-1] in ("tma", "load"):
+        poll = fields.pop()
     if not all(f.isdigit() and int(f) > 0 for f in fields) or not (
             len(fields) == 5 if split_k else 5 <= len(fields) <= 7):
         raise ValueError(usage)
@@ -97,7 +102,7 @@ def parse_case(case: str):
     if split_k:
         d, layers, splits, k_slot, stages = values
         blocks = ring_matvec.SplitKBlocks(k_splits=splits, k_slot=k_slot, stages=stages,
-                                          store=store)
+                                          store=store, poll=poll)
         problem = ring_matvec.supports_split_k((layers, d, d), jnp.bfloat16, blocks)
         if problem:
             raise ValueError(f"the split-K form does not take {problem}")
@@ -120,13 +125,18 @@ def main() -> None:
                         help="D:L:rows:stages:k_slot[:accumulators[:consumers]] (x as the wgmma "
                              "A operand), sk:D:L:k_splits:k_slot:stages[:tma|generic] (the "
                              "split-K form, weights as A; how partials are stored) or "
-                             "pk:D:L:k_splits:k_slot:stages (split-K, polling); default: the "
-                             "five below")
+                             "pk:D:L:k_splits:k_slot:stages[:tma|load] (split-K, "
+                             "polling by TMA copies or volatile loads); default: the five "
+                             "below")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--chain-only", action="store_true",
+                        help="time only the chained call (for variants of the chain alone: "
+                             "their streaming rate is the same form's without barriers)")
     parser.add_argument("--profile", metavar="DIR",
-                        help="split-K and polling cases: also run one chained call under Mosaic GPU's "
-                             "profiler, keep its trace in DIR and report the consumer's phases "
-                             "per layer (cycles, and us scaled to the unprofiled chained time)")
+                        help="split-K and polling cases: also run one chained call under "
+                             "Mosaic GPU's profiler, keep its trace in DIR and report the "
+                             "consumer's phases per layer (cycles, and us scaled to the "
+                             "unprofiled chained time)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1 (got {args.repeats})")
@@ -171,15 +181,16 @@ def main() -> None:
             row["timed"] = f"no: wrong by more than {WRONG} of the scale"
             print(json.dumps(row), flush=True)
             continue
-        for name, fn, weights in (("ring_chain", ring, tiled), ("ring_no_barrier", flat, tiled),
-                                  ("ring_no_math", no_math, tiled),
-                                  ("xla_chain", jax.jit(xla_chain), ws)):
+        timed = (("ring_chain", ring, tiled), ("ring_no_barrier", flat, tiled),
+                 ("ring_no_math", no_math, tiled), ("xla_chain", jax.jit(xla_chain), ws))
+        for name, fn, weights in timed[:1] if args.chain_only else timed:
             rate = per_pass_rate(chained_calls(fn, weights), x0, nbytes, args.repeats)
             row[f"{name}_us"] = round(nbytes / rate * 1e6, 1)
             row[f"{name}_of_copy"] = round(rate / copy_bw, 3)
             row[f"{name}_of_read"] = round(rate / read_bw, 3)
-        row["barrier_cost_us_per_layer"] = round(
-            (row["ring_chain_us"] - row["ring_no_barrier_us"]) / layers, 2)
+        if not args.chain_only:
+            row["barrier_cost_us_per_layer"] = round(
+                (row["ring_chain_us"] - row["ring_no_barrier_us"]) / layers, 2)
         if args.profile and kernel is not ring_matvec.ring_matvec_chain:
             try:  # (not run on a GPU yet: a failure is reported, the timings are kept)
                 row["phases"] = profiled_phases(kernel, tiled, x0, blocks, args.profile,
