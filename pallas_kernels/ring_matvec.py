@@ -1,10 +1,10 @@
 """A chain of matrix-vector products in one persistent Mosaic GPU kernel, its weights streamed
-through a shared-memory ring that never waits for the chain: the first milestone of the
+through a shared-memory ring that never waits for the chain: the prototype of the
 ring-streamed batch-1 decode step proposed in docs/design.md.
 
-    tiled = tile_weights(ws, blocks)            # ws [L, D, D] bf16, once at load time
-    xs = ring_matvec_chain(tiled, x0, blocks=blocks)   # x0 [D] float32 -> xs [L, D] float32
-                                                       # xs[l] = ws[l] @ xs[l - 1], xs[-1] = x0
+    tiled = tile_weights_split_k(ws, blocks)         # ws [L, D, D] bf16, once at load time
+    xs = poll_matvec_chain(tiled, x0, blocks=blocks)  # x0 [D] float32 -> xs [L, D] float32
+                                                      # xs[l] = ws[l] @ xs[l - 1], xs[-1] = x0
 
 What it measures: a batch-1 decode step is a chain of matrix-vector products, each needing the
 whole output of the one before (a grid-wide dependency). The Triton-lowered step
@@ -12,55 +12,35 @@ whole output of the one before (a grid-wide dependency). The Triton-lowered step
 so DRAM idles during every barrier and every short stage's ramp. Here the weights, which do not
 depend on the chain, stream on their own:
 
-- one CTA per row block of `rows` output rows (D / rows CTAs, all resident: the grid barrier
-  needs every CTA running);
-- the producer warpgroup (the last) walks the CTA's [rows, k_slot] weight tiles of every layer
-  in order and copies each with TMA into a ring of `stages` shared-memory slots, waiting only
-  for a slot to be released. It never waits for the chain, so it runs up to the ring's size
-  ahead (stages * rows * k_slot * 2 bytes per CTA, about 26 MB over 132 SMs at the default);
-- the consumer warpgroup(s), per layer: consumer 0 waits at the grid barrier for the previous
-  layer's output and copies x (D float32) into shared memory; each consumer multiplies x with
-  its slots (every `consumers`-th) on wgmma and releases them; the others hand their sums to
-  consumer 0, which stores the CTA's rows of the output and signals the barrier.
+- CTA c = r * S + s (S = k_splits, all CTAs resident) owns rows [64 r, 64 r + 64) of every
+  layer over x's split s, columns [s D / S, (s + 1) D / S): the contraction is split over S
+  CTAs, each producing partial sums of its 64 rows;
+- its producer warpgroup walks the CTA's [64, k_slot] weight tiles of every layer in order and
+  copies each with TMA into a ring of `stages` shared-memory slots, waiting only for a slot to
+  be released. It never waits for the chain, so it runs up to the ring's size ahead;
+- its consumer warpgroup, per layer, gets x's split of the layer before, multiplies it with
+  the layer's slots on wgmma (the weight tile as the A operand from the ring, x as an N = 8 B
+  operand) and stores its 64 partial sums.
 
-The product on tensor cores: x as the A operand, broadcast to all 64 rows of a wgmma tile in
-registers (so every row of the [64, rows] accumulator holds the same dot products; row 0 is
-stored), the weight tile as a transposed B operand straight from the ring.
+Two forms differ in how a layer learns that the one before is done:
+- `split_k_matvec_chain`: a grid barrier a layer on a global semaphore (each CTA adds 1 after
+  its partials are stored; layer l + 1 waits for C * (l + 1); CTA 0 takes the count back to 0
+  at the end, since the semaphore persists across calls). x's S partials, stored in bf16 as
+  rows of an [8, D] buffer, come in by one TMA copy and the tensor cores add them (column i
+  of the [64, 8] accumulator is the product with partial i). Its flat form runs in Mosaic
+  GPU's interpreter (the tests do, with race detection).
+- `poll_matvec_chain`: no barrier a layer. Partials are float32, armed with NaN once per call;
+  readers poll their values with volatile loads until none is NaN, sum them in registers and
+  write x into the B tile. It is the faster chain (sixteenth session): 1.5-1.7 us a layer at
+  D = 1024 against 2.0-2.3 with barriers, and 87% of the copy bandwidth chained at D = 4096
+  on an H100. The barrier's cost is its release, which waits for the SM's stores.
 
-The grid barrier is a global semaphore: after its rows of layer l are in global memory, each
-CTA adds 1; the consumer of layer l + 1 waits until it reads C * (l + 1), C the number of CTAs.
-The semaphore persists across calls, so at the end CTA 0 waits until every CTA has passed its
-last wait (a second semaphore counts them) and takes the count back to 0. A call that dies
-mid-way (it cannot, short of a device fault) would leave the count wrong.
-
-The reference is `ring_matvec_chain_reference` (float32 products of the bf16 weights).
-
-A second form, `split_k_matvec_chain` (end of the file), turns the product around: the
-weights are the wgmma A operand (64 rows a CTA, the contraction split over CTAs), x an N = 8
-B operand copied in by TMA. Its flat form runs in Mosaic GPU's interpreter on CPU (the tests
-do, with race detection). On an H200 (fifteenth session) it is correct chained at D = 2048
-and streams at 97.7% of the copy bandwidth without barriers; chained, the dependency between
-layers (about 1.7 us) holds it at 53%.
-
-A third, `poll_matvec_chain`, is the split-K form without a grid barrier per layer: each
-layer polls the partial sums it reads (NaN until written), best with volatile loads into
-registers (blocks.poll="load"). It is correct on H100 and H200 and the fastest chain here
-(sixteenth session): 1.5-1.7 us a layer at D = 1024, where the barrier form takes 2.0-2.3.
-Both split-K forms can record their consumer's phases with Mosaic GPU's profiler
-(profile_dir; `profile_phases` reads the trace).
-
-Status (docs/benchmarks.md, fourteenth and fifteenth sessions, H200 and H100): correct on the
-GPU at D = 2048, 4096 and 8192 (x rounds to bf16 each layer: 0.3-1.2% of the output's scale
-after 4-64 layers; reruns are bitwise equal). Without products (math=False) the producer and
-TMA stream at 96-102% of the copy bandwidth, so the ring is not the limit; the consumer is.
-Without barriers, 16 rows a CTA stream at 49% (66% with two consumer warpgroups), 32 rows at
-92-96%, 64 rows at 100%; the grid barriers add 1.2-1.9 us a layer at these layer sizes. What
-the consumer pays per slot is the A operand: x broadcast to 64 rows, rebuilt from shared
-memory in registers for every slot, whatever the slot's rows. An earlier form that
-kept one wgmma in flight across slots, its A operand in registers, gave wrong results at
-D = 4096 (32 rows) with the barriers on (right without them; reruns differed). The cause is
-not confirmed: a wgmma still reading registers that the next slot's A overwrote would explain
-it, so every slot now waits for its wgmmas (correct at 4096 on an H100, fifteenth session).
+Both can record their consumer's phases with Mosaic GPU's profiler (profile_dir;
+`profile_phases` reads the trace). The reference is `ring_matvec_chain_reference` (float32
+products of the bf16 weights); the GPU numbers are in docs/benchmarks.md (fourteenth to
+sixteenth sessions). An earlier form with x as the A operand, broadcast to 64 rows in
+registers and rebuilt for every slot, streamed at 49-66% with 16 rows a CTA and lost to the
+polling form at D = 4096; it is gone (git history has it).
 """
 
 from __future__ import annotations
@@ -84,42 +64,6 @@ from pallas_kernels.grouped_matmul_mosaic import _num_sms
 WGMMA_M = 64  # rows (M) of a wgmma tile
 K_STEP = 64  # contracted elements per wgmma (128 bytes of bf16: one 128-byte swizzle row)
 SWIZZLED = (plgpu.TilingTransform((8, K_STEP)), plgpu.SwizzleTransform(128))  # wgmma operands
-
-
-@dataclasses.dataclass(frozen=True)
-class RingBlocks:
-    """rows: output rows per CTA (wgmma N: a multiple of 8); k_slot: contracted elements per
-    ring slot; stages: ring slots (shared memory: stages * rows * k_slot * 2 bytes);
-    accumulators: independent wgmma accumulators a slot's products rotate through;
-    consumers: consumer warpgroups (1 or 2), taking a layer's slots in turn."""
-    rows: int = 16
-    k_slot: int = 256
-    stages: int = 24
-    accumulators: int = 4
-    consumers: int = 1
-
-
-def supports(ws_shape, dtype, blocks: RingBlocks = RingBlocks(), num_sms: int = 132):
-    """None if `ring_matvec_chain` takes these weights, else the constraint they break."""
-    if len(ws_shape) != 3 or ws_shape[1] != ws_shape[2]:
-        return f"weights of shape {ws_shape} (needs [L, D, D])"
-    d = ws_shape[1]
-    if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
-        return f"dtype {jnp.dtype(dtype).name} (needs bfloat16)"
-    if blocks.rows % 8 or K_STEP % blocks.rows or d % K_STEP:
-        return (f"D={d} with {blocks.rows} rows a CTA (D: a multiple of {K_STEP}; rows: a "
-                f"multiple of 8 dividing {K_STEP})")
-    if d // blocks.rows > num_sms:
-        return f"{d // blocks.rows} CTAs (D / rows) for {num_sms} SMs: every CTA must be resident"
-    if blocks.k_slot % K_STEP or blocks.k_slot > 256 or d % blocks.k_slot:
-        return (f"D={d} with k_slot {blocks.k_slot} (k_slot: a multiple of {K_STEP} up to 256 "
-                f"dividing D)")
-    if blocks.consumers not in (1, 2):
-        return f"{blocks.consumers} consumer warpgroups (1 or 2)"
-    ring_bytes = blocks.stages * blocks.rows * blocks.k_slot * 2
-    if ring_bytes + 4 * d + 4 * WGMMA_M * blocks.rows > 220 * 1024:
-        return f"a {ring_bytes}-byte ring plus x and the output tile (over 220 KB of shared memory)"
-    return None
 
 
 def ring_matvec_chain_reference(ws, x0):
@@ -152,12 +96,8 @@ class _GridBarrier:
         self.done = pl.get_global(plgpu.SemaphoreType.REGULAR)  # CTAs past their last wait
 
     def arrive(self):
-        """For outputs stored by TMA: the proxy fence, then `signal`."""
-        _fence_proxy_async_global()
-        self.signal()
-
-    def signal(self):
-        """This CTA's arrival (a release: its plain stores before it are visible first)."""
+        """This CTA's arrival: a release, so its plain stores before it are visible first
+        (TMA stores also need `_fence_proxy_async_global` before it)."""
         plgpu.semaphore_signal(self.count, 1, memory_scope="gpu")
 
     def wait(self, generation):
@@ -198,15 +138,6 @@ def _stream_weights(ws_ref, ring, full, empty, cta, total_slots: int, slots_per_
         plgpu.barrier_wait(empty.at[lax.rem(i, stages)])
 
 
-def _check_x0(x0, d: int):
-    if x0.shape != (d,):
-        raise ValueError(f"x0 of shape {x0.shape} for weights of D={d}: it must be [{d}]")
-
-
-# Scopes a profiled warpgroup records before the rest are dropped: 16 bytes each per warpgroup
-# in shared memory (16 KB for two warpgroups). Loops inside a scope record a nested scope per
-# iteration (profile_phases reads the outermost), so long chains are cut short; the medians
-# come from the layers recorded.
 PROFILE_REGIONS = 512
 
 
@@ -227,145 +158,6 @@ def _launch(kernel, scratch, out_type, num_ctas: int, num_threads: int, *args,
                         num_threads=num_threads, thread_name="wg", compiler_params=params)(*args)
 
 
-def tile_weights(ws, blocks: RingBlocks = RingBlocks()):
-    """[L, D, D] -> [L, D / rows, D / k_slot, rows, k_slot]: each CTA's ring slot of a layer
-    as one contiguous block (in row-major weights a slot is `rows` separate runs of k_slot * 2
-    bytes). Done once, when the weights are loaded. It did not change the streaming rate at 16
-    rows a CTA (docs/benchmarks.md), and it costs nothing per call."""
-    problem = supports(ws.shape, ws.dtype, blocks, _num_sms())
-    if problem is not None:
-        raise ValueError(f"ring_matvec_chain does not take {problem}")
-    num_layers, d, _ = ws.shape
-    return ws.reshape(num_layers, d // blocks.rows, blocks.rows, d // blocks.k_slot,
-                      blocks.k_slot).transpose(0, 1, 3, 2, 4)
-
-
-def ring_matvec_chain(tiled, x0, *, blocks: RingBlocks = RingBlocks(), chain: bool = True,
-                      math: bool = True):
-    """xs [L, D] float32, xs[l] = ws[l] @ xs[l - 1] from x0, tiled = tile_weights(ws, blocks);
-    see the module docstring.
-
-    Timing only: chain=False multiplies x0 in every layer, with no grid barrier (the ring's
-    streaming alone): xs[l] = ws[l] @ x0. math=False also leaves out the products (the
-    consumers take each slot and release it; the output is zeros): the producer and TMA alone."""
-    num_layers, num_ctas, slots_per_layer, rows, k_slot = tiled.shape
-    if (rows, k_slot) != (blocks.rows, blocks.k_slot):
-        raise ValueError(f"weights tiled in [{rows}, {k_slot}] slots for blocks {blocks}: "
-                         "tile them with tile_weights(ws, blocks)")
-    consumers = blocks.consumers
-    if slots_per_layer % consumers:
-        raise ValueError(f"{slots_per_layer} slots a layer do not split over {consumers} "
-                         "consumer warpgroups")
-    d = num_ctas * rows
-    _check_x0(x0, d)
-    stages = blocks.stages
-    total_slots = num_layers * slots_per_layer
-
-    def kernel(ws_ref, x0_ref, out_ref, ring, full, empty, x_smem, x_barrier, y_smem, handoff):
-        wg = lax.axis_index("wg")
-        cta = lax.axis_index("ctas")
-        row0 = cta * rows
-        barrier = _GridBarrier(num_ctas) if chain else None
-
-        @pl.when(wg == consumers)
-        def _producer():
-            _stream_weights(ws_ref, ring, full, empty, cta, total_slots, slots_per_layer)
-
-        def products(layer, *acc_refs):
-            """This consumer's slots of the layer (every consumers-th), its wgmmas of K_STEP
-            each in turn into independent accumulators: each wgmma is small (N = rows), and
-            one accumulator's chain of dependent wgmmas would be latency-bound."""
-            @pl.loop(wg, slots_per_layer, step=consumers)
-            def _slot(k):
-                slot = lax.rem(layer * slots_per_layer + k, stages)
-                plgpu.barrier_wait(full.at[slot])
-                if math:
-                    for j in range(k_slot // K_STEP):
-                        xk = plgpu.load(x_smem.at[k, pl.ds(j * K_STEP, K_STEP)],
-                                        layout=plgpu.Layout.WGMMA.reduce(0))
-                        a = lax.broadcast_in_dim(xk, (WGMMA_M, K_STEP), [1]).astype(tiled.dtype)
-                        plgpu.wgmma(acc_refs[j % len(acc_refs)], a,
-                                    ring.at[slot, :, pl.ds(j * K_STEP, K_STEP)].transpose((1, 0)))
-                    # Every wgmma done before the next slot's A registers are written (a
-                    # wgmma in flight still reads its A from registers).
-                    plgpu.wgmma_wait(0)
-                plgpu.barrier_arrive(empty.at[slot])
-
-            total = acc_refs[0][...]
-            for acc_ref in acc_refs[1:]:
-                total = total + acc_ref[...]
-            return total
-
-        @pl.when(wg < consumers)
-        def _consumer():
-            plgpu.set_max_registers(232, action="increase")
-
-            @pl.loop(0, num_layers)
-            def _layer(layer):
-                # Consumer 0 brings x in (after the grid barrier); every consumer waits for it.
-                @pl.when((wg == 0) & ((layer == 0) | (not chain)))
-                def _first():
-                    plgpu.copy_gmem_to_smem(x0_ref, x_smem, x_barrier)
-
-                if chain:
-                    @pl.when((wg == 0) & (layer > 0))
-                    def _chained():  # the grid barrier: every CTA's rows of layer - 1 stored
-                        barrier.wait(layer)
-                        plgpu.copy_gmem_to_smem(out_ref.at[layer - 1], x_smem, x_barrier)
-
-                plgpu.barrier_wait(x_barrier)
-                acc = pl.run_scoped(functools.partial(products, layer),
-                                    *[plgpu.ACC((WGMMA_M, rows), jnp.float32)] *
-                                    blocks.accumulators)
-
-                # Consumers 1.. hand their sums to consumer 0 through y_smem, one at a time;
-                # consumer 0 reads them only after its own products, and the next layer's x
-                # (which the others wait for) comes after that.
-                for c in range(1, consumers):
-                    @pl.when(wg == c)
-                    def _hand_over():
-                        y_smem[...] = acc
-                        plgpu.barrier_arrive(handoff.at[c - 1])
-
-                @pl.when(wg == 0)
-                def _store():
-                    total = acc
-                    for c in range(1, consumers):
-                        plgpu.barrier_wait(handoff.at[c - 1])
-                        total = total + y_smem[...]
-                    y_smem[...] = total
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(
-                        y_smem.at[pl.ds(0, 1)],
-                        out_ref.at[pl.ds(layer, 1), lax.div(row0, k_slot),
-                                   pl.ds(lax.rem(row0, k_slot), rows)])
-                    plgpu.wait_smem_to_gmem(0)
-                    if chain:
-                        barrier.arrive()
-
-            if chain:
-                @pl.when(wg == 0)
-                def _reset():
-                    barrier.reset(cta, num_layers)
-
-    scratch = (
-        plgpu.SMEM((stages, rows, k_slot), tiled.dtype, transforms=SWIZZLED),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-        plgpu.SMEM((d // k_slot, k_slot), jnp.float32),
-        plgpu.Barrier(),
-        plgpu.SMEM((WGMMA_M, rows), jnp.float32),
-        plgpu.Barrier(num_arrivals=1, num_barriers=max(1, consumers - 1)),
-    )
-
-    # x and the outputs as [D / k_slot, k_slot]: a slot's chunk of x is one row, and a TMA
-    # copy takes at most 256 elements a dim.
-    out_type = jax.ShapeDtypeStruct((num_layers, d // k_slot, k_slot), jnp.float32)
-    out = _launch(kernel, scratch, out_type, num_ctas, consumers + 1,
-                  tiled, x0.astype(jnp.float32).reshape(d // k_slot, k_slot))
-    return out.reshape(num_layers, d)
-
-
 # ----------------------------------------------------------------------------- split-K form
 
 
@@ -380,10 +172,6 @@ class SplitKBlocks:
     # from shared memory, waited for, then a proxy fence before the arrival) or "generic"
     # (plain stores from registers, ordered by the arrival's release alone).
     store: str = "tma"
-    # How poll_matvec_chain reads the partials it waits for: "tma" (bulk copies into shared
-    # memory, repeated while any value is NaN) or "load" (each thread's own values, loaded
-    # volatile from L2 into registers and reloaded until none of them is NaN).
-    poll: str = "tma"
 
 
 B_ROWS = 8  # rows of the B tile (wgmma N): the S partials of x, then zeros
@@ -402,8 +190,6 @@ def supports_split_k(ws_shape, dtype, blocks: SplitKBlocks = SplitKBlocks(),
                 f"{WGMMA_M}; blocks x splits CTAs, at most {num_sms}: every CTA must be resident)")
     if blocks.store not in ("tma", "generic"):
         return f"store {blocks.store!r} (tma or generic)"
-    if blocks.poll not in ("tma", "load"):
-        return f"poll {blocks.poll!r} (tma or load)"
     if blocks.k_splits > B_ROWS:
         return f"{blocks.k_splits} splits (at most {B_ROWS}: the partials are the B tile's rows)"
     part = d // blocks.k_splits
@@ -435,12 +221,12 @@ def _split_k_input(tiled, x0, blocks: SplitKBlocks, rows: int, dtype):
     """(D, x0 as `rows` [D] rows of dtype: its partials, then zeros) for weights tiled by
     tile_weights_split_k with these blocks, x0 being [D] or up to S partials [n, D]; else a
     ValueError that says what to do."""
-    _, num_ctas, _, m, k_slot = tiled.shape
+    _, num_ctas, slots, m, k_slot = tiled.shape
     splits = blocks.k_splits
-    if (m, k_slot) != (WGMMA_M, blocks.k_slot) or num_ctas % splits:
+    d = num_ctas // splits * WGMMA_M
+    if (m, k_slot) != (WGMMA_M, blocks.k_slot) or num_ctas % splits or slots * k_slot * splits != d:
         raise ValueError(f"weights tiled as {tiled.shape} for blocks {blocks}: tile them with "
                          "tile_weights_split_k(ws, blocks)")
-    d = num_ctas // splits * WGMMA_M
     if x0.shape != (d,) and not (x0.ndim == 2 and x0.shape[0] <= splits and x0.shape[1] == d):
         raise ValueError(f"x0 of shape {x0.shape} for weights of D={d}: it must be [{d}] or "
                          f"up to {splits} partial sums [n, {d}]")
@@ -480,12 +266,11 @@ def _split_k_products(ring, full, empty, b_smem, math: bool, layer, acc_ref):
 
 def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), chain: bool = True,
                          math: bool = True, profile_dir=None):
-    """xs [L, D] float32 as `ring_matvec_chain`, tiled = tile_weights_split_k(ws, blocks).
+    """xs [L, D] float32, xs[l] = ws[l] @ xs[l - 1] from x0, tiled =
+    tile_weights_split_k(ws, blocks), with a grid barrier between layers.
 
-    The form to try where a small-N wgmma with x broadcast as A is what holds
-    `ring_matvec_chain` at 16 rows a CTA (design.md): here each k16 wgmma consumes a [64, 16]
-    weight tile (2 KB) as the A operand from the ring, and x is an N = 8 B operand that one
-    TMA copy brings in per layer, with no register work.
+    Each k16 wgmma consumes a [64, 16] weight tile (2 KB) as the A operand from the ring, and
+    x is an N = 8 B operand that one TMA copy brings in per layer, with no register work.
     - CTA c = r * S + s (S = k_splits) multiplies rows [64 r, 64 r + 64) of each layer's
       weights with x's split s, columns [s D / S, (s + 1) D / S), and stores the partial sums
       of its 64 rows, in bf16, as row s of the layer's output: parts [L, 8, D].
@@ -585,7 +370,7 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
                         with jax.named_scope("fence"):
                             _fence_proxy_async_global()
                     with jax.named_scope("arrive"):
-                        barrier.signal()
+                        barrier.arrive()
 
             if chain:
                 barrier.reset(cta, num_layers)
@@ -691,12 +476,11 @@ def poll_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), chain
     it is a plain store and the reader's polls:
     - partial sums are float32 [L, S, D] (S = k_splits); each CTA first writes NaN into its
       own slots of every layer, and one grid barrier (the only one) makes that visible;
-    - a CTA stores its layer's 64 partial sums with plain stores, and the next layer's CTAs
-      read their split of all S partials until none is NaN (at most MAX_POLLS rounds; then
-      the NaN goes on into the result). blocks.poll="tma" repeats a TMA copy (through L2,
-      never a stale L1 line) and checks it across the warpgroup; "load" (faster: 1.5-1.7 us
-      a layer at D = 1024 against 2.3) has each thread reload its own values with volatile
-      loads (`_poll_loads`), no cross-thread step;
+    - a CTA stores its layer's 64 partial sums with plain stores, and each thread of the
+      next layer's CTAs reloads its own values of their split of all S partials with
+      volatile loads until none is NaN (`_poll_loads`; at most MAX_POLLS rounds, then the
+      NaN goes on into the result). Polling by repeated TMA copies, checked across the
+      warpgroup, was slower: 2.26 us a layer at D = 1024 against 1.51 (H200);
     - the S partials are summed in registers and written, in bf16, as row 0 of the B tile
       through an unswizzled view: the 128-byte swizzle leaves row 0 of each 8-row tile in
       place, and rows 1-7 stay zero (written once);
@@ -727,18 +511,15 @@ def poll_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), chain
         layout = plgpu.Layout.WG_STRIDED((tiles, K_STEP), vec_size=vec)
 
         def copy_x(source):
-            """This split's columns of all S partials into `got` -> them, S values."""
+            """This split's columns of all S partials of x0 into `got` -> them, S values."""
             plgpu.copy_gmem_to_smem(source.at[:, pl.ds(split * tiles, tiles)], got, got_barrier)
             plgpu.barrier_wait(got_barrier)
             return tuple(plgpu.load(got.at[i], layout=layout) for i in range(splits))
 
-        def load_x(source):
-            """As copy_x, each thread polling its own values with volatile loads."""
+        def poll_x(source):
+            """The same of the layer before, each thread polling its own values."""
             return _poll_loads([source.at[i, pl.ds(split * tiles, tiles)] for i in range(splits)],
                                (tiles, K_STEP), vec)
-
-        def unwritten(values):
-            return sum(jnp.sum(jnp.isnan(v).astype(jnp.int32)) for v in values) > 0
 
         @pl.when(wg == 0)
         def _consumer():
@@ -760,15 +541,8 @@ def poll_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), chain
                 with jax.named_scope("x"):
                     if chain:
                         source = parts_ref.at[jnp.maximum(layer - 1, 0)]
-                        if blocks.poll == "load":
-                            values = lax.cond(layer == 0, lambda: copy_x(x0_ref),
-                                              lambda: load_x(source))
-                        else:
-                            first = lax.cond(layer == 0, lambda: copy_x(x0_ref),
-                                             lambda: copy_x(source))
-                            values, _ = lax.while_loop(
-                                lambda c: unwritten(c[0]) & (c[1] < MAX_POLLS),
-                                lambda c: (copy_x(source), c[1] + 1), (first, jnp.int32(1)))
+                        values = lax.cond(layer == 0, lambda: copy_x(x0_ref),
+                                          lambda: poll_x(source))
                     else:
                         values = copy_x(x0_ref)
                     x = values[0]

@@ -3,15 +3,12 @@ roofline and XLA, on the GPU: does streaming weights through a shared-memory rin
 across grid barriers?
 
     python tools/bench_ring_matvec.py                       # default cases
-    python tools/bench_ring_matvec.py --case 2048:64:16:24:256:4:2 --case sk:2048:64:4:128:8
+    python tools/bench_ring_matvec.py --case pk:4096:16:2:128:8 --case sk:2048:64:4:128:8
 
-A case is D:L:rows:stages:k_slot[:accumulators[:consumers]] (L layers of [D, D] bf16 weights,
-x as the wgmma A operand; 4 accumulators and 1 consumer warpgroup unless given), or
-sk:D:L:k_splits:k_slot:stages[:tma|generic] (the split-K form, the weights as the A operand;
-its partial sums stored by TMA, the default, or by plain stores), or
-pk:D:L:k_splits:k_slot:stages[:tma|load] (the split-K form polling its input
-instead of a grid barrier a layer: by TMA copies, the default, or by each thread's volatile
-loads). For each case: the error against the
+A case is sk:D:L:k_splits:k_slot:stages[:tma|generic] (L layers of [D, D] bf16 weights, the
+split-K form with a grid barrier a layer; its partial sums stored by TMA, the default, or by
+plain stores) or pk:D:L:k_splits:k_slot:stages (the split-K form polling its input with
+volatile loads instead of a barrier a layer). For each case: the error against the
 float32 reference, a rerun's bitwise agreement (the grid barrier's semaphore must come back to
 0 between calls), then the time of one chained call (the chain's L grid barriers), of one call
 without the barriers (every layer multiplies x0: the ring's streaming alone), of one without
@@ -19,7 +16,7 @@ barriers or products (the producer and TMA alone), and of XLA's chain, each as p
 from (40 calls - 8 calls) / 32 in one jitted loop, and their bandwidth over the weights' bytes
 against the copy and read bandwidth measured in the same process. One JSON object per line.
 A case more than WRONG off the reference is reported and not timed.
-With --profile DIR, split-K rows also give the consumer's phases per layer (grid-barrier wait,
+With --profile DIR, rows also give the consumer's phases per layer (grid-barrier wait or poll,
 x's copy, products, partials' store, arrival) from one chained call under Mosaic GPU's
 profiler, whose trace stays in DIR (chrome://tracing or Perfetto open it).
 """
@@ -81,71 +78,49 @@ def xla_chain(ws, x0):
 
 
 def parse_case(case: str):
-    """(D, L, blocks, the kernel, the tiling, CTAs) of a --case, or a ValueError that says the
-    format."""
+    """(D, L, blocks, the kernel, CTAs) of a --case, or a ValueError that says the format."""
     polled = case.startswith("pk:")
-    split_k = polled or case.startswith("sk:")
-    fields = (case[3:] if split_k else case).split(":")
-    usage = ("want D:L:rows:stages:k_slot[:accumulators[:consumers]], sk:D:L:k_splits:k_slot:"
-             "stages[:tma|generic] or pk:D:L:k_splits:k_slot:stages[:tma|load], positive "
-             "integers, e.g. "
-             "2048:64:16:24:256 or sk:2048:64:4:128:8")
-    store = poll = "tma"
-    if split_k and not polled and len(fields) == 6 and fields[-1] in ("tma", "generic"):
+    fields = case[3:].split(":") if polled or case.startswith("sk:") else []
+    usage = ("want sk:D:L:k_splits:k_slot:stages[:tma|generic] or pk:D:L:k_splits:k_slot:stages, "
+             "positive integers, e.g. sk:2048:64:4:128:8 or pk:1024:128:8:128:10")
+    store = "tma"
+    if not polled and len(fields) == 6 and fields[-1] in ("tma", "generic"):
         store = fields.pop()
-    if polled and len(fields) == 6 and fields[-1] in ("tma", "load"):
-        poll = fields.pop()
-    if not all(f.isdigit() and int(f) > 0 for f in fields) or not (
-            len(fields) == 5 if split_k else 5 <= len(fields) <= 7):
+    if len(fields) != 5 or not all(f.isdigit() and int(f) > 0 for f in fields):
         raise ValueError(usage)
-    values = list(map(int, fields))
-    if split_k:
-        d, layers, splits, k_slot, stages = values
-        blocks = ring_matvec.SplitKBlocks(k_splits=splits, k_slot=k_slot, stages=stages,
-                                          store=store, poll=poll)
-        problem = ring_matvec.supports_split_k((layers, d, d), jnp.bfloat16, blocks)
-        if problem:
-            raise ValueError(f"the split-K form does not take {problem}")
-        kernel = ring_matvec.poll_matvec_chain if polled else ring_matvec.split_k_matvec_chain
-        return d, layers, blocks, kernel, ring_matvec.tile_weights_split_k, d // 64 * splits
-    d, layers, rows, stages, k_slot, *rest = values
-    accumulators, consumers = (rest + [4, 1][len(rest):])[:2]
-    blocks = ring_matvec.RingBlocks(rows=rows, k_slot=k_slot, stages=stages,
-                                    accumulators=accumulators, consumers=consumers)
-    problem = ring_matvec.supports((layers, d, d), jnp.bfloat16, blocks)
+    d, layers, splits, k_slot, stages = map(int, fields)
+    blocks = ring_matvec.SplitKBlocks(k_splits=splits, k_slot=k_slot, stages=stages, store=store)
+    problem = ring_matvec.supports_split_k((layers, d, d), jnp.bfloat16, blocks)
     if problem:
-        raise ValueError(f"ring_matvec_chain does not take {problem}")
-    return (d, layers, blocks, ring_matvec.ring_matvec_chain, ring_matvec.tile_weights,
-            d // rows)
+        raise ValueError(f"the split-K form does not take {problem}")
+    kernel = ring_matvec.poll_matvec_chain if polled else ring_matvec.split_k_matvec_chain
+    return d, layers, blocks, kernel, d // 64 * splits
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--case", action="append",
-                        help="D:L:rows:stages:k_slot[:accumulators[:consumers]] (x as the wgmma "
-                             "A operand), sk:D:L:k_splits:k_slot:stages[:tma|generic] (the "
-                             "split-K form, weights as A; how partials are stored) or "
-                             "pk:D:L:k_splits:k_slot:stages[:tma|load] (split-K, "
-                             "polling by TMA copies or volatile loads); default: the five "
-                             "below")
+                        help="sk:D:L:k_splits:k_slot:stages[:tma|generic] (a grid barrier "
+                             "a layer; how partials are stored) or pk:D:L:k_splits:k_slot:"
+                             "stages (polling); default: both forms (plain stores) at D = 1024 "
+                             "and 4096")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chain-only", action="store_true",
                         help="time only the chained call (for variants of the chain alone: "
                              "their streaming rate is the same form's without barriers)")
     parser.add_argument("--profile", metavar="DIR",
-                        help="split-K and polling cases: also run one chained call under "
+                        help="also run one chained call under "
                              "Mosaic GPU's profiler, keep its trace in DIR and report the "
                              "consumer's phases per layer (cycles, and us scaled to the "
                              "unprofiled chained time)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1 (got {args.repeats})")
-    # The split-K form (x as a TMA-copied N = 8 B tile) at D = 2048, its polling form (no
-    # barrier a layer), the split-K form with its partials stored by plain stores, then the
-    # two forms at a small model's width (one 16 KB slot a CTA a layer). Most telling first:
-    # all five take about 8 minutes with --repeats 2.
-    cases = args.case or ["sk:2048:64:4:128:8", "pk:2048:64:4:128:8", "sk:2048:64:4:128:8:generic",
-                          "pk:1024:128:8:128:10", "sk:1024:128:8:128:10"]
+    # The polling form and the barrier form (plain stores) at a small model's width (one 16 KB
+    # slot a CTA a layer), then both at D = 4096 (16 layers, 2 splits): the chain's cost a
+    # layer, then its streaming rate. All four take about 6 minutes with --repeats 2.
+    cases = args.case or ["pk:1024:128:8:128:10", "sk:1024:128:8:128:10:generic",
+                          "pk:4096:16:2:128:8", "sk:4096:16:2:128:8:generic"]
     for case in cases:
         try:
             parse_case(case)
@@ -156,12 +131,12 @@ def main() -> None:
                       "copy_GBps": round(copy_bw / 1e9, 1), "read_GBps": round(read_bw / 1e9, 1)}),
           flush=True)
     for case in cases:
-        d, layers, blocks, kernel, tile, ctas = parse_case(case)
+        d, layers, blocks, kernel, ctas = parse_case(case)
         kw, kx = jax.random.split(jax.random.key(d + layers))
         ws = (jax.random.normal(kw, (layers, d, d)) / d ** 0.5).astype(jnp.bfloat16)
         x0 = jax.random.normal(kx, (d,), jnp.float32)
         nbytes = ws.size * 2
-        tiled = jax.block_until_ready(tile(ws, blocks))
+        tiled = jax.block_until_ready(ring_matvec.tile_weights_split_k(ws, blocks))
         ring = jax.jit(lambda w, x: kernel(w, x, blocks=blocks))
         flat = jax.jit(lambda w, x: kernel(w, x, blocks=blocks, chain=False))
         no_math = jax.jit(lambda w, x: kernel(w, x, blocks=blocks, chain=False, math=False))
@@ -191,7 +166,7 @@ def main() -> None:
         if not args.chain_only:
             row["barrier_cost_us_per_layer"] = round(
                 (row["ring_chain_us"] - row["ring_no_barrier_us"]) / layers, 2)
-        if args.profile and kernel is not ring_matvec.ring_matvec_chain:
+        if args.profile:
             try:  # (not run on a GPU yet: a failure is reported, the timings are kept)
                 row["phases"] = profiled_phases(kernel, tiled, x0, blocks, args.profile,
                                                 row["ring_chain_us"] / layers)
