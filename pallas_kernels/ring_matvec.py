@@ -234,17 +234,18 @@ def _split_k_input(tiled, x0, blocks: SplitKBlocks, rows: int, dtype):
     return d, jnp.zeros((rows, d), dtype).at[:parts.shape[0]].set(parts)
 
 
-def _split_k_products(ring, full, empty, b_smem, math: bool, layer, acc_ref):
-    """One layer's products of a split-K consumer: each of its ring slots (waited for) times
-    the B tile's matching columns, one wgmma in flight (a slot is released once the next
-    one's wgmma is issued and the one before is done). -> the [64, 8] accumulator."""
+def _split_k_products(ring, full, empty, b_smem, math: bool, first, acc_ref):
+    """One unit's products of a split-K consumer: its b_smem.shape[1] / k_slot ring slots, the
+    first being the `first`-th this CTA's producer filled, each (waited for) times the B
+    tile's matching columns, one wgmma in flight (a slot is released once the next one's
+    wgmma is issued and the one before is done). -> the [64, 8] accumulator."""
     stages, _, k_slot = ring.shape
-    slots_per_layer = b_smem.shape[1] // k_slot
+    slots = b_smem.shape[1] // k_slot
 
     def slot_of(k):
-        return lax.rem(layer * slots_per_layer + k, stages)
+        return lax.rem(first + k, stages)
 
-    @pl.loop(0, slots_per_layer)
+    @pl.loop(0, slots)
     def _slot(k):
         plgpu.barrier_wait(full.at[slot_of(k)])
         if math:
@@ -260,7 +261,7 @@ def _split_k_products(ring, full, empty, b_smem, math: bool, layer, acc_ref):
 
     if math:
         plgpu.wgmma_wait(0)
-        plgpu.barrier_arrive(empty.at[slot_of(slots_per_layer - 1)])
+        plgpu.barrier_arrive(empty.at[slot_of(slots - 1)])
     return acc_ref[...]
 
 
@@ -349,7 +350,7 @@ def split_k_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), ch
                 with jax.named_scope("x"):
                     plgpu.barrier_wait(b_barrier)
                 with jax.named_scope("products"):
-                    acc = pl.run_scoped(functools.partial(products, layer),
+                    acc = pl.run_scoped(functools.partial(products, layer * slots_per_layer),
                                         plgpu.ACC((WGMMA_M, B_ROWS), jnp.float32))
                 with jax.named_scope("store"):
                     if math:
@@ -463,6 +464,19 @@ def _poll_loads(sources, shape, vec: int):
     return poll(*sources)
 
 
+def _polling_scratch(stages: int, k_slot: int, part: int):
+    """A polling consumer's shared memory: the weight ring of `stages` [64, k_slot] bf16
+    slots, its full and empty barriers, and the B tile [8, part] bf16 with its unswizzled
+    view [part / 64, 8, 64] (row 0 of each 8 x 64 tile is where the swizzle leaves it)."""
+    return (
+        plgpu.SMEM((stages, WGMMA_M, k_slot), jnp.bfloat16, transforms=SWIZZLED),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        plgpu.RefUnion(plgpu.SMEM((B_ROWS, part), jnp.bfloat16, transforms=SWIZZLED),
+                       plgpu.SMEM((part // K_STEP, B_ROWS, K_STEP), jnp.bfloat16)),
+    )
+
+
 def poll_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), chain: bool = True,
                       math: bool = True, profile_dir=None):
     """xs [L, D] float32 as `split_k_matvec_chain` (same tiling, same products), with no grid
@@ -553,7 +567,7 @@ def poll_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), chain
                 with jax.named_scope("products"):
                     acc = pl.run_scoped(
                         functools.partial(_split_k_products, ring, full, empty, b_smem, math,
-                                          layer),
+                                          layer * slots_per_layer),
                         plgpu.ACC((WGMMA_M, B_ROWS), jnp.float32))
                 with jax.named_scope("store"):
                     y = acc.sum(axis=1) if math else plgpu.layout_cast(
@@ -564,11 +578,7 @@ def poll_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), chain
                 barrier.reset(cta, 1)
 
     scratch = (
-        plgpu.SMEM((stages, WGMMA_M, k_slot), dtype, transforms=SWIZZLED),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-        plgpu.RefUnion(plgpu.SMEM((B_ROWS, part), dtype, transforms=SWIZZLED),
-                       plgpu.SMEM((tiles, B_ROWS, K_STEP), dtype)),
+        *_polling_scratch(stages, k_slot, part),
         plgpu.SMEM((splits, tiles, K_STEP), jnp.float32),
         plgpu.Barrier(),
     )

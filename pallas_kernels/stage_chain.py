@@ -1,0 +1,363 @@
+"""A decode step's chain of matrix-vector products, with its real shapes, in one persistent
+Mosaic GPU kernel: the polling chain of ring_matvec.py generalized from L square layers to
+stages of different shapes, as a step's qkv, o-proj, gate/up, down and output layer are.
+
+    plan = ChainPlan(layer=(Stage(2304, 768, 3), Stage(768, 768, 6), ...), tail=(Stage(50304,
+                     768, 1),), num_layers=12)          # or chain_plan_for(cfg)
+    tiled = tile_chain(plan, layer_ws, tail_ws)   # once at load time
+    outs = stage_chain(plan, tiled, x0)           # each stage's output, float32
+
+Stage k multiplies its [rows, cols] bf16 weights with the first `cols` values of the stage
+before's output (x0 for the first), so the chain needs no norms, attention or nonlinearity to
+have the step's bytes and its dependencies: it measures what the step's weight stream and its
+61 (125m) stage-to-stage dependencies cost together. It is a prototype for timing, not used by
+decoding (docs/design.md, "Decoding").
+
+How it runs (the polling form of ring_matvec.py, generalized):
+- A stage's work is split into units of 64 output rows times one of `splits` column splits
+  (the contraction split over CTAs); unit u = r * splits + s. Units go round robin over the
+  resident CTAs (u = c + j * C), so a big stage (the output layer: 786 row blocks at 125m)
+  gives each CTA several, and a small one leaves some CTAs without.
+- Each CTA's producer warpgroup streams the [64, k_slot] weight slots of all its units, in
+  the order the consumer takes them, through a ring of shared-memory slots, never waiting for
+  the chain.
+- Its consumer warpgroup, per unit: polls its column split of all the partial sums of the
+  stage before (float32, armed with NaN once per call; each thread reloads its own values
+  with volatile loads until none is NaN), sums them into x, writes x in bf16 into row 0 of an
+  N = 8 wgmma B tile, multiplies its slots (the weights as the A operand) and stores its 64
+  partial sums. Where the CTA count divides by a stage's splits, a CTA's units of that stage
+  share one split of x, polled once.
+- Splits are chosen per stage (`choose_splits`) so the busiest CTA streams the fewest slots.
+Numerics are checked on the GPU only (tools/bench_stage_chain.py): the B tile is written
+through an unswizzled second view of its shared memory, which Mosaic GPU's interpreter does
+not alias; the tests check the plan, tiling, reference and lowering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.grouped_matmul_mosaic import _num_sms
+from pallas_kernels.ring_matvec import (B_ROWS, K_STEP, NOT_WRITTEN, WGMMA_M, _GridBarrier,
+                                        _launch, _poll_loads, _polling_scratch,
+                                        _split_k_products)
+
+MAX_POLLED_VALUES = 64  # float32 values a thread polls for one unit (registers)
+SHARED_MEMORY = 220 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """[rows, cols] weights times the first `cols` values of the stage before's output, the
+    contraction split over `splits` CTAs."""
+    rows: int
+    cols: int
+    splits: int
+
+    @property
+    def part(self) -> int:  # contracted columns a unit
+        return self.cols // self.splits
+
+    @property
+    def units(self) -> int:
+        return self.rows // WGMMA_M * self.splits
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainPlan:
+    """`layer`'s stages run num_layers times, then `tail`'s once. k_slot: contracted columns
+    a ring slot; ring: ring slots; ctas: resident CTAs (None: one per SM)."""
+    layer: tuple
+    tail: tuple = ()
+    num_layers: int = 1
+    k_slot: int = 128
+    ring: int = 8
+    ctas: int | None = None
+
+    def steps(self):
+        """(stage, its index in layer + tail, its layer or None) in the order they run."""
+        out = [(st, k, l) for l in range(self.num_layers) for k, st in enumerate(self.layer)]
+        return out + [(st, len(self.layer) + t, None) for t, st in enumerate(self.tail)]
+
+
+def check_plan(plan: ChainPlan, num_ctas: int) -> str | None:
+    """None if stage_chain runs this plan on num_ctas CTAs, else the constraint it breaks."""
+    if not plan.layer or plan.num_layers < 1:
+        return "a plan with no layer stages (needs at least one stage and one layer)"
+    if plan.k_slot % K_STEP or not K_STEP <= plan.k_slot <= 256:
+        return f"k_slot {plan.k_slot} (a multiple of {K_STEP} up to 256)"
+    stages = list(plan.layer) + list(plan.tail)
+    for i, st in enumerate(stages):
+        name = f"stage {i} ({st.rows} x {st.cols}, {st.splits} splits)"
+        if st.rows % WGMMA_M:
+            return f"{name}: rows must be a multiple of {WGMMA_M}"
+        if st.splits < 1 or st.cols % st.splits or st.part % max(plan.k_slot, 128):
+            return (f"{name}: each split ({st.cols} / {st.splits}) must be a multiple of "
+                    f"k_slot ({plan.k_slot}) and of 128")
+        before = plan.layer[-1] if i == 0 else stages[i - 1]  # (layer 0's first reads x0)
+        if st.cols > before.rows:
+            return f"{name} reads {st.cols} values; the stage before gives {before.rows}"
+        if before.splits * st.part // 128 > MAX_POLLED_VALUES:
+            return (f"{name}: a thread would poll {before.splits} partials x {st.part // 128} "
+                    f"values (at most {MAX_POLLED_VALUES}: use fewer splits before it)")
+    smem = plan.ring * WGMMA_M * plan.k_slot * 2 + B_ROWS * max(s.part for s in stages) * 2
+    if smem > SHARED_MEMORY:
+        return f"{smem} bytes of ring and x tile (over {SHARED_MEMORY} of shared memory)"
+    if num_ctas < 1:
+        return f"{num_ctas} CTAs"
+    return None
+
+
+UNIT_COST = 1  # a unit's fixed cost (its store, its products' drain), in weight slots
+
+
+def choose_splits(rows: int, cols: int, k_slot: int, num_ctas: int) -> int:
+    """The split count that gives the busiest CTA the least work: its units' weight slots plus
+    UNIT_COST a unit (the fewest splits on a tie: fewer partials for the next stage to
+    read)."""
+    best = None
+    for splits in range(1, cols // 128 + 1):
+        part = cols // splits
+        if cols % splits or part % max(k_slot, 128):
+            continue
+        units = rows // WGMMA_M * splits
+        work = -(-units // num_ctas) * (part // k_slot + UNIT_COST)
+        if best is None or work < best[0]:
+            best = (work, splits)
+    if best is None:
+        raise ValueError(f"no split of {cols} columns into multiples of {max(k_slot, 128)}")
+    return best[1]
+
+
+def chain_plan_for(cfg, *, k_slot: int = 128, ring: int = 8, num_ctas: int | None = None,
+                   num_layers: int | None = None) -> ChainPlan:
+    """A model config's decode step as a chain: per layer qkv, o-proj, gate/up, down; then the
+    output layer. (Attention, norms and SwiGLU are not in it.)"""
+    m = getattr(cfg, "model", cfg)
+    hd = m.head_dim or m.embed_dim // m.num_heads
+    ctas = num_ctas or _num_sms()
+    shapes = [((m.num_heads + 2 * m.num_kv_heads) * hd, m.embed_dim),
+              (m.embed_dim, m.num_heads * hd), (2 * m.mlp_dim, m.embed_dim),
+              (m.embed_dim, m.mlp_dim)]
+    layer = tuple(Stage(r, c, choose_splits(r, c, k_slot, ctas)) for r, c in shapes)
+    head = Stage(m.vocab_size, m.embed_dim, choose_splits(m.vocab_size, m.embed_dim, k_slot,
+                                                         ctas))
+    return ChainPlan(layer=layer, tail=(head,), num_layers=num_layers or m.num_layers,
+                     k_slot=k_slot, ring=ring, ctas=num_ctas)
+
+
+def _tile(w, st: Stage, k_slot: int):
+    """[L, rows, cols] -> [L, units, slots, 64, k_slot]: unit r * S + s holds rows
+    [64 r, 64 r + 64) over columns [s part, (s + 1) part), each ring slot contiguous."""
+    num_layers = w.shape[0]
+    slots = st.part // k_slot
+    w = w.reshape(num_layers, st.rows // WGMMA_M, WGMMA_M, st.splits, slots, k_slot)
+    return w.transpose(0, 1, 3, 4, 2, 5).reshape(num_layers, st.units, slots, WGMMA_M, k_slot)
+
+
+def tile_chain(plan: ChainPlan, layer_ws, tail_ws=()):
+    """layer_ws: per layer stage, [L, rows, cols] bf16; tail_ws: per tail stage, [rows, cols].
+    -> the tiled weights stage_chain takes (once, when the weights are loaded)."""
+    problem = check_plan(plan, plan.ctas or _num_sms())
+    if problem:
+        raise ValueError(f"stage_chain does not take {problem}")
+    if len(layer_ws) != len(plan.layer) or len(tail_ws) != len(plan.tail):
+        raise ValueError(f"{len(layer_ws)} layer and {len(tail_ws)} tail weights for a plan of "
+                         f"{len(plan.layer)} and {len(plan.tail)} stages")
+    out = []
+    for w, st in zip(list(layer_ws) + [w[None] for w in tail_ws], plan.layer + plan.tail):
+        want = (plan.num_layers if len(out) < len(plan.layer) else 1, st.rows, st.cols)
+        if w.shape != want or w.dtype != jnp.bfloat16:
+            raise ValueError(f"weights {w.shape} {w.dtype} for stage {len(out)}: want {want} "
+                             "bfloat16 (tail weights without the layer dim)")
+        out.append(_tile(w, st, plan.k_slot))
+    return tuple(out)
+
+
+def stage_chain_reference(plan: ChainPlan, layer_ws, tail_ws, x0):
+    """(per layer stage [L, rows], per tail stage [rows]) float32: the chain in float32."""
+    x = x0.astype(jnp.float32)
+    outs = [[] for _ in plan.layer]
+    for l in range(plan.num_layers):
+        for k, w in enumerate(layer_ws):
+            x = jnp.dot(w[l].astype(jnp.float32), x[:w.shape[2]], precision=lax.Precision.HIGHEST)
+            outs[k].append(x)
+    tails = []
+    for w in tail_ws:
+        x = jnp.dot(w.astype(jnp.float32), x[:w.shape[1]], precision=lax.Precision.HIGHEST)
+        tails.append(x)
+    return [jnp.stack(o) for o in outs], tails
+
+
+def stage_chain(plan: ChainPlan, tiled, x0, *, profile_dir=None):
+    """The chain on the GPU: (per layer stage [L, rows], per tail stage [rows]) float32, as
+    stage_chain_reference. tiled = tile_chain(plan, ...); x0 [plan.layer[0].cols] float32.
+    profile_dir: a Mosaic GPU profiler trace of the consumer's phases ("arm", then per unit
+    "x" (the poll), "products", "store") per call."""
+    num_ctas = plan.ctas or _num_sms()
+    problem = check_plan(plan, num_ctas)
+    if problem:
+        raise ValueError(f"stage_chain does not take {problem}")
+    stages = plan.layer + plan.tail
+    for i, (t, st) in enumerate(zip(tiled, stages)):
+        want = (plan.num_layers if i < len(plan.layer) else 1, st.units, st.part // plan.k_slot,
+                WGMMA_M, plan.k_slot)
+        if t.shape != want:
+            raise ValueError(f"tiled weights {t.shape} for stage {i}: want {want} (tile them "
+                             "with tile_chain(plan, ...))")
+    first = plan.layer[0]
+    if x0.shape != (first.cols,):
+        raise ValueError(f"x0 of shape {x0.shape}: the first stage reads [{first.cols}]")
+    num_layers, k_slot, ring_slots = plan.num_layers, plan.k_slot, plan.ring
+    n_layer = len(plan.layer)
+    max_part = max(st.part for st in stages)
+    dtype = jnp.bfloat16
+
+    def kernel(*refs):
+        ws_refs = refs[:len(stages)]
+        x0_ref = refs[len(stages)]
+        parts = refs[len(stages) + 1:2 * len(stages) + 1]
+        ring, full, empty, b_views = refs[2 * len(stages) + 1:]
+        b_smem, b_plain = b_views  # [8, max_part] swizzled (wgmma) / [tiles, 8, 64] (stores)
+        wg = lax.axis_index("wg")
+        cta = lax.axis_index("ctas")
+        barrier = _GridBarrier(num_ctas)
+
+        def count(st):  # this CTA's units of a stage (round robin)
+            return lax.div(st.units - cta + num_ctas - 1, num_ctas)
+
+        slots = [st.part // k_slot for st in stages]
+        counts = [count(st) for st in stages]
+        per_layer = sum(counts[k] * slots[k] for k in range(n_layer))
+
+        def first_slot(k, layer, j):
+            """How many slots this CTA's producer filled before unit j of stage k."""
+            before = sum((counts[i] * slots[i] for i in range(k)), jnp.int32(0))
+            if k >= n_layer:
+                before = num_layers * per_layer + sum(
+                    (counts[i] * slots[i] for i in range(n_layer, k)), jnp.int32(0))
+            else:
+                before = layer * per_layer + before
+            return before + j * slots[k]
+
+        def for_each_unit(body):
+            """body(k, layer, j, unit) for this CTA's units, in the chain's order."""
+            @pl.loop(0, num_layers)
+            def _layer(layer):
+                for k in range(n_layer):
+                    @pl.loop(0, counts[k])
+                    def _unit(j, k=k):
+                        body(k, layer, j, cta + j * num_ctas)
+
+            for k in range(n_layer, len(stages)):
+                @pl.loop(0, counts[k])
+                def _unit(j, k=k):
+                    body(k, 0, j, cta + j * num_ctas)
+
+        @pl.when(wg == 1)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def stream(k, layer, j, unit):
+                base = first_slot(k, layer, j)
+
+                @pl.loop(0, slots[k])
+                def _slot(q):
+                    i = base + q
+                    slot = lax.rem(i, ring_slots)
+
+                    @pl.when(i >= ring_slots)
+                    def _wait_free():
+                        plgpu.barrier_wait(empty.at[slot])
+
+                    plgpu.copy_gmem_to_smem(ws_refs[k].at[layer, unit, q], ring.at[slot],
+                                            full.at[slot])
+
+            for_each_unit(stream)
+            total = num_layers * per_layer + sum(
+                (counts[k] * slots[k] for k in range(n_layer, len(stages))), jnp.int32(0))
+
+            @pl.loop(jnp.maximum(total - ring_slots, 0), total)
+            def _drain(i):  # every release observed before the CTA ends
+                plgpu.barrier_wait(empty.at[lax.rem(i, ring_slots)])
+
+        def source_of(k, layer):
+            """(the partials ref a stage reads, [S, rows / 64, 64], and S)."""
+            if k == 0:
+                return parts[n_layer - 1].at[jnp.maximum(layer - 1, 0)], plan.layer[-1].splits
+            if k == n_layer:
+                return parts[n_layer - 1].at[num_layers - 1], plan.layer[-1].splits
+            return parts[k - 1].at[layer if k < n_layer else 0], stages[k - 1].splits
+
+        def read_x(st, source, n, split):
+            tiles = st.part // K_STEP
+            vec = max(v for v in (1, 2, 4) if st.part % (128 * v) == 0)
+            values = _poll_loads([source.at[i, pl.ds(split * tiles, tiles)] for i in range(n)],
+                                 (tiles, K_STEP), vec)
+            x = values[0]
+            for v in values[1:]:
+                x = x + v
+            return x
+
+        @pl.when(wg == 0)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+
+            def arm(k, layer, j, unit):
+                st = stages[k]
+                parts[k].at[layer, lax.rem(unit, st.splits), lax.div(unit, st.splits)][...] = (
+                    plgpu.layout_cast(jnp.full((WGMMA_M,), NOT_WRITTEN, jnp.float32),
+                                      plgpu.Layout.WGMMA.reduce(1)))
+
+            with jax.named_scope("arm"):
+                for_each_unit(arm)
+                barrier.arrive()
+                barrier.wait(1)
+            b_plain[...] = jnp.zeros(b_plain.shape, dtype)
+
+            def unit_step(k, layer, j, unit):
+                st = stages[k]
+                split, block = lax.rem(unit, st.splits), lax.div(unit, st.splits)
+                tiles = st.part // K_STEP
+                # Where the CTAs divide by the splits, all of a CTA's units of a stage read the
+                # same split of x: its first unit polls it and the others reuse the B tile.
+                @pl.when((j == 0) | (num_ctas % st.splits != 0))
+                def _x():
+                    with jax.named_scope("x"):
+                        source, n = source_of(k, layer)
+                        if k == 0:
+                            x = lax.cond(layer == 0, lambda: read_x(st, x0_ref, 1, split),
+                                         lambda: read_x(st, source, n, split))
+                        else:
+                            x = read_x(st, source, n, split)
+                        b_plain.at[pl.ds(0, tiles), 0, :][...] = x.astype(dtype)
+                        plgpu.commit_smem()  # the plain stores before the wgmmas' async reads
+                with jax.named_scope("products"):
+                    acc = pl.run_scoped(
+                        functools.partial(_split_k_products, ring, full, empty,
+                                          b_smem.at[:, pl.ds(0, st.part)], True,
+                                          first_slot(k, layer, j)),
+                        plgpu.ACC((WGMMA_M, B_ROWS), jnp.float32))
+                with jax.named_scope("store"):
+                    parts[k].at[layer, split, block][...] = acc.sum(axis=1)
+
+            for_each_unit(unit_step)
+            barrier.reset(cta, 1)
+
+    scratch = _polling_scratch(ring_slots, k_slot, max_part)
+    out_type = tuple(
+        jax.ShapeDtypeStruct((num_layers if i < n_layer else 1, st.splits, st.rows // K_STEP,
+                              K_STEP), jnp.float32)
+        for i, st in enumerate(stages))
+    x0_parts = x0.astype(jnp.float32).reshape(1, first.cols // K_STEP, K_STEP)
+    outs = _launch(kernel, scratch, out_type, num_ctas, 2, *tiled, x0_parts,
+                   profile_dir=profile_dir)
+    sums = [o.reshape(o.shape[0], o.shape[1], -1).sum(axis=1) for o in outs]
+    return sums[:n_layer], [s[0] for s in sums[n_layer:]]

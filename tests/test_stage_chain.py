@@ -1,0 +1,135 @@
+"""The decode-step chain of products (pallas_kernels/stage_chain.py), on CPU.
+
+The kernel needs a Hopper GPU (its polls read other CTAs' stores; its B tile is written through
+a second view of shared memory, which Mosaic GPU's interpreter does not alias), so its numerics
+are checked on the GPU by tools/bench_stage_chain.py. Here: the plan (splits, refusals), the
+weight tiling, the float32 reference against float64 numpy, the benchmark's XLA baseline
+against the reference, and that the kernel lowers for CUDA on CPU.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.config import load_config
+from pallas_kernels import stage_chain as sc
+
+SMALL = sc.ChainPlan(layer=(sc.Stage(384, 256, 2), sc.Stage(256, 384, 3)),
+                     tail=(sc.Stage(640, 256, 1),), num_layers=3, ctas=8)
+
+
+def _weights(plan, seed=0):
+    rng = np.random.default_rng(seed)
+    layer = [(rng.standard_normal((plan.num_layers, st.rows, st.cols)) / st.cols ** 0.5)
+             for st in plan.layer]
+    tail = [rng.standard_normal((st.rows, st.cols)) / st.cols ** 0.5 for st in plan.tail]
+    return ([jnp.asarray(w, jnp.bfloat16) for w in layer],
+            [jnp.asarray(w, jnp.bfloat16) for w in tail])
+
+
+def test_plan_for_125m_has_the_models_shapes_and_the_least_work_splits():
+    plan = sc.chain_plan_for(load_config("125m"), num_ctas=132)
+    # qkv (12 + 2 x 12 heads of 64), o-proj, gate/up (2 x 2048), down, the output layer
+    assert [(st.rows, st.cols) for st in plan.layer + plan.tail] == [
+        (2304, 768), (768, 768), (4096, 768), (768, 2048), (50304, 768)]
+    assert plan.num_layers == 12 and len(plan.steps()) == 49
+    # Worked by hand: busiest CTA's units x (slots a unit + 1). qkv: 3 splits -> 108 units of
+    # 2 slots (3 a CTA) beats 2 (72 units of 3: 4) and 6 (216 of 1: 2 x 2 = 4); o-proj 6 -> 72
+    # of 1 (2); gate/up 2 -> 128 of 3 (4); down 8 -> 96 of 2 (3); head 1 -> 786 of 6, 6 a CTA.
+    assert [st.splits for st in plan.layer + plan.tail] == [3, 6, 2, 8, 1]
+    assert sc.check_plan(plan, 132) is None
+    for st in plan.layer + plan.tail:  # no other valid split gives the busiest CTA less work
+        def work(s, st=st):
+            return -(-st.rows // 64 * s // 132) * (st.cols // s // 128 + sc.UNIT_COST)
+        valid = [s for s in range(1, 17) if st.cols % s == 0 and (st.cols // s) % 128 == 0]
+        assert work(st.splits) == min(work(s) for s in valid)
+
+
+@pytest.mark.parametrize("plan, words", [
+    (sc.ChainPlan(layer=(sc.Stage(100, 256, 1),)), "multiple of 64"),
+    (sc.ChainPlan(layer=(sc.Stage(256, 256, 4),)), "multiple of k_slot (128) and of 128"),
+    (sc.ChainPlan(layer=(sc.Stage(256, 512, 1),)), "reads 512 values; the stage before gives 256"),
+    (sc.ChainPlan(layer=(sc.Stage(256, 256, 1), sc.Stage(2048, 256, 2)),
+                  tail=(sc.Stage(64, 8192, 1),)), "reads 8192 values"),
+    (sc.ChainPlan(layer=(sc.Stage(8192, 8192, 64), sc.Stage(8192, 8192, 1))), "would poll 64"),
+    (sc.ChainPlan(layer=(sc.Stage(256, 256, 1),), k_slot=96), "k_slot 96"),
+    (sc.ChainPlan(layer=(sc.Stage(256, 256, 1),), ring=14, k_slot=256), "shared memory"),
+    (sc.ChainPlan(layer=()), "no layer stages"),
+])
+def test_plans_the_kernel_cannot_run_are_refused_with_the_reason(plan, words):
+    problem = sc.check_plan(plan, 132)
+    assert problem is not None and words in problem
+    with pytest.raises(ValueError, match="stage_chain does not take"):
+        sc.tile_chain(plan, [], [])
+
+
+def test_tile_chain_puts_each_units_slot_in_one_contiguous_block():
+    plan = SMALL
+    layer_ws, tail_ws = _weights(plan)
+    tiled = [np.asarray(t) for t in sc.tile_chain(plan, layer_ws, tail_ws)]
+    assert tiled[0].shape == (3, 384 // 64 * 2, 1, 64, 128)
+    assert tiled[2].shape == (1, 10, 2, 64, 128)
+    for k, (t, st) in enumerate(zip(tiled, plan.layer + plan.tail)):
+        w = np.asarray(layer_ws[k] if k < len(plan.layer) else tail_ws[0][None])
+        for layer in range(t.shape[0]):
+            for unit in range(st.units):
+                r, s = divmod(unit, st.splits)
+                for q in range(st.part // 128):
+                    cols = slice(s * st.part + q * 128, s * st.part + (q + 1) * 128)
+                    np.testing.assert_array_equal(t[layer, unit, q],
+                                                  w[layer, 64 * r:64 * (r + 1), cols])
+    with pytest.raises(ValueError, match="want"):
+        sc.tile_chain(plan, [w[:, :, :128] for w in layer_ws], tail_ws)
+    with pytest.raises(ValueError, match="1 layer and 1 tail weights"):
+        sc.tile_chain(plan, layer_ws[:1], tail_ws)
+
+
+def test_reference_is_the_chain_in_float64():
+    plan = SMALL
+    layer_ws, tail_ws = _weights(plan, seed=3)
+    x0 = np.random.default_rng(4).standard_normal(256)
+    outs, tails = sc.stage_chain_reference(plan, layer_ws, tail_ws, jnp.asarray(x0, jnp.float32))
+    x = x0
+    for layer in range(plan.num_layers):
+        for k, w in enumerate(layer_ws):
+            w = np.asarray(w, np.float64)[layer]
+            x = w @ x[:w.shape[1]]
+            np.testing.assert_allclose(np.asarray(outs[k][layer]), x, rtol=1e-4, atol=1e-4)
+    x = np.asarray(tail_ws[0], np.float64) @ x[:256]
+    np.testing.assert_allclose(np.asarray(tails[0]), x, rtol=1e-4, atol=1e-4)
+
+
+def test_benchmarks_xla_baseline_is_the_same_chain():
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
+    import bench_stage_chain as bench
+
+    plan = SMALL
+    layer_ws, tail_ws = bench.random_weights(plan, seed=5)
+    x0 = jax.random.normal(jax.random.key(6), (256,), jnp.float32)
+    want = sc.stage_chain_reference(plan, layer_ws, tail_ws, x0)[1][-1]
+    got = bench.xla_chain(plan, (layer_ws, tail_ws), x0)  # x rounded to bf16 at each stage
+    assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) < 0.03
+
+
+@pytest.mark.parametrize("name", ["small", "125m"])
+def test_kernel_lowers_to_mosaic_gpu_for_hopper(name):
+    """Up to the Mosaic GPU module (no PTX): what Pallas' lowering rejects (dynamic unit loops,
+    shared-memory views, layouts) fails here."""
+    plan = SMALL if name == "small" else sc.chain_plan_for(load_config("125m"), num_ctas=132,
+                                                           num_layers=2)
+    tiled = tuple(jax.ShapeDtypeStruct((plan.num_layers if i < len(plan.layer) else 1, st.units,
+                                        st.part // plan.k_slot, 64, plan.k_slot), jnp.bfloat16)
+                  for i, st in enumerate(plan.layer + plan.tail))
+    x0 = jax.ShapeDtypeStruct((plan.layer[0].cols,), jnp.float32)
+    run = jax.jit(lambda t, x: sc.stage_chain(plan, t, x))
+    assert "mosaic_gpu" in run.trace(tiled, x0).lower(lowering_platforms=("cuda",)).as_text()
+    with pytest.raises(ValueError, match="x0 of shape"):
+        sc.stage_chain(plan, tiled, jnp.zeros(plan.layer[0].cols + 64))
+    with pytest.raises(ValueError, match="tile them with tile_chain"):
+        sc.stage_chain(plan, tiled[::-1], jnp.zeros(plan.layer[0].cols))

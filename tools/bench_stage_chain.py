@@ -1,0 +1,140 @@
+"""A model's decode-step chain of products (pallas_kernels/stage_chain.py: qkv, o-proj, gate/up
+and down per layer, then the output layer, with the model's shapes and random bf16 weights)
+against the memory roofline and XLA, on the GPU.
+
+    python tools/bench_stage_chain.py                      # 125m and 1b
+    python tools/bench_stage_chain.py --config 125m --profile /tmp/prof
+
+Per config: the plan (each stage's shape and splits), the error of the last stage's output
+against the float32 chain and a rerun's bitwise agreement (a case further than WRONG off is
+reported and not timed), then the time of one chained call (the step's weights read once,
+every stage waiting for the one before) and of XLA's chain of the same products, each as
+per-call time from (40 calls - 8 calls) / 32 in one jitted loop, as a fraction of the copy
+and read bandwidth over the weights' bytes (measured in the same process), and per stage.
+With --profile DIR: the consumer's phases (poll, products, store, in SM cycles; medians over
+CTAs and units) from one profiled call, whose trace stays in DIR. One JSON object per line.
+Attention, norms and SwiGLU are not in the chain: a decode step needs them on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bench_decode import copy_bandwidth, per_pass_rate, read_bandwidth  # tools/
+from jaxlm.config import load_config
+from pallas_kernels import ring_matvec, stage_chain as sc
+
+WRONG = 0.05  # as in bench_ring_matvec.py: measured chains are within about 0.015
+
+
+def random_weights(plan: sc.ChainPlan, seed: int):
+    """(layer weights [L, rows, cols], tail weights [rows, cols]) bf16, scaled 1 / sqrt(cols)
+    so that the chain's values stay near 1."""
+    keys = iter(jax.random.split(jax.random.key(seed), len(plan.layer) + len(plan.tail)))
+
+    def draw(shape, cols):
+        return (jax.random.normal(next(keys), shape) / cols ** 0.5).astype(jnp.bfloat16)
+
+    layer = [draw((plan.num_layers, st.rows, st.cols), st.cols) for st in plan.layer]
+    return layer, [draw((st.rows, st.cols), st.cols) for st in plan.tail]
+
+
+def chained_calls(fn, weights, cols: int):
+    """loop(n): n calls in one jitted loop, each starting from the last call's last output (its
+    first `cols` values, normalized), so no call can be skipped or overlapped."""
+    def loop(n):
+        def body(_, x):
+            y = fn(weights, x)[:cols]
+            return y * lax.rsqrt(jnp.mean(y * y) + 1e-12)
+        return jax.jit(lambda x: lax.fori_loop(0, n, body, x))
+    return loop
+
+
+def xla_chain(plan, weights, x):
+    layer, tail = weights
+
+    def step(x, ws):
+        for w in ws:
+            x = jnp.dot(w, x[:w.shape[1]].astype(w.dtype), preferred_element_type=jnp.float32)
+        return x, None
+    x, _ = lax.scan(step, x, layer)
+    for w in tail:
+        x = jnp.dot(w, x[:w.shape[1]].astype(w.dtype), preferred_element_type=jnp.float32)
+    return x
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser.add_argument("--config", action="append",
+                        help="a model preset (default: 125m and 1b)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--k-slot", type=int, default=128)
+    parser.add_argument("--ring", type=int, default=8, help="ring slots a CTA")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="also run one profiled call and report the consumer's phases")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1 (got {args.repeats})")
+    plans = {}
+    for name in args.config or ["125m", "1b"]:
+        try:
+            plan = sc.chain_plan_for(load_config(name), k_slot=args.k_slot, ring=args.ring)
+        except (ValueError, FileNotFoundError) as error:
+            parser.error(f"--config {name}: {error}")
+        problem = sc.check_plan(plan, plan.ctas or 132)
+        if problem:
+            parser.error(f"--config {name}: stage_chain does not take {problem}")
+        plans[name] = plan
+    copy_bw, read_bw = copy_bandwidth(1 << 30), read_bandwidth(1 << 30)
+    print(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                      "copy_GBps": round(copy_bw / 1e9, 1), "read_GBps": round(read_bw / 1e9, 1)}),
+          flush=True)
+    for name, plan in plans.items():
+        layer_ws, tail_ws = random_weights(plan, seed=0)
+        nbytes = sum(w.size * 2 for w in layer_ws + tail_ws)
+        steps = len(plan.steps())
+        x0 = jax.random.normal(jax.random.key(1), (plan.layer[0].cols,), jnp.float32)
+        tiled = jax.block_until_ready(sc.tile_chain(plan, layer_ws, tail_ws))
+        run = jax.jit(lambda t, x: sc.stage_chain(plan, t, x)[1][-1])
+        want = sc.stage_chain_reference(plan, layer_ws, tail_ws, x0)[1][-1]
+        got, again = run(tiled, x0), run(tiled, x0)
+        row = {"config": name, "weights_MB": round(nbytes / 1e6, 1), "stages": steps,
+               "plan": [[st.rows, st.cols, st.splits] for st in plan.layer + plan.tail],
+               "max_err_over_scale": float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))),
+               "rerun_bitwise_equal": bool(jnp.array_equal(got, again))}
+        if not row["max_err_over_scale"] <= WRONG:  # (NaN too: a poll that never saw its data)
+            row["timed"] = f"no: wrong by more than {WRONG} of the scale"
+            print(json.dumps(row), flush=True)
+            continue
+        cols = plan.layer[0].cols
+        for label, fn, weights in (
+                ("chain", lambda t, x: sc.stage_chain(plan, t, x)[1][-1], tiled),
+                ("xla_chain", jax.jit(lambda w, x: xla_chain(plan, w, x)), (layer_ws, tail_ws))):
+            rate = per_pass_rate(chained_calls(fn, weights, cols), x0, nbytes, args.repeats)
+            row[f"{label}_us"] = round(nbytes / rate * 1e6, 1)
+            row[f"{label}_of_copy"] = round(rate / copy_bw, 3)
+            row[f"{label}_of_read"] = round(rate / read_bw, 3)
+        row["chain_us_per_stage"] = round(row["chain_us"] / steps, 2)
+        row["copy_roofline_us"] = round(nbytes / copy_bw * 1e6, 1)
+        if args.profile:
+            out = pathlib.Path(args.profile) / name
+            out.mkdir(parents=True, exist_ok=True)
+            jax.block_until_ready(sc.stage_chain(plan, tiled, x0, profile_dir=str(out)))
+            jax.effects_barrier()  # the trace is written by a host callback
+            traces = sorted(out.glob("*-trace.json"))
+            if traces:
+                phases = ring_matvec.profile_phases(json.loads(traces[-1].read_text()))
+                row["phases_cycles"] = {k: round(v["cycles"]) for k, v in phases.items()}
+            else:
+                row["phases_error"] = f"the profiled call wrote no trace into {out}"
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
