@@ -196,11 +196,34 @@ def stage_chain_reference(plan: ChainPlan, layer_ws, tail_ws, x0):
     return [jnp.stack(o) for o in outs], tails
 
 
-def stage_chain(plan: ChainPlan, tiled, x0, *, profile_dir=None):
+def _parts_shapes(plan: ChainPlan):
+    """Each stage's partial sums: [L (1 for tail stages), splits, rows / 64, 64] float32."""
+    return [(plan.num_layers if i < len(plan.layer) else 1, st.splits, st.rows // K_STEP, K_STEP)
+            for i, st in enumerate(plan.layer + plan.tail)]
+
+
+def init_chain_state(plan: ChainPlan) -> dict:
+    """The state that lets stage_chain skip its per-call arming (stage_chain(..., state=)):
+    two parities of every stage's partial sums, all NaN, and the parity the next call uses."""
+    return {"parts": tuple(jnp.full((2, *shape), NOT_WRITTEN, jnp.float32)
+                           for shape in _parts_shapes(plan)),
+            "parity": jnp.int32(0)}
+
+
+def stage_chain(plan: ChainPlan, tiled, x0, *, state=None, profile_dir=None):
     """The chain on the GPU: (per layer stage [L, rows], per tail stage [rows]) float32, as
     stage_chain_reference. tiled = tile_chain(plan, ...); x0 [plan.layer[0].cols] float32.
-    profile_dir: a Mosaic GPU profiler trace of the consumer's phases ("arm", then per unit
-    "x" (the poll), "products", "store") per call."""
+
+    Without `state`, each call first arms its partial sums with NaN and waits at a grid
+    barrier until every CTA has (measured 6-12 us a call in ring_matvec's polling chain).
+    With state = init_chain_state(plan) (then the state each call returns), it returns
+    (outputs, new state) and needs no arming pass and no barrier: the call writes the
+    parity the state names, which the call before armed, and its producer warpgroups, idle
+    once their weights are issued, arm the other parity for the next call. Pass the state
+    functionally (a fori_loop carry, or donated): each call's returned state is the only
+    one whose parity is armed for the next.
+    profile_dir: a Mosaic GPU profiler trace of the consumer's phases ("arm" without state,
+    then per polled unit "x" (the poll), per unit "products" and "store") per call."""
     num_ctas = plan.ctas or _num_sms()
     problem = check_plan(plan, num_ctas)
     if problem:
@@ -220,15 +243,25 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, profile_dir=None):
     max_part = max(st.part for st in stages)
     dtype = jnp.bfloat16
 
+    persistent = state is not None
+    n = len(stages)
+
     def kernel(*refs):
-        ws_refs = refs[:len(stages)]
-        x0_ref = refs[len(stages)]
-        parts = refs[len(stages) + 1:2 * len(stages) + 1]
-        ring, full, empty, b_views = refs[2 * len(stages) + 1:]
+        ws_refs, (x0_ref, parity_ref) = refs[:n], refs[n:n + 2]
+        all_parts = refs[n + 2:2 * n + 2]  # with state: [2, ...], both parities
+        ring, full, empty, b_views = refs[2 * n + 2:]
         b_smem, b_plain = b_views  # [8, max_part] swizzled (wgmma) / [tiles, 8, 64] (stores)
         wg = lax.axis_index("wg")
         cta = lax.axis_index("ctas")
-        barrier = _GridBarrier(num_ctas)
+        barrier = None if persistent else _GridBarrier(num_ctas)
+        parity = jnp.max(plgpu.load(parity_ref, layout=plgpu.Layout.WG_STRIDED((128,), 1)))
+        parts = [p.at[parity] for p in all_parts] if persistent else all_parts
+
+        def arm(buffers, k, layer, j, unit):
+            st = stages[k]
+            buffers[k].at[layer, lax.rem(unit, st.splits), lax.div(unit, st.splits)][...] = (
+                plgpu.layout_cast(jnp.full((WGMMA_M,), NOT_WRITTEN, jnp.float32),
+                                  plgpu.Layout.WGMMA.reduce(1)))
 
         def count(st):  # this CTA's units of a stage (round robin)
             return lax.div(st.units - cta + num_ctas - 1, num_ctas)
@@ -281,6 +314,8 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, profile_dir=None):
                                             full.at[slot])
 
             for_each_unit(stream)
+            if persistent:  # the next call's parity, read by no one in this call
+                for_each_unit(functools.partial(arm, [p.at[1 - parity] for p in all_parts]))
             total = num_layers * per_layer + sum(
                 (counts[k] * slots[k] for k in range(n_layer, len(stages))), jnp.int32(0))
 
@@ -310,16 +345,11 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, profile_dir=None):
         def _consumer():
             plgpu.set_max_registers(232, action="increase")
 
-            def arm(k, layer, j, unit):
-                st = stages[k]
-                parts[k].at[layer, lax.rem(unit, st.splits), lax.div(unit, st.splits)][...] = (
-                    plgpu.layout_cast(jnp.full((WGMMA_M,), NOT_WRITTEN, jnp.float32),
-                                      plgpu.Layout.WGMMA.reduce(1)))
-
-            with jax.named_scope("arm"):
-                for_each_unit(arm)
-                barrier.arrive()
-                barrier.wait(1)
+            if not persistent:
+                with jax.named_scope("arm"):
+                    for_each_unit(functools.partial(arm, parts))
+                    barrier.arrive()
+                    barrier.wait(1)
             b_plain[...] = jnp.zeros(b_plain.shape, dtype)
 
             def unit_step(k, layer, j, unit):
@@ -349,15 +379,30 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, profile_dir=None):
                     parts[k].at[layer, split, block][...] = acc.sum(axis=1)
 
             for_each_unit(unit_step)
-            barrier.reset(cta, 1)
+            if not persistent:
+                barrier.reset(cta, 1)
 
     scratch = _polling_scratch(ring_slots, k_slot, max_part)
-    out_type = tuple(
-        jax.ShapeDtypeStruct((num_layers if i < n_layer else 1, st.splits, st.rows // K_STEP,
-                              K_STEP), jnp.float32)
-        for i, st in enumerate(stages))
     x0_parts = x0.astype(jnp.float32).reshape(1, first.cols // K_STEP, K_STEP)
-    outs = _launch(kernel, scratch, out_type, num_ctas, 2, *tiled, x0_parts,
-                   profile_dir=profile_dir)
+    shapes = _parts_shapes(plan)
+    if persistent:
+        want = [(2, *shape) for shape in shapes]
+        got = [tuple(p.shape) for p in state["parts"]]
+        if got != want or jnp.shape(state["parity"]) != ():
+            raise ValueError(f"a state of partials {got} for this plan's {want}: make it with "
+                             "init_chain_state(plan)")
+        parity = jnp.asarray(state["parity"], jnp.int32)
+        refs = [jax.new_ref(p) for p in state["parts"]]
+        _launch(kernel, scratch, (), num_ctas, 2, *tiled, x0_parts,
+                jnp.broadcast_to(parity, (128,)), *refs, profile_dir=profile_dir)
+        new_parts = tuple(r[...] for r in refs)
+        outs = [p[parity] for p in new_parts]
+        state = {"parts": new_parts, "parity": 1 - parity}
+    else:
+        outs = _launch(kernel, scratch, tuple(jax.ShapeDtypeStruct(s, jnp.float32)
+                                              for s in shapes),
+                       num_ctas, 2, *tiled, x0_parts, jnp.zeros((128,), jnp.int32),
+                       profile_dir=profile_dir)
     sums = [o.reshape(o.shape[0], o.shape[1], -1).sum(axis=1) for o in outs]
-    return sums[:n_layer], [s[0] for s in sums[n_layer:]]
+    result = (sums[:n_layer], [s[0] for s in sums[n_layer:]])
+    return (result, state) if persistent else result

@@ -129,7 +129,38 @@ def test_kernel_lowers_to_mosaic_gpu_for_hopper(name):
     x0 = jax.ShapeDtypeStruct((plan.layer[0].cols,), jnp.float32)
     run = jax.jit(lambda t, x: sc.stage_chain(plan, t, x))
     assert "mosaic_gpu" in run.trace(tiled, x0).lower(lowering_platforms=("cuda",)).as_text()
+    # With a carried state (no arming pass): the partials become in-out operands of the kernel.
+    state = jax.eval_shape(lambda: sc.init_chain_state(plan))
+    run = jax.jit(lambda t, x, st: sc.stage_chain(plan, t, x, state=st))
+    text = run.trace(tiled, x0, state).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "output_operand_alias" in text
     with pytest.raises(ValueError, match="x0 of shape"):
         sc.stage_chain(plan, tiled, jnp.zeros(plan.layer[0].cols + 64))
     with pytest.raises(ValueError, match="tile them with tile_chain"):
         sc.stage_chain(plan, tiled[::-1], jnp.zeros(plan.layer[0].cols))
+
+
+def test_chain_state_starts_with_both_parities_armed_and_is_checked_against_the_plan():
+    state = sc.init_chain_state(SMALL)
+    assert [p.shape for p in state["parts"]] == [(2, 3, 2, 6, 64), (2, 3, 3, 4, 64),
+                                                (2, 1, 1, 10, 64)]
+    assert all(bool(jnp.all(jnp.isnan(p))) for p in state["parts"]) and int(state["parity"]) == 0
+    other = sc.init_chain_state(sc.ChainPlan(layer=SMALL.layer, num_layers=3, ctas=8))
+    tiled = sc.tile_chain(SMALL, *_weights(SMALL))
+    with pytest.raises(ValueError, match="make it with init_chain_state"):
+        sc.stage_chain(SMALL, tiled, jnp.zeros(256), state=other)
+
+
+def test_benchmarks_chained_loops_lower_for_cuda():
+    """The benchmark's timed loops (with and without the carried state) trace and lower: a
+    carry whose types change between calls, or a state the kernel cannot alias, fails here."""
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
+    import bench_stage_chain as bench
+
+    plan = SMALL
+    tiled = sc.tile_chain(plan, *_weights(plan))
+    x0 = jax.ShapeDtypeStruct((256,), jnp.float32)
+    for loop in (bench.chained_calls(lambda t, x: sc.stage_chain(plan, t, x)[1][-1], tiled, 256),
+                 bench.chained_calls_with_state(plan, tiled, 256)):
+        text = loop(3).trace(x0).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text

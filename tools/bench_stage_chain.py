@@ -8,7 +8,9 @@ against the memory roofline and XLA, on the GPU.
 Per config: the plan (each stage's shape and splits), the error of the last stage's output
 against the float32 chain and a rerun's bitwise agreement (a case further than WRONG off is
 reported and not timed), then the time of one chained call (the step's weights read once,
-every stage waiting for the one before) and of XLA's chain of the same products, each as
+every stage waiting for the one before), of the same carrying stage_chain's state (no
+arming pass; timed if three such calls give the chain's result bitwise) and of XLA's chain
+of the same products, each as
 per-call time from (40 calls - 8 calls) / 32 in one jitted loop, as a fraction of the copy
 and read bandwidth over the weights' bytes (measured in the same process), and per stage.
 With --profile DIR: the consumer's phases (poll, products, store, in SM cycles; medians over
@@ -53,6 +55,18 @@ def chained_calls(fn, weights, cols: int):
             y = fn(weights, x)[:cols]
             return y * lax.rsqrt(jnp.mean(y * y) + 1e-12)
         return jax.jit(lambda x: lax.fori_loop(0, n, body, x))
+    return loop
+
+
+def chained_calls_with_state(plan, tiled, cols: int):
+    """As chained_calls, the calls carrying stage_chain's state (no arming pass a call)."""
+    def loop(n):
+        def body(_, carry):
+            x, state = carry
+            (_, tails), state = sc.stage_chain(plan, tiled, x, state=state)
+            y = tails[-1][:cols]
+            return y * lax.rsqrt(jnp.mean(y * y) + 1e-12), state
+        return jax.jit(lambda x: lax.fori_loop(0, n, body, (x, sc.init_chain_state(plan)))[0])
     return loop
 
 
@@ -108,15 +122,28 @@ def main() -> None:
                "plan": [[st.rows, st.cols, st.splits] for st in plan.layer + plan.tail],
                "max_err_over_scale": float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))),
                "rerun_bitwise_equal": bool(jnp.array_equal(got, again))}
+        # Three calls carrying the state: both parities, each armed by the call before.
+        with_state = jax.jit(lambda t, x, st: sc.stage_chain(plan, t, x, state=st))
+        state, equal = sc.init_chain_state(plan), []
+        for _ in range(3):
+            (_, tails), state = with_state(tiled, x0, state)
+            equal.append(bool(jnp.array_equal(tails[-1], got)))
+        row["with_state_bitwise_equal"] = equal
         if not row["max_err_over_scale"] <= WRONG:  # (NaN too: a poll that never saw its data)
             row["timed"] = f"no: wrong by more than {WRONG} of the scale"
             print(json.dumps(row), flush=True)
             continue
         cols = plan.layer[0].cols
-        for label, fn, weights in (
-                ("chain", lambda t, x: sc.stage_chain(plan, t, x)[1][-1], tiled),
-                ("xla_chain", jax.jit(lambda w, x: xla_chain(plan, w, x)), (layer_ws, tail_ws))):
-            rate = per_pass_rate(chained_calls(fn, weights, cols), x0, nbytes, args.repeats)
+        for label, loop in (
+                ("chain", chained_calls(lambda t, x: sc.stage_chain(plan, t, x)[1][-1], tiled,
+                                        cols)),
+                ("chain_with_state", chained_calls_with_state(plan, tiled, cols)),
+                ("xla_chain", chained_calls(jax.jit(lambda w, x: xla_chain(plan, w, x)),
+                                            (layer_ws, tail_ws), cols))):
+            if label == "chain_with_state" and not all(equal):
+                row["chain_with_state"] = "not timed: its results differ from the chain's"
+                continue
+            rate = per_pass_rate(loop, x0, nbytes, args.repeats)
             row[f"{label}_us"] = round(nbytes / rate * 1e6, 1)
             row[f"{label}_of_copy"] = round(rate / copy_bw, 3)
             row[f"{label}_of_read"] = round(rate / read_bw, 3)
