@@ -57,7 +57,8 @@ def test_plan_for_125m_has_the_models_shapes_and_the_least_work_splits():
     (sc.ChainPlan(layer=(sc.Stage(256, 512, 1),)), "reads 512 values; the stage before gives 256"),
     (sc.ChainPlan(layer=(sc.Stage(256, 256, 1), sc.Stage(2048, 256, 2)),
                   tail=(sc.Stage(64, 8192, 1),)), "reads 8192 values"),
-    (sc.ChainPlan(layer=(sc.Stage(8192, 8192, 64), sc.Stage(8192, 8192, 1))), "would poll 64"),
+    (sc.ChainPlan(layer=(sc.Stage(8192, 8192, 64), sc.Stage(8192, 8192, 1))),
+     "would poll 4096 values of 64 partials"),
     (sc.ChainPlan(layer=(sc.Stage(256, 256, 1),), k_slot=96), "k_slot 96"),
     (sc.ChainPlan(layer=(sc.Stage(256, 256, 1),), ring=14, k_slot=256), "shared memory"),
     (sc.ChainPlan(layer=()), "no layer stages"),
@@ -105,15 +106,17 @@ def test_reference_is_the_chain_in_float64():
     np.testing.assert_allclose(np.asarray(tails[0]), x, rtol=1e-4, atol=1e-4)
 
 
-def test_benchmarks_xla_baseline_is_the_same_chain():
+@pytest.mark.parametrize("prologues", [False, True])
+def test_benchmarks_xla_baseline_is_the_same_chain(prologues):
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
     import bench_stage_chain as bench
 
-    plan = SMALL
+    plan = MLP if prologues else SMALL
     layer_ws, tail_ws = bench.random_weights(plan, seed=5)
+    norms = bench.random_norms(plan, seed=6) if prologues else None
     x0 = jax.random.normal(jax.random.key(6), (256,), jnp.float32)
-    want = sc.stage_chain_reference(plan, layer_ws, tail_ws, x0)[1][-1]
-    got = bench.xla_chain(plan, (layer_ws, tail_ws), x0)  # x rounded to bf16 at each stage
+    want = sc.stage_chain_reference(plan, layer_ws, tail_ws, x0, norms)[1][-1]
+    got = bench.xla_chain(plan, (layer_ws, tail_ws), x0, norms)  # x in bf16 at each product
     assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) < 0.03
 
 
@@ -164,3 +167,101 @@ def test_benchmarks_chained_loops_lower_for_cuda():
                  bench.chained_calls_with_state(plan, tiled, 256)):
         text = loop(3).trace(x0).lower(lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text
+
+
+MLP = sc.ChainPlan(layer=(sc.Stage(384, 256, 2, "norm"), sc.Stage(256, 256, 2),
+                          sc.Stage(1024, 256, 2, "norm"), sc.Stage(256, 512, 4, "swiglu")),
+                   tail=(sc.Stage(640, 256, 1, "norm"),), num_layers=2, ctas=8, norm_eps=1e-5)
+
+
+def _norms(plan, seed=7):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, st in enumerate(plan.layer + plan.tail):
+        shape = (st.cols,) if i >= len(plan.layer) else (plan.num_layers, st.cols)
+        out.append(jnp.asarray(1 + 0.1 * rng.standard_normal(shape), jnp.float32)
+                   if st.prologue == "norm" else None)
+    return out
+
+
+def test_reference_with_prologues_is_a_pre_norm_block_in_float64():
+    """Residual stream, RMS norms before qkv, gate/up and the output layer, SwiGLU before down
+    (o-proj reads q where attention would be), against a float64 numpy transcription."""
+    plan = MLP
+    layer_ws, tail_ws = _weights(plan, seed=8)
+    norms = _norms(plan)
+    x0 = np.random.default_rng(9).standard_normal(256)
+    got = sc.stage_chain_reference(plan, layer_ws, tail_ws, jnp.asarray(x0, jnp.float32), norms)
+    w = [np.asarray(v, np.float64) for v in layer_ws]
+    g = [None if v is None else np.asarray(v, np.float64) for v in norms]
+
+    def rms(h, weight):
+        return h / np.sqrt(np.mean(h * h) + 1e-5) * weight
+
+    h = x0
+    for layer in range(2):
+        qkv = w[0][layer] @ rms(h, g[0][layer])
+        o = w[1][layer] @ qkv[:256]
+        h = h + o
+        gu = w[2][layer] @ rms(h, g[2][layer])
+        gate, up = gu[:512], gu[512:]
+        down = w[3][layer] @ (gate / (1 + np.exp(-gate)) * up)
+        h = h + down
+        for k, want in enumerate([qkv, o, gu, down]):
+            np.testing.assert_allclose(np.asarray(got[0][k][layer]), want, rtol=2e-4, atol=2e-4)
+    logits = np.asarray(tail_ws[0], np.float64) @ rms(h, g[4])
+    np.testing.assert_allclose(np.asarray(got[1][0]), logits, rtol=2e-4, atol=2e-4)
+
+
+def test_plan_for_125m_with_prologues_norms_qkv_gate_up_and_the_head():
+    plan = sc.chain_plan_for(load_config("125m"), num_ctas=132, prologues=True)
+    assert [st.prologue for st in plan.layer + plan.tail] == ["norm", "sum", "norm", "swiglu",
+                                                             "norm"]
+    assert plan.norm_eps == load_config("125m").model.norm_eps
+    assert sc.check_plan(plan, 132) is None
+
+
+@pytest.mark.parametrize("plan, words", [
+    (sc.ChainPlan(layer=(sc.Stage(256, 256, 1, "gelu"),)), "prologue 'gelu'"),
+    (sc.ChainPlan(layer=(sc.Stage(256, 256, 1, "norm"), sc.Stage(256, 256, 1, "swiglu"))),
+     "reads 512 values; the stage before gives 256"),
+    (sc.ChainPlan(layer=(sc.Stage(512, 256, 1), sc.Stage(256, 256, 1, "norm"))),
+     "without a norm first stage"),
+    (sc.ChainPlan(layer=(sc.Stage(512, 256, 1, "norm"), sc.Stage(256, 512, 1, "norm"))),
+     "different widths"),
+])
+def test_prologue_plans_the_kernel_cannot_run_are_refused(plan, words):
+    problem = sc.check_plan(plan, 132)
+    assert problem is not None and words in problem
+
+
+@pytest.mark.parametrize("name", ["mlp", "125m"])
+def test_prologue_kernel_lowers_with_and_without_state(name):
+    plan = MLP if name == "mlp" else sc.chain_plan_for(load_config("125m"), num_ctas=132,
+                                                       num_layers=2, prologues=True)
+    tiled = tuple(jax.ShapeDtypeStruct((plan.num_layers if i < len(plan.layer) else 1, st.units,
+                                        st.part // plan.k_slot, 64, plan.k_slot), jnp.bfloat16)
+                  for i, st in enumerate(plan.layer + plan.tail))
+    norms = [None if g is None else jax.ShapeDtypeStruct(g.shape, g.dtype) for g in _norms(plan)]
+    x0 = jax.ShapeDtypeStruct((plan.layer[0].cols,), jnp.float32)
+    run = jax.jit(lambda t, x, g: sc.stage_chain(plan, t, x, norms=g))
+    lowered = run.trace(tiled, x0, norms).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+    state = jax.eval_shape(lambda: sc.init_chain_state(plan))
+    assert len(state["residuals"]) == 3  # qkv's, gate/up's, the head's
+    run = jax.jit(lambda t, x, g, st: sc.stage_chain(plan, t, x, norms=g, state=st))
+    text = run.trace(tiled, x0, norms, state).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "output_operand_alias" in text
+
+
+def test_norm_weights_are_checked_against_the_plan():
+    tiled = sc.tile_chain(MLP, *_weights(MLP))
+    x0 = jnp.zeros(256)
+    with pytest.raises(ValueError, match="need norms"):
+        sc.stage_chain(MLP, tiled, x0)
+    bad = _norms(MLP)
+    bad[2] = bad[2][0]
+    with pytest.raises(ValueError, match=r"norm weights of stage 2: \(256,\), want \(2, 256\)"):
+        sc.stage_chain(MLP, tiled, x0, norms=bad)
+    with pytest.raises(ValueError, match="without norm stages"):
+        sc.stage_chain(SMALL, sc.tile_chain(SMALL, *_weights(SMALL)), x0, norms=_norms(MLP))
