@@ -142,10 +142,12 @@ PROFILE_REGIONS = 512
 
 
 def _launch(kernel, scratch, out_type, num_ctas: int, num_threads: int, *args,
-            profile_dir=None):
+            profile_dir=None, as_cluster: bool = False):
     """The kernel over num_ctas CTAs of num_threads warpgroups. With profile_dir, Mosaic GPU's
     profiler records each warpgroup's named scopes (the first PROFILE_REGIONS) and writes a
-    trace (Chrome trace JSON, times in SM clock cycles) there per call."""
+    trace (Chrome trace JSON, times in SM clock cycles) there per call. as_cluster: the CTAs
+    as one cluster, for Mosaic GPU's interpreter, which runs a cluster's CTAs concurrently
+    but the grid's one after another (CTAs polling each other's outputs need the former)."""
     def entry(*refs):
         pl.run_scoped(lambda *scratch_refs: kernel(*refs, *scratch_refs), *scratch,
                       collective_axes="wg")
@@ -154,8 +156,10 @@ def _launch(kernel, scratch, out_type, num_ctas: int, num_threads: int, *args,
     if profile_dir:
         params = plgpu.CompilerParams(profile_space=PROFILE_REGIONS, profile_dir=str(profile_dir),
                                       profile_bounds_check=True)
-    return plgpu.kernel(entry, out_type=out_type, grid=(num_ctas,), grid_names=("ctas",),
-                        num_threads=num_threads, thread_name="wg", compiler_params=params)(*args)
+    grid = dict(grid=(1,), grid_names=("grid",), cluster=(num_ctas,), cluster_names=("ctas",)
+                ) if as_cluster else dict(grid=(num_ctas,), grid_names=("ctas",))
+    return plgpu.kernel(entry, out_type=out_type, num_threads=num_threads, thread_name="wg",
+                        compiler_params=params, **grid)(*args)
 
 
 # ----------------------------------------------------------------------------- split-K form

@@ -30,9 +30,12 @@ How it runs (the polling form of ring_matvec.py, generalized):
   partial sums. Where the CTA count divides by a stage's splits, a CTA's units of that stage
   share one split of x, polled once.
 - Splits are chosen per stage (`choose_splits`) so the busiest CTA streams the fewest slots.
-Numerics are checked on the GPU only (tools/bench_stage_chain.py): the B tile is written
-through an unswizzled second view of its shared memory, which Mosaic GPU's interpreter does
-not alias; the tests check the plan, tiling, reference and lowering.
+The tests run the kernel's logic in Mosaic GPU's interpreter (`interpret=True`: the CTAs as
+one cluster, whose CTAs it runs concurrently; polls by plain loads; x written into the B
+tile's wgmma view, since the interpreter does not alias RefUnion views) against the float32
+reference, plain and with prologues, over both parities of the state. What the interpreter
+does not model (volatile loads, the unswizzled view, the GPU's memory ordering, timing) is
+checked on the GPU by tools/bench_stage_chain.py.
 """
 
 from __future__ import annotations
@@ -47,11 +50,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.grouped_matmul_mosaic import _num_sms
-from pallas_kernels.ring_matvec import (B_ROWS, K_STEP, NOT_WRITTEN, WGMMA_M, _GridBarrier,
-                                        _launch, _poll_loads, _polling_scratch,
+from pallas_kernels.ring_matvec import (B_ROWS, K_STEP, NOT_WRITTEN, WGMMA_M,
+                                        _GridBarrier, _launch, _poll_loads, _polling_scratch,
                                         _split_k_products)
 
 MAX_POLLED_VALUES = 64  # float32 values a thread polls for one unit (registers)
+INTERPRET_POLLS = 1 << 20  # the interpreted form's polls (its CTAs are threads: slow to come)
 SHARED_MEMORY = 220 * 1024
 
 
@@ -277,7 +281,8 @@ def _strided(tiles: int):
     return plgpu.Layout.WG_STRIDED((tiles, K_STEP), vec_size=_vec(tiles))
 
 
-def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_dir=None):
+def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_dir=None,
+                interpret: bool = False):
     """The chain on the GPU: (per layer stage [L, rows], per tail stage [rows]) float32, as
     stage_chain_reference. tiled = tile_chain(plan, ...); x0 [plan.layer[0].cols] float32;
     norms as stage_chain_reference's (needed where the plan has norm stages).
@@ -296,7 +301,11 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
     squares; unit 0 of the stage writes the new residual; the unit's split is then scaled by
     the RMS and the norm weights. A swiglu unit polls its split of both halves.
     profile_dir: a Mosaic GPU profiler trace of the consumer's phases ("arm" without state,
-    then per polled unit "x" (the poll and prologue), per unit "products" and "store")."""
+    then per polled unit "x" (the poll and prologue), per unit "products" and "store").
+    interpret: the form Mosaic GPU's interpreter runs (under plgpu.force_gpu_interpret_mode,
+    called eagerly, with a state: it has no global semaphores), for the tests: the CTAs as
+    one cluster, polls by plain loads, x written into the B tile's wgmma view. It checks the
+    kernel's logic (units, slots, prologues, parities), not the GPU's memory model."""
     num_ctas = plan.ctas or _num_sms()
     problem = check_plan(plan, num_ctas)
     if problem:
@@ -321,6 +330,9 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
     max_part = max(st.part for st in stages)
     dtype = jnp.bfloat16
     persistent = state is not None
+    if interpret and not persistent:
+        raise ValueError("the interpreted form needs a state (state=init_chain_state(plan)): "
+                         "the interpreter has no global semaphores for the arming barrier")
 
     def prev_norm(i, layer):
         """(the position in norm_stages and the layer of the norm stage instance before stage
@@ -430,8 +442,19 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
 
         def poll_sum(refs, col, tiles):
             """The sum of refs' [col, col + tiles) rows of 64, polled."""
-            values = _poll_loads([r.at[pl.ds(col, tiles)] for r in refs], (tiles, K_STEP),
-                                 _vec(tiles))
+            views = [r.at[pl.ds(col, tiles)] for r in refs]
+            if interpret:  # (no inline Mosaic GPU code there; its memory is coherent)
+                def load(_=None):
+                    return tuple(plgpu.load(v, layout=_strided(tiles)) for v in views)
+
+                def again(carry):
+                    nan = sum(jnp.sum(jnp.isnan(v).astype(jnp.int32)) for v in carry[0])
+                    return (nan > 0) & (carry[1] < INTERPRET_POLLS)
+
+                values, _ = lax.while_loop(again, lambda c: (load(), c[1] + 1),
+                                           (load(), jnp.int32(1)))
+            else:
+                values = _poll_loads(views, (tiles, K_STEP), _vec(tiles))
             x = values[0]
             for v in values[1:]:
                 x = x + v
@@ -497,7 +520,10 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
                     for_each_unit(functools.partial(arm, parts, resid))
                     barrier.arrive()
                     barrier.wait(1)
-            b_plain[...] = jnp.zeros(b_plain.shape, dtype)
+            if interpret:  # (its RefUnion views do not alias: the wgmma view is written)
+                b_smem[...] = jnp.zeros(b_smem.shape, dtype)
+            else:
+                b_plain[...] = jnp.zeros(b_plain.shape, dtype)
 
             def unit_step(k, layer, j, unit):
                 st = stages[k]
@@ -512,7 +538,10 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
                             x = x_norm(k, layer, j, unit, split)
                         else:
                             x = x_sum(k, layer, split)
-                        b_plain.at[pl.ds(0, tiles), 0, :][...] = x.astype(dtype)
+                        if interpret:
+                            b_smem.at[0, pl.ds(0, st.part)][...] = x.reshape(-1).astype(dtype)
+                        else:
+                            b_plain.at[pl.ds(0, tiles), 0, :][...] = x.astype(dtype)
                         plgpu.commit_smem()  # the plain stores before the wgmmas' async reads
                 with jax.named_scope("products"):
                     acc = pl.run_scoped(
@@ -541,7 +570,8 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
         parity = jnp.asarray(state["parity"], jnp.int32)
         refs = [jax.new_ref(p) for p in (*state["parts"], *state["residuals"])]
         _launch(kernel, scratch, (), num_ctas, 2, *tiled, x0_parts,
-                jnp.broadcast_to(parity, (128,)), *norm_ws, *refs, profile_dir=profile_dir)
+                jnp.broadcast_to(parity, (128,)), *norm_ws, *refs, profile_dir=profile_dir,
+                as_cluster=interpret)
         buffers = [r[...] for r in refs]
         outs = [b[parity] for b in buffers[:n]]
         state = {"parts": tuple(buffers[:n]), "residuals": tuple(buffers[n:]),

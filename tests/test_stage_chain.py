@@ -1,10 +1,10 @@
 """The decode-step chain of products (pallas_kernels/stage_chain.py), on CPU.
 
-The kernel needs a Hopper GPU (its polls read other CTAs' stores; its B tile is written through
-a second view of shared memory, which Mosaic GPU's interpreter does not alias), so its numerics
-are checked on the GPU by tools/bench_stage_chain.py. Here: the plan (splits, refusals), the
-weight tiling, the float32 reference against float64 numpy, the benchmark's XLA baseline
-against the reference, and that the kernel lowers for CUDA on CPU.
+Here: the plan (splits, refusals), the weight tiling, the float32 reference against float64
+numpy, the benchmark's XLA baseline against the reference, that the kernel lowers for CUDA,
+and the kernel's logic run by Mosaic GPU's interpreter against the reference (its interpreted
+form: polls by plain loads, x written into the B tile's wgmma view). The GPU form's volatile
+polls and unswizzled B-tile view are checked on the GPU by tools/bench_stage_chain.py.
 """
 
 from __future__ import annotations
@@ -265,3 +265,45 @@ def test_norm_weights_are_checked_against_the_plan():
         sc.stage_chain(MLP, tiled, x0, norms=bad)
     with pytest.raises(ValueError, match="without norm stages"):
         sc.stage_chain(SMALL, sc.tile_chain(SMALL, *_weights(SMALL)), x0, norms=_norms(MLP))
+
+
+def _interpreted(plan, norms, calls=2):
+    """`calls` chained calls of the interpreted kernel on one state -> (outputs, states)."""
+    plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    if not hasattr(plgpu, "force_gpu_interpret_mode"):
+        pytest.skip("this JAX has no Mosaic GPU interpreter")
+    layer_ws, tail_ws = _weights(plan, seed=11)
+    x0 = jnp.asarray(np.random.default_rng(12).standard_normal(plan.layer[0].cols), jnp.float32)
+    tiled = sc.tile_chain(plan, layer_ws, tail_ws)
+    want = sc.stage_chain_reference(plan, layer_ws, tail_ws, x0, norms)
+    state, outs, states = sc.init_chain_state(plan), [], []
+    # Two CTAs: the interpreter runs a cluster's CTAs as Python threads, and more of them
+    # spinning in their polls starve the ones they wait for.
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=False)):
+        for _ in range(calls):
+            out, state = sc.stage_chain(plan, tiled, x0, norms=norms, state=state,
+                                        interpret=True)
+            outs.append(out)
+            states.append(state)
+    return want, outs, states
+
+
+@pytest.mark.parametrize("name", ["plain", "prologues"])
+def test_interpreted_kernel_matches_the_reference_over_both_parities(name):
+    """The kernel's own logic, run by Mosaic GPU's interpreter: units dealt over the CTAs, ring
+    slots, polls, the prologues and residual stream (pre-norm block), and the carried state
+    (each call writes the parity the call before armed, and arms the other)."""
+    import dataclasses
+    plan = dataclasses.replace(SMALL if name == "plain" else MLP, ctas=2)
+    want, outs, states = _interpreted(plan, None if name == "plain" else _norms(plan))
+    for (layer_outs, tail_outs), state, parity in zip(outs, states, (1, 0)):
+        for got, ref in zip(list(layer_outs) + list(tail_outs), list(want[0]) + list(want[1])):
+            scale = float(jnp.max(jnp.abs(ref)))
+            assert float(jnp.max(jnp.abs(got - ref))) < 0.02 * scale  # x rounds to bf16
+        assert int(state["parity"]) == parity
+        for buffer in (*state["parts"], *state["residuals"]):  # the next call's parity: armed
+            assert bool(jnp.all(jnp.isnan(buffer[parity])))
+            assert not bool(jnp.any(jnp.isnan(buffer[1 - parity])))
+    with pytest.raises(ValueError, match="needs a state"):
+        sc.stage_chain(plan, sc.tile_chain(plan, *_weights(plan)), jnp.zeros(256),
+                       norms=None if name == "plain" else _norms(plan), interpret=True)
