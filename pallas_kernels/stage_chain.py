@@ -355,9 +355,11 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
         wg = lax.axis_index("wg")
         cta = lax.axis_index("ctas")
         barrier = None if persistent else _GridBarrier(num_ctas)
-        parity = jnp.max(plgpu.load(parity_ref, layout=plgpu.Layout.WG_STRIDED((128,), 1)))
-        parts = [p.at[parity] for p in all_parts] if persistent else all_parts
-        resid = [r.at[parity] for r in all_resid] if persistent else all_resid
+        parts, resid = all_parts, all_resid
+        if persistent:
+            parity = jnp.max(plgpu.load(parity_ref, layout=plgpu.Layout.WG_STRIDED((128,), 1)))
+            parts = [p.at[parity] for p in all_parts]
+            resid = [r.at[parity] for r in all_resid]
 
         def arm(buffers, residuals, k, layer, j, unit):
             st = stages[k]
@@ -378,15 +380,14 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
         counts = [count(st) for st in stages]
         per_layer = sum(counts[k] * slots[k] for k in range(n_layer))
 
-        def first_slot(k, layer, j):
-            """How many slots this CTA's producer filled before unit j of stage k."""
-            before = sum((counts[i] * slots[i] for i in range(k)), jnp.int32(0))
-            if k >= n_layer:
-                before = num_layers * per_layer + sum(
-                    (counts[i] * slots[i] for i in range(n_layer, k)), jnp.int32(0))
-            else:
-                before = layer * per_layer + before
-            return before + j * slots[k]
+        def first_slot(k, layer, j=0):
+            """How many slots this CTA's producer filled before unit j of stage k (k = n: all
+            of them)."""
+            if k < n_layer:
+                return layer * per_layer + sum(counts[i] * slots[i] for i in range(k)) + (
+                    j * slots[k])
+            before = num_layers * per_layer + sum(counts[i] * slots[i] for i in range(n_layer, k))
+            return before + (j * slots[k] if k < n else 0)
 
         def for_each_unit(body):
             """body(k, layer, j, unit) for this CTA's units, in the chain's order."""
@@ -425,8 +426,7 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
             if persistent:  # the next call's parity, read by no one in this call
                 for_each_unit(functools.partial(arm, [p.at[1 - parity] for p in all_parts],
                                                 [r.at[1 - parity] for r in all_resid]))
-            total = num_layers * per_layer + sum(
-                (counts[k] * slots[k] for k in range(n_layer, n)), jnp.int32(0))
+            total = first_slot(n, 0)
 
             @pl.loop(jnp.maximum(total - ring_slots, 0), total)
             def _drain(i):  # every release observed before the CTA ends
@@ -485,19 +485,16 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
             pos = norm_stages.index(k)
             chunk = _norm_chunk(width, count + 1) // K_STEP
             out_layer = layer if k < n_layer else 0
+            before_pos, before_layer = prev_norm(k, layer)
+            inputs = partials(source, count) + [resid[before_pos].at[
+                jnp.maximum(before_layer, 0)]]  # (layer 0's first: x0 instead, below)
             total = jnp.float32(0.0)
             for c in range(0, width // K_STEP, chunk):
-                refs_now = partials(source, count)
                 if k == 0:
-                    before_pos, before_layer = prev_norm(k, layer)
-                    h = lax.cond(
-                        layer == 0, lambda c=c: poll_sum([x0_ref.at[0]], c, chunk),
-                        lambda c=c: poll_sum(
-                            refs_now + [resid[before_pos].at[jnp.maximum(before_layer, 0)]],
-                            c, chunk))
+                    h = lax.cond(layer == 0, lambda c=c: poll_sum([x0_ref.at[0]], c, chunk),
+                                 lambda c=c: poll_sum(inputs, c, chunk))
                 else:
-                    before_pos, before_layer = prev_norm(k, layer)
-                    h = poll_sum(refs_now + [resid[before_pos].at[before_layer]], c, chunk)
+                    h = poll_sum(inputs, c, chunk)
                 staging[0].at[pl.ds(c, chunk)][...] = h
                 total = total + jnp.sum(h * h)
 
