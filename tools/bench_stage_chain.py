@@ -22,6 +22,7 @@ Attention is not in the chain (o-proj reads q in its place): a decode step needs
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 
@@ -50,25 +51,30 @@ def random_weights(plan: sc.ChainPlan, seed: int):
 
 def chained_calls(fn, weights, cols: int):
     """loop(n): n calls in one jitted loop, each starting from the last call's last output (its
-    first `cols` values, normalized), so no call can be skipped or overlapped."""
-    def loop(n):
+    first `cols` values, normalized), so no call can be skipped or overlapped. n is an argument
+    of the jitted loop, so every n shares one compile (1b's chain takes minutes to compile)."""
+    def loop(w, x, n):
         def body(_, x):
-            y = fn(weights, x)[:cols]
+            y = fn(w, x)[:cols]
             return y * lax.rsqrt(jnp.mean(y * y) + 1e-12)
-        return jax.jit(lambda x: lax.fori_loop(0, n, body, x))
-    return loop
+        return lax.fori_loop(0, n, body, x)
+
+    run = jax.jit(loop)  # (the weights an argument: closed over, they would be constants)
+    return lambda n: functools.partial(run, weights, n=jnp.int32(n))
 
 
 def chained_calls_with_state(plan, tiled, cols: int, norms=None):
     """As chained_calls, the calls carrying stage_chain's state (no arming pass a call)."""
-    def loop(n):
+    def loop(t, g, x, n):
         def body(_, carry):
             x, state = carry
-            (_, tails), state = sc.stage_chain(plan, tiled, x, norms=norms, state=state)
+            (_, tails), state = sc.stage_chain(plan, t, x, norms=g, state=state)
             y = tails[-1][:cols]
             return y * lax.rsqrt(jnp.mean(y * y) + 1e-12), state
-        return jax.jit(lambda x: lax.fori_loop(0, n, body, (x, sc.init_chain_state(plan)))[0])
-    return loop
+        return lax.fori_loop(0, n, body, (x, sc.init_chain_state(plan)))[0]
+
+    run = jax.jit(loop)
+    return lambda n: functools.partial(run, tiled, norms, n=jnp.int32(n))
 
 
 def xla_chain(plan, weights, x, norms=None):
