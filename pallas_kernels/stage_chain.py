@@ -50,11 +50,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.grouped_matmul_mosaic import _num_sms
-from pallas_kernels.ring_matvec import (B_ROWS, K_STEP, NOT_WRITTEN, WGMMA_M,
+from pallas_kernels.ring_matvec import (B_ROWS, K_STEP, NOT_WRITTEN, SWIZZLED, WGMMA_M,
                                         _GridBarrier, _launch, _poll_loads, _polling_scratch,
                                         _split_k_products)
 
 MAX_POLLED_VALUES = 64  # float32 values a thread polls for one unit (registers)
+CHUNK = 128  # cache positions an attention unit scores
+HEAD_DIM = K_STEP  # the attention stage's head size (one 128-byte row of bf16)
 INTERPRET_POLLS = 1 << 20  # the interpreted form's polls (its CTAs are threads: slow to come)
 SHARED_MEMORY = 220 * 1024
 
@@ -71,7 +73,12 @@ class Stage:
     # before's output, written once; then RMS-normalized and scaled by the stage's norm
     # weights; the first norm stage of layer 0 takes x0 as the residual) or "swiglu"
     # (silu(g) * u, g and u the stage before's first and second `cols` outputs).
+    # Two more kinds come as a pair (attention_stage()): "attention", a stage with no weights
+    # that attends the stage before's q to the cache (its rows: the heads' outputs), and
+    # "merge", the stage after it, whose units first merge attention's partials.
     prologue: str = "sum"
+    kv_heads: int = 0  # attention only
+    chunks: int = 0  # attention only: the cache holds chunks * CHUNK positions
 
     @property
     def part(self) -> int:  # contracted columns a unit
@@ -79,7 +86,24 @@ class Stage:
 
     @property
     def units(self) -> int:
+        if self.prologue == "attention":  # (kv head, chunk), chunk `chunks` the new position
+            return self.kv_heads * (self.chunks + 1)
         return self.rows // WGMMA_M * self.splits
+
+    @property
+    def weighted(self) -> bool:
+        return self.prologue != "attention"
+
+    @property
+    def group(self) -> int:  # attention: query heads a kv head
+        return self.rows // HEAD_DIM // self.kv_heads
+
+
+def attention_stage(heads: int, kv_heads: int, max_len: int) -> Stage:
+    """The attention stage of `heads` query heads over `kv_heads` (head size 64) and a cache
+    of max_len positions (rounded up to CHUNK)."""
+    return Stage(heads * HEAD_DIM, (heads + 2 * kv_heads) * HEAD_DIM, 1, "attention",
+                 kv_heads=kv_heads, chunks=-(-max_len // CHUNK))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +117,16 @@ class ChainPlan:
     ring: int = 8
     ctas: int | None = None
     norm_eps: float = 1e-5
+    # The qkv stage's q rows come out in the order the 128-byte swizzle of attention's q tile
+    # wants (tile_chain permutes them, so plain stores land where wgmma reads); off for the
+    # interpreter, whose views do not alias.
+    swizzle_q: bool = True
+
+    @property
+    def attention(self) -> int | None:
+        """The attention stage's index in `layer`, or None."""
+        kinds = [st.prologue for st in self.layer]
+        return kinds.index("attention") if "attention" in kinds else None
 
     def steps(self):
         """(stage, its index in layer + tail, its layer or None) in the order they run."""
@@ -107,8 +141,13 @@ def check_plan(plan: ChainPlan, num_ctas: int) -> str | None:
     if plan.k_slot % K_STEP or not K_STEP <= plan.k_slot <= 256:
         return f"k_slot {plan.k_slot} (a multiple of {K_STEP} up to 256)"
     stages = list(plan.layer) + list(plan.tail)
+    problem = _check_attention(plan)
+    if problem:
+        return problem
     for i, st in enumerate(stages):
         name = f"stage {i} ({st.rows} x {st.cols}, {st.splits} splits)"
+        if st.prologue == "attention":
+            continue  # (_check_attention)
         if st.rows % WGMMA_M:
             return f"{name}: rows must be a multiple of {WGMMA_M}"
         if st.splits < 1 or st.cols % st.splits or st.part % max(plan.k_slot, 128):
@@ -116,12 +155,13 @@ def check_plan(plan: ChainPlan, num_ctas: int) -> str | None:
                     f"k_slot ({plan.k_slot}) and of 128")
         before = plan.layer[-1] if i == 0 else stages[i - 1]  # (layer 0's first reads x0)
         reads = 2 * st.cols if st.prologue == "swiglu" else st.cols
-        if st.prologue not in ("sum", "norm", "swiglu"):
-            return f"{name}: prologue {st.prologue!r} (sum, norm or swiglu)"
+        if st.prologue not in ("sum", "norm", "swiglu", "merge"):
+            return f"{name}: prologue {st.prologue!r} (sum, norm, swiglu or merge)"
         if reads > before.rows:
             return f"{name} reads {reads} values; the stage before gives {before.rows}"
         polled = (before.splits * (2 if st.prologue == "swiglu" else 1) * st.part // 128
-                  if st.prologue != "norm" else (before.splits + 1))  # (norm: in chunks)
+                  if st.prologue in ("sum", "swiglu") else  # (norm, merge: in chunks)
+                  before.splits + 1 if st.prologue == "norm" else st.part // 128)
         if polled > MAX_POLLED_VALUES:
             return (f"{name}: a thread would poll {polled} values of {before.splits} partials "
                     f"(at most {MAX_POLLED_VALUES}: use fewer splits before it)")
@@ -130,14 +170,52 @@ def check_plan(plan: ChainPlan, num_ctas: int) -> str | None:
         return "norm stages without a norm first stage (the residual starts at x0 there)"
     if len({st.cols for st in norms}) > 1:
         return f"norm stages of different widths {sorted({st.cols for st in norms})} (one residual)"
-    smem = (plan.ring * WGMMA_M * plan.k_slot * 2 + B_ROWS * max(s.part for s in stages) * 2
-            + 4 * max([st.cols for st in norms], default=0))
+    smem = shared_memory(plan)
     if smem > SHARED_MEMORY:
-        return (f"{smem} bytes of ring, x tile and norm staging (over {SHARED_MEMORY} of shared "
-                "memory)")
+        return (f"{smem} bytes of ring, x tile, norm staging and attention tiles (over "
+                f"{SHARED_MEMORY} of shared memory: use fewer ring slots)")
     if num_ctas < 1:
         return f"{num_ctas} CTAs"
     return None
+
+
+def _check_attention(plan: ChainPlan) -> str | None:
+    stages = list(plan.layer) + list(plan.tail)
+    kinds = [st.prologue for st in stages]
+    if kinds.count("attention") > 1 or kinds.count("attention") != kinds.count("merge"):
+        return "a plan with other than one attention stage followed by one merge stage"
+    if plan.attention is None:
+        return None
+    i = plan.attention
+    st = stages[i]
+    name = f"attention stage {i}"
+    if i == 0 or i + 1 >= len(plan.layer) or plan.layer[i + 1].prologue != "merge":
+        return f"{name}: it needs its qkv stage before it and a merge stage after it in the layer"
+    if st.kv_heads < 1 or st.rows % (HEAD_DIM * st.kv_heads) or st.chunks < 1:
+        return f"{name}: {st.rows // HEAD_DIM} heads over {st.kv_heads} kv heads, {st.chunks} chunks"
+    group = st.group
+    if group not in (1, 2, 4, 6, 8):
+        return f"{name}: {group} query heads a kv head (1, 2, 4, 6 or 8)"
+    if st.cols != st.rows + 2 * st.kv_heads * HEAD_DIM or stages[i - 1].rows != st.cols:
+        return f"{name}: the stage before must give q, k and v ({st.cols} rows)"
+    if stages[i - 1].splits * max(group, 2) * HEAD_DIM // 128 > MAX_POLLED_VALUES:
+        return f"{name}: the qkv stage's splits ({stages[i - 1].splits}) poll too many values"
+    merge = stages[i + 1]
+    if merge.cols != st.rows or merge.part % 128:
+        return f"merge stage {i + 1}: it reads the {st.rows} attention outputs in splits of 128s"
+    return None
+
+
+def shared_memory(plan: ChainPlan) -> int:
+    """Bytes of shared memory stage_chain allocates for the plan."""
+    stages = list(plan.layer) + list(plan.tail)
+    norm_width = max([st.cols for st in stages if st.prologue == "norm"], default=0)
+    smem = (plan.ring * WGMMA_M * plan.k_slot * 2 + B_ROWS * max(s.part for s in stages) * 2
+            + 4 * norm_width)
+    if plan.attention is not None:  # q, k and v tiles, RoPE and output staging
+        smem += (WGMMA_M + 2 * CHUNK) * HEAD_DIM * 2 + 16 * 2 * HEAD_DIM * 4 + (
+            2 * WGMMA_M * HEAD_DIM * 4)
+    return smem
 
 
 UNIT_COST = 1  # a unit's fixed cost (its store, its products' drain), in weight slots
@@ -162,21 +240,47 @@ def choose_splits(rows: int, cols: int, k_slot: int, num_ctas: int) -> int:
 
 
 def chain_plan_for(cfg, *, k_slot: int = 128, ring: int = 8, num_ctas: int | None = None,
-                   num_layers: int | None = None, prologues: bool = False) -> ChainPlan:
+                   num_layers: int | None = None, prologues: bool = False,
+                   max_len: int | None = None) -> ChainPlan:
     """A model config's decode step as a chain: per layer qkv, o-proj, gate/up, down; then the
     output layer. With prologues, qkv, gate/up and the output layer take RMS norms of the
-    residual stream and down takes SwiGLU, as in the model; attention is never in it (o-proj
-    reads q in its place)."""
+    residual stream and down takes SwiGLU, as in the model. With max_len (the cache's
+    positions; needs prologues), attention runs between qkv and o-proj, whose prologue merges
+    its partials: the whole decode step. Without it o-proj reads q in attention's place. The
+    ring gets fewer slots where the attention tiles need the shared memory."""
     m = getattr(cfg, "model", cfg)
     hd = m.head_dim or m.embed_dim // m.num_heads
     ctas = num_ctas or _num_sms()
+    if max_len is not None and not prologues:
+        raise ValueError("a plan with attention (max_len) needs prologues=True")
+    o_proj = "merge" if max_len is not None else "sum"
     shapes = [((m.num_heads + 2 * m.num_kv_heads) * hd, m.embed_dim, "norm"),
-              (m.embed_dim, m.num_heads * hd, "sum"), (2 * m.mlp_dim, m.embed_dim, "norm"),
+              (m.embed_dim, m.num_heads * hd, o_proj), (2 * m.mlp_dim, m.embed_dim, "norm"),
               (m.embed_dim, m.mlp_dim, "swiglu"), (m.vocab_size, m.embed_dim, "norm")]
-    stages = tuple(Stage(r, c, choose_splits(r, c, k_slot, ctas), p if prologues else "sum")
-                   for r, c, p in shapes)
-    return ChainPlan(layer=stages[:4], tail=stages[4:], num_layers=num_layers or m.num_layers,
-                     k_slot=k_slot, ring=ring, ctas=num_ctas, norm_eps=m.norm_eps)
+    stages = [Stage(r, c, choose_splits(r, c, k_slot, ctas), p if prologues else "sum")
+              for r, c, p in shapes]
+    if max_len is not None:
+        if hd != HEAD_DIM:
+            raise ValueError(f"head_dim {hd}: the attention stage takes {HEAD_DIM}")
+        stages.insert(1, attention_stage(m.num_heads, m.num_kv_heads, max_len))
+    plan = ChainPlan(layer=tuple(stages[:-1]), tail=tuple(stages[-1:]),
+                     num_layers=num_layers or m.num_layers, k_slot=k_slot, ring=ring,
+                     ctas=num_ctas, norm_eps=m.norm_eps)
+    while plan.ring > 2 and shared_memory(plan) > SHARED_MEMORY:
+        plan = dataclasses.replace(plan, ring=plan.ring - 1)
+    return plan
+
+
+def swizzle_rows(rows: int, group: int) -> jnp.ndarray:
+    """The order of a [rows = heads * 64] q projection's outputs that attention's q tile wants:
+    within query head q, element i goes to position ((i // 8) ^ (q % group)) * 8 + i % 8.
+    Row r < 8 of a 128-byte-swizzled bf16 tile keeps its 16-byte chunk c at chunk c ^ r, so
+    the G rows of a kv head's query heads, each stored plainly in this order, are where the
+    swizzled tile's reader expects them. Its own inverse."""
+    i = jnp.arange(rows)
+    head, within = i // HEAD_DIM, i % HEAD_DIM
+    chunk = (within // 8) ^ (head % group)
+    return head * HEAD_DIM + chunk * 8 + within % 8
 
 
 def _tile(w, st: Stage, k_slot: int):
@@ -199,29 +303,88 @@ def tile_chain(plan: ChainPlan, layer_ws, tail_ws=()):
                          f"{len(plan.layer)} and {len(plan.tail)} stages")
     out = []
     for w, st in zip(list(layer_ws) + [w[None] for w in tail_ws], plan.layer + plan.tail):
+        if not st.weighted:
+            if w is not None:
+                raise ValueError(f"weights for stage {len(out)} (attention: pass None)")
+            out.append(None)
+            continue
         want = (plan.num_layers if len(out) < len(plan.layer) else 1, st.rows, st.cols)
-        if w.shape != want or w.dtype != jnp.bfloat16:
-            raise ValueError(f"weights {w.shape} {w.dtype} for stage {len(out)}: want {want} "
-                             "bfloat16 (tail weights without the layer dim)")
+        if w is None or w.shape != want or w.dtype != jnp.bfloat16:
+            raise ValueError(f"weights {None if w is None else (w.shape, w.dtype)} for stage "
+                             f"{len(out)}: want {want} bfloat16 (tail weights without the "
+                             "layer dim)")
+        if plan.attention is not None and len(out) == plan.attention - 1 and plan.swizzle_q:
+            att = plan.layer[plan.attention]
+            order = jnp.concatenate([swizzle_rows(att.rows, att.group),
+                                     jnp.arange(att.rows, st.rows)])
+            w = w[:, order]
         out.append(_tile(w, st, plan.k_slot))
     return tuple(out)
+
+
+def rope_tables(plan: ChainPlan, inv_freq):
+    """(cos, sin) [chunks * CHUNK, 8, 64] float32 for the attention stage: at each position,
+    row r in the element order of q tile row r (swizzle_rows; natural without
+    plan.swizzle_q), sin signed for rotate-half (rotate_half(x) = sign * x shifted by 32)."""
+    att = plan.layer[plan.attention]
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    if inv_freq.shape != (HEAD_DIM // 2,):
+        raise ValueError(f"inv_freq of shape {inv_freq.shape}: want ({HEAD_DIM // 2},)")
+    rows = jnp.stack([swizzle_rows(8 * HEAD_DIM, 8)[r * HEAD_DIM:(r + 1) * HEAD_DIM] - r * HEAD_DIM
+                      if plan.swizzle_q else jnp.arange(HEAD_DIM) for r in range(8)])
+    angle = jnp.arange(att.chunks * CHUNK, dtype=jnp.float32)[:, None, None] * inv_freq[
+        rows % (HEAD_DIM // 2)]
+    sign = jnp.where(rows < HEAD_DIM // 2, -1.0, 1.0)
+    return jnp.cos(angle), jnp.sin(angle) * sign
 
 
 def _dot_f32(w, x):
     return jnp.dot(w.astype(jnp.float32), x, precision=lax.Precision.HIGHEST)
 
 
-def stage_chain_reference(plan: ChainPlan, layer_ws, tail_ws, x0, norms=None, *, dot=_dot_f32):
+def rotate_half_rope(x, pos, inv_freq):
+    """RoPE (rotate-half, as the model) of x [..., 64] at position pos, in float32."""
+    angle = pos * jnp.asarray(inv_freq, jnp.float32)
+    cos, sin = jnp.tile(jnp.cos(angle), 2), jnp.tile(jnp.sin(angle), 2)
+    half = x.shape[-1] // 2
+    return x * cos + jnp.concatenate([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def attention_reference(st: Stage, qkv, cache_k, cache_v, pos, inv_freq):
+    """One layer's attention of the new position: qkv [cols] float32 (q, k, v), the layer's
+    cache [K, S, 64] holding positions < pos -> (o [rows], k_new [K, 64] after RoPE, v_new)."""
+    heads, kv = st.rows // HEAD_DIM, st.kv_heads
+    q = rotate_half_rope(qkv[:st.rows].reshape(heads, HEAD_DIM), pos, inv_freq)
+    k_new = rotate_half_rope(qkv[st.rows:st.rows + kv * HEAD_DIM].reshape(kv, HEAD_DIM), pos,
+                             inv_freq)
+    v_new = qkv[st.rows + kv * HEAD_DIM:].reshape(kv, HEAD_DIM)
+    keys = jnp.concatenate([cache_k[:, :pos].astype(jnp.float32), k_new[:, None]], 1)
+    values = jnp.concatenate([cache_v[:, :pos].astype(jnp.float32), v_new[:, None]], 1)
+    q = q.reshape(kv, st.group, HEAD_DIM)
+    scores = jnp.einsum("kgd,ksd->kgs", q, keys, precision=lax.Precision.HIGHEST)
+    p = jax.nn.softmax(scores / HEAD_DIM ** 0.5, axis=-1)
+    o = jnp.einsum("kgs,ksd->kgd", p, values, precision=lax.Precision.HIGHEST)
+    return o.reshape(-1), k_new, v_new
+
+
+def stage_chain_reference(plan: ChainPlan, layer_ws, tail_ws, x0, norms=None, *, cache=None,
+                          pos=None, inv_freq=None, dot=_dot_f32):
     """(per layer stage [L, rows], per tail stage [rows]) float32: the chain in float32.
     norms: per stage (layer then tail), the norm weights of norm stages ([L, D] in layers,
-    [D] in the tail), None elsewhere. dot(w, x): the product (float32 by default)."""
+    [D] in the tail), None elsewhere. dot(w, x): the product (float32 by default). With an
+    attention stage: cache (k, v) [L, K, S, 64] holding positions < pos (an int), and RoPE's
+    inv_freq [32]; the attention stage's output is the heads' outputs."""
     x = x0.astype(jnp.float32)
     residual = None
     stages = plan.layer + plan.tail
     norms = norms or [None] * len(stages)
+    layer_now = 0
 
     def stage(i, st, w, g, x):
         nonlocal residual
+        if st.prologue == "attention":
+            return attention_reference(st, x, cache[0][layer_now], cache[1][layer_now], pos,
+                                       inv_freq)[0]
         if st.prologue == "norm":
             residual = x[:st.cols] if residual is None else residual + x[:st.cols]
             x = residual * lax.rsqrt(jnp.mean(residual * residual) + plan.norm_eps) * g
@@ -232,8 +395,10 @@ def stage_chain_reference(plan: ChainPlan, layer_ws, tail_ws, x0, norms=None, *,
 
     outs = [[] for _ in plan.layer]
     for l in range(plan.num_layers):
+        layer_now = l
         for k, (st, w) in enumerate(zip(plan.layer, layer_ws)):
-            x = stage(k, st, w[l], None if norms[k] is None else norms[k][l], x)
+            x = stage(k, st, None if w is None else w[l], None if norms[k] is None else
+                      norms[k][l], x)
             outs[k].append(x)
     tails = []
     for t, (st, w) in enumerate(zip(plan.tail, tail_ws)):
@@ -243,9 +408,19 @@ def stage_chain_reference(plan: ChainPlan, layer_ws, tail_ws, x0, norms=None, *,
 
 
 def _parts_shapes(plan: ChainPlan):
-    """Each stage's partial sums: [L (1 for tail stages), splits, rows / 64, 64] float32."""
-    return [(plan.num_layers if i < len(plan.layer) else 1, st.splits, st.rows // K_STEP, K_STEP)
-            for i, st in enumerate(plan.layer + plan.tail)]
+    """Each stage's partial sums: [L (1 for tail stages), splits, rows / 64, 64] float32; the
+    qkv stage before attention has one more block of 64 (zeros, never written: attention
+    polls two blocks at a time); the attention stage's are [L, chunks + 1, heads, 128] (per
+    query head, its 64 outputs normalized, then 64 copies of its log-sum-exp)."""
+    shapes = []
+    for i, st in enumerate(plan.layer + plan.tail):
+        layers = plan.num_layers if i < len(plan.layer) else 1
+        if st.prologue == "attention":
+            shapes.append((layers, st.chunks + 1, st.rows // HEAD_DIM, 2 * HEAD_DIM))
+        else:
+            pad = int(plan.attention is not None and i == plan.attention - 1)
+            shapes.append((layers, st.splits, st.rows // K_STEP + pad, K_STEP))
+    return shapes
 
 
 def _residual_shapes(plan: ChainPlan):
@@ -254,15 +429,33 @@ def _residual_shapes(plan: ChainPlan):
             for i, st in enumerate(plan.layer + plan.tail) if st.prologue == "norm"]
 
 
-def init_chain_state(plan: ChainPlan) -> dict:
+def init_chain_state(plan: ChainPlan, cache=None) -> dict:
     """The state that lets stage_chain skip its per-call arming (stage_chain(..., state=)):
     two parities of every stage's partial sums and every norm stage's residual, all NaN,
-    and the parity the next call uses."""
-    return {"parts": tuple(jnp.full((2, *shape), NOT_WRITTEN, jnp.float32)
-                           for shape in _parts_shapes(plan)),
-            "residuals": tuple(jnp.full((2, *shape), NOT_WRITTEN, jnp.float32)
-                               for shape in _residual_shapes(plan)),
-            "parity": jnp.int32(0)}
+    and the parity the next call uses. With an attention stage also the cache: (k, v), each
+    [L, kv heads, chunks * CHUNK, 64] bf16 (zeros if None), which each call extends."""
+    parts = []
+    for i, shape in enumerate(_parts_shapes(plan)):
+        buffer = jnp.full((2, *shape), NOT_WRITTEN, jnp.float32)
+        if plan.attention is not None and i == plan.attention - 1:
+            buffer = buffer.at[:, :, :, -1].set(0.0)  # the padding block
+        parts.append(buffer)
+    state = {"parts": tuple(parts),
+             "residuals": tuple(jnp.full((2, *shape), NOT_WRITTEN, jnp.float32)
+                                for shape in _residual_shapes(plan)),
+             "parity": jnp.int32(0)}
+    if plan.attention is not None:
+        att = plan.layer[plan.attention]
+        want = (plan.num_layers, att.kv_heads, att.chunks * CHUNK, HEAD_DIM)
+        if cache is None:
+            cache = (jnp.zeros(want, jnp.bfloat16),) * 2
+        if len(cache) != 2 or any(c.shape != want or c.dtype != jnp.bfloat16 for c in cache):
+            raise ValueError(f"a cache of {[(c.shape, c.dtype) for c in cache]}: want (k, v), "
+                             f"each {want} bfloat16")
+        state["cache"] = tuple(cache)
+    elif cache is not None:
+        raise ValueError("a cache for a plan without attention")
+    return state
 
 
 def _norm_chunk(width: int, inputs: int) -> int:
@@ -281,8 +474,15 @@ def _strided(tiles: int):
     return plgpu.Layout.WG_STRIDED((tiles, K_STEP), vec_size=_vec(tiles))
 
 
-def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_dir=None,
-                interpret: bool = False):
+def _strided_shape(shape):
+    """WG_STRIDED for a float32 array of `shape`, the widest vectors that fit."""
+    size = shape[0] * shape[1]
+    return plgpu.Layout.WG_STRIDED(shape, vec_size=max(v for v in (1, 2, 4)
+                                                       if size % (128 * v) == 0))
+
+
+def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None, rope=None,
+                profile_dir=None, interpret: bool = False):
     """The chain on the GPU: (per layer stage [L, rows], per tail stage [rows]) float32, as
     stage_chain_reference. tiled = tile_chain(plan, ...); x0 [plan.layer[0].cols] float32;
     norms as stage_chain_reference's (needed where the plan has norm stages).
@@ -300,8 +500,24 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
     over the whole width, in chunks, adds them into a float32 staging tile and sums their
     squares; unit 0 of the stage writes the new residual; the unit's split is then scaled by
     the RMS and the norm weights. A swiglu unit polls its split of both halves.
+
+    Attention (a plan from chain_plan_for(..., max_len=)): needs a state (which holds the
+    cache), pos (the new token's position; the cache holds the positions before it) and
+    rope = rope_tables(plan, inv_freq). Unit (kv head h, chunk c) polls the q of h's G query
+    heads from the qkv stage, applies RoPE (the row doubled in shared memory, read 32 columns
+    on: rotate-half as one load), writes it into rows 0..G-1 of a [64, 64] q tile (plain
+    stores of the swizzle-ordered rows; swizzle_rows), scores the chunk's CHUNK cached keys
+    (TMA-loaded before the poll) with one wgmma, masks positions >= pos, and multiplies the
+    softmax's exponentials with the values (a second wgmma, the probabilities as the A
+    operand from registers); it stores its G rows of normalized output and log-sum-exp by
+    TMA. Chunk `chunks` is the new token: its k (after RoPE) and v go into row 0 of the tiles
+    and, by TMA, into the cache at pos. The merge stage's units poll all chunks' partials of
+    their heads (the new token's first, in groups of at most MAX_POLLED_VALUES a thread) and
+    merge them by their log-sum-exps.
+
     profile_dir: a Mosaic GPU profiler trace of the consumer's phases ("arm" without state,
-    then per polled unit "x" (the poll and prologue), per unit "products" and "store").
+    then per polled unit "x" (the poll and prologue), per unit "products" and "store",
+    per attention unit "attention").
     interpret: the form Mosaic GPU's interpreter runs (under plgpu.force_gpu_interpret_mode,
     called eagerly, with a state: it has no global semaphores), for the tests: the CTAs as
     one cluster, polls by plain loads, x written into the B tile's wgmma view. It checks the
@@ -311,28 +527,52 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
     if problem:
         raise ValueError(f"stage_chain does not take {problem}")
     stages = plan.layer + plan.tail
+    if len(tiled) != len(stages):
+        raise ValueError(f"{len(tiled)} tiled weights for {len(stages)} stages (tile them with "
+                         "tile_chain(plan, ...))")
     for i, (t, st) in enumerate(zip(tiled, stages)):
         want = (plan.num_layers if i < len(plan.layer) else 1, st.units, st.part // plan.k_slot,
-                WGMMA_M, plan.k_slot)
-        if t.shape != want:
-            raise ValueError(f"tiled weights {t.shape} for stage {i}: want {want} (tile them "
-                             "with tile_chain(plan, ...))")
+                WGMMA_M, plan.k_slot) if st.weighted else None
+        if (t is None and want is not None) or (t is not None and t.shape != want):
+            raise ValueError(f"tiled weights {None if t is None else t.shape} for stage {i}: "
+                             f"want {want} (tile them with tile_chain(plan, ...))")
     first = plan.layer[0]
     if x0.shape != (first.cols,):
         raise ValueError(f"x0 of shape {x0.shape}: the first stage reads [{first.cols}]")
     num_layers, k_slot, ring_slots = plan.num_layers, plan.k_slot, plan.ring
     n_layer = len(plan.layer)
     n = len(stages)
+    weighted = [i for i, st in enumerate(stages) if st.weighted]
+    n_w = len(weighted)
     norm_stages = [i for i, st in enumerate(stages) if st.prologue == "norm"]
     norm_ws = _norm_inputs(plan, norms, norm_stages)
     n_norm = len(norm_stages)
     width = stages[norm_stages[0]].cols if norm_stages else 0  # the residual stream's
-    max_part = max(st.part for st in stages)
+    max_part = max(st.part for st in stages if st.weighted)
     dtype = jnp.bfloat16
     persistent = state is not None
     if interpret and not persistent:
         raise ValueError("the interpreted form needs a state (state=init_chain_state(plan)): "
                          "the interpreter has no global semaphores for the arming barrier")
+    att_k = plan.attention
+    if att_k is not None:
+        att = plan.layer[att_k]
+        if not persistent or "cache" not in state:
+            raise ValueError("a plan with attention needs a state with the cache "
+                             "(state=init_chain_state(plan, cache))")
+        if pos is None or rope is None:
+            raise ValueError("a plan with attention needs pos (the new token's position) and "
+                             "rope=rope_tables(plan, inv_freq)")
+        tables = (att.chunks * CHUNK, 8, HEAD_DIM)
+        if len(rope) != 2 or any(tuple(t.shape) != tables for t in rope):
+            raise ValueError(f"rope tables {[t.shape for t in rope]}: want (cos, sin), each "
+                             f"{tables} (rope_tables(plan, inv_freq))")
+        if interpret == plan.swizzle_q and att.group > 1:
+            raise ValueError("swizzle_q must be off in the interpreted form (its views do not "
+                             "alias) and on on the GPU (plan.swizzle_q)")
+        if isinstance(pos, int) and not 0 <= pos < att.chunks * CHUNK:
+            raise ValueError(f"pos {pos} outside the cache's {att.chunks * CHUNK} positions")
+    n_att = int(att_k is not None)
 
     def prev_norm(i, layer):
         """(the position in norm_stages and the layer of the norm stage instance before stage
@@ -346,23 +586,52 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
         return last_in_layer, num_layers - 1
 
     def kernel(*refs):
-        ws_refs, (x0_ref, parity_ref) = refs[:n], refs[n:n + 2]
-        g_refs = refs[n + 2:n + 2 + n_norm]
-        all_parts = refs[n + 2 + n_norm:2 * n + 2 + n_norm]  # with state: [2, ...] parities
-        all_resid = refs[2 * n + 2 + n_norm:2 * n + 2 + 2 * n_norm]
-        ring, full, empty, b_views, *staging = refs[2 * n + 2 + 2 * n_norm:]
+        refs = list(refs)
+
+        def take(count):
+            out = refs[:count]
+            del refs[:count]
+            return out
+
+        w_refs = take(n_w)
+        ws_refs = {k: w_refs[weighted.index(k)] for k in weighted}
+        x0_ref, parity_ref, pos_ref = take(3)
+        g_refs = take(n_norm)
+        cos_ref, sin_ref = take(2) if n_att else (None, None)
+        all_parts = take(n)  # with state: [2, ...] parities
+        all_resid = take(n_norm)
+        cache_k, cache_v = take(2) if n_att else (None, None)
+        ring, full, empty, b_views = take(4)
+        staging = take(1) if norm_stages else []
+        if n_att:
+            q_views, k_views, v_views, rope_stage, o_stage, lse_stage, kv_bar = take(7)
+            p_stage = take(1) if interpret else None
         b_smem, b_plain = b_views  # [8, max_part] swizzled (wgmma) / [tiles, 8, 64] (stores)
         wg = lax.axis_index("wg")
         cta = lax.axis_index("ctas")
         barrier = None if persistent else _GridBarrier(num_ctas)
         parts, resid = all_parts, all_resid
+        strided128 = plgpu.Layout.WG_STRIDED((128,), 1)
         if persistent:
-            parity = jnp.max(plgpu.load(parity_ref, layout=plgpu.Layout.WG_STRIDED((128,), 1)))
+            parity = jnp.max(plgpu.load(parity_ref, layout=strided128))
             parts = [p.at[parity] for p in all_parts]
             resid = [r.at[parity] for r in all_resid]
+        position = jnp.max(plgpu.load(pos_ref, layout=strided128)) if n_att else None
+
+        def attention_unit_of(st, unit):
+            """(kv head, chunk) of an attention unit; chunk st.chunks is the new token."""
+            return lax.div(unit, st.chunks + 1), lax.rem(unit, st.chunks + 1)
 
         def arm(buffers, residuals, k, layer, j, unit):
             st = stages[k]
+            if st.prologue == "attention":  # its G rows (a window of at least 2: the layout)
+                h, c = attention_unit_of(st, unit)
+                rows = max(st.group, 2)
+                start = jnp.minimum(h * st.group, st.rows // HEAD_DIM - rows)
+                buffers[k].at[layer, c, pl.ds(start, rows)][...] = plgpu.layout_cast(
+                    jnp.full((rows, 2 * HEAD_DIM), NOT_WRITTEN, jnp.float32),
+                    _strided_shape((rows, 2 * HEAD_DIM)))
+                return
             buffers[k].at[layer, lax.rem(unit, st.splits), lax.div(unit, st.splits)][...] = (
                 plgpu.layout_cast(jnp.full((WGMMA_M,), NOT_WRITTEN, jnp.float32),
                                   plgpu.Layout.WGMMA.reduce(1)))
@@ -376,7 +645,7 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
         def count(st):  # this CTA's units of a stage (round robin)
             return lax.div(st.units - cta + num_ctas - 1, num_ctas)
 
-        slots = [st.part // k_slot for st in stages]
+        slots = [st.part // k_slot if st.weighted else 0 for st in stages]
         counts = [count(st) for st in stages]
         per_layer = sum(counts[k] * slots[k] for k in range(n_layer))
 
@@ -408,6 +677,8 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
             plgpu.set_max_registers(40, action="decrease")
 
             def stream(k, layer, j, unit):
+                if not slots[k]:
+                    return
                 base = first_slot(k, layer, j)
 
                 @pl.loop(0, slots[k])
@@ -440,9 +711,8 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
                 return parts[n_layer - 1].at[num_layers - 1], plan.layer[-1].splits
             return parts[k - 1].at[layer if k < n_layer else 0], stages[k - 1].splits
 
-        def poll_sum(refs, col, tiles):
-            """The sum of refs' [col, col + tiles) rows of 64, polled."""
-            views = [r.at[pl.ds(col, tiles)] for r in refs]
+        def poll(views, tiles):
+            """views' [tiles, 64] values, polled until none is NaN."""
             if interpret:  # (no inline Mosaic GPU code there; its memory is coherent)
                 def load(_=None):
                     return tuple(plgpu.load(v, layout=_strided(tiles)) for v in views)
@@ -453,8 +723,12 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
 
                 values, _ = lax.while_loop(again, lambda c: (load(), c[1] + 1),
                                            (load(), jnp.int32(1)))
-            else:
-                values = _poll_loads(views, (tiles, K_STEP), _vec(tiles))
+                return list(values)
+            return list(_poll_loads(views, (tiles, K_STEP), _vec(tiles)))
+
+        def poll_sum(refs, col, tiles):
+            """The sum of refs' [col, col + tiles) rows of 64, polled."""
+            values = poll([r.at[pl.ds(col, tiles)] for r in refs], tiles)
             x = values[0]
             for v in values[1:]:
                 x = x + v
@@ -476,6 +750,36 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
                                 lambda: poll_sum([x0_ref.at[0]], split * tiles, tiles),
                                 lambda: poll_sum(partials(source, count), split * tiles, tiles))
             return poll_sum(partials(source, count), split * tiles, tiles)
+
+        def x_merge(k, layer, split):
+            """The merge prologue: this unit's heads' attention outputs from all chunks'
+            partials (the new token's first, so the running max is finite from the start)."""
+            st, at = stages[k], stages[k - 1]
+            heads = st.part // HEAD_DIM
+            source = parts[k - 1].at[layer]  # [chunks + 1, heads, 128]
+            order = [at.chunks] + list(range(at.chunks))
+            group = max(1, MAX_POLLED_VALUES // heads)
+            top = total = acc = None
+            for g0 in range(0, len(order), group):
+                chunk_ids = order[g0:g0 + group]
+                rows = [source.at[c, pl.ds(split * heads, heads)] for c in chunk_ids]
+                values = poll([r.at[:, pl.ds(0, HEAD_DIM)] for r in rows]
+                              + [r.at[:, pl.ds(HEAD_DIM, HEAD_DIM)] for r in rows], heads)
+                outs, lses = values[:len(rows)], values[len(rows):]
+                new_top = lses[0]
+                for lse in lses[1:]:
+                    new_top = jnp.maximum(new_top, lse)
+                weights = [jnp.exp(lse - new_top) for lse in lses]
+                part_total = sum(weights[1:], weights[0])
+                part_acc = sum((w * o for w, o in zip(weights[1:], outs[1:])),
+                               weights[0] * outs[0])
+                if top is None:
+                    total, acc = part_total, part_acc
+                else:
+                    rescale = jnp.exp(top - new_top)
+                    total, acc = total * rescale + part_total, acc * rescale + part_acc
+                top = new_top
+            return acc / total
 
         def x_norm(k, layer, j, unit, split):
             """The norm prologue (docstring) -> this unit's split of the normalized x."""
@@ -509,6 +813,111 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
             g = plgpu.load(g_refs[pos].at[out_layer, pl.ds(split * tiles, tiles)], layout=layout)
             return x * scale * g
 
+        def rotated(x, rows, first_row):
+            """RoPE of x [rows, 64] (rows of the q tile's order) at the new position: the rows
+            doubled in shared memory, so rotate_half(x) is one load 32 columns on (signed by
+            the sin table)."""
+            here = rope_stage.at[pl.ds(first_row, rows)]
+            here.at[:, pl.ds(0, HEAD_DIM)][...] = x
+            here.at[:, pl.ds(HEAD_DIM, HEAD_DIM)][...] = x
+            plgpu.commit_smem()
+            layout = _strided(rows)
+            shifted = plgpu.load(here.at[:, pl.ds(HEAD_DIM // 2, HEAD_DIM)], layout=layout)
+            cos = plgpu.load(cos_ref.at[position, pl.ds(0, rows)], layout=layout)
+            sin = plgpu.load(sin_ref.at[position, pl.ds(0, rows)], layout=layout)
+            return x * cos + shifted * sin
+
+        def tile_rows(views, rows, x):
+            """x [rows, 64] into rows 0..rows-1 of a swizzled tile (its plain view on the GPU,
+            where the rows arrive in swizzle order; its wgmma view in the interpreter)."""
+            tile, plain = views
+            (tile if interpret else plain).at[pl.ds(0, rows)][...] = x.astype(dtype)
+
+        def attention_unit(k, layer, unit):
+            st = stages[k]
+            group, rows = st.group, max(st.group, 2)
+            heads, kv = st.rows // HEAD_DIM, st.kv_heads
+            h, c = attention_unit_of(st, unit)
+            new = c == st.chunks
+            t0 = c * CHUNK
+            valid = jnp.where(new, 1, jnp.clip(position - t0, 0, CHUNK))
+            cached = jnp.logical_and(jnp.logical_not(new), valid > 0)
+            k_tile, v_tile = k_views[0], v_views[0]
+
+            @pl.when(cached)
+            def _load():  # (before the poll: its latency hides behind the wait)
+                plgpu.copy_gmem_to_smem(cache_k.at[layer, h, pl.ds(t0, CHUNK)], k_tile,
+                                        kv_bar.at[0])
+                plgpu.copy_gmem_to_smem(cache_v.at[layer, h, pl.ds(t0, CHUNK)], v_tile,
+                                        kv_bar.at[1])
+
+            @pl.when(valid > 0)
+            def _attend():
+                source, count = source_of(k, layer)
+                q = rotated(poll_sum(partials(source, count), h * group, rows), rows, 0)
+                tile_rows(q_views, rows, q * (1.0 / HEAD_DIM ** 0.5))
+
+                @pl.when(new)
+                def _new_token():  # k (row 0 of blocks heads + h) and v into the tiles' row 0
+                    k_new = rotated(poll_sum(partials(source, count), heads + h, 2), 2, 8)
+                    v_new = poll_sum(partials(source, count), heads + kv + h, 2)
+                    tile_rows(k_views, 2, k_new)
+                    tile_rows(v_views, 2, v_new)
+                    plgpu.commit_smem()
+                    view = 0 if interpret else 1
+                    plgpu.copy_smem_to_gmem(k_views[view].at[pl.ds(0, 1)],
+                                            cache_k.at[layer, h, pl.ds(position, 1)])
+                    plgpu.copy_smem_to_gmem(v_views[view].at[pl.ds(0, 1)],
+                                            cache_v.at[layer, h, pl.ds(position, 1)])
+
+                @pl.when(cached)
+                def _wait():
+                    plgpu.barrier_wait(kv_bar.at[0])
+                    plgpu.barrier_wait(kv_bar.at[1])
+
+                plgpu.commit_smem()  # the q tile's plain stores before the wgmmas read it
+
+                def scores_of(acc_ref):
+                    plgpu.wgmma(acc_ref, q_views[0], k_tile.transpose((1, 0)))
+                    return acc_ref[...]
+
+                s = pl.run_scoped(scores_of, plgpu.ACC((WGMMA_M, CHUNK), jnp.float32))
+                col = plgpu.broadcasted_iota(jnp.int32, (WGMMA_M, CHUNK), 1,
+                                             layout=plgpu.Layout.WGMMA)
+                s = jnp.where(col < valid, s, -jnp.inf)
+                top = s.max(axis=1)
+                p = jnp.exp(s - lax.broadcast_in_dim(top, s.shape, [0]))
+                total = p.sum(axis=1)
+
+                def outputs_of(acc_ref):
+                    if interpret:  # (its wgmma takes operands from shared memory only)
+                        p_stage[0][...] = p.astype(dtype)
+                        plgpu.commit_smem()
+                        plgpu.wgmma(acc_ref, p_stage[0], v_tile)
+                    else:
+                        plgpu.wgmma(acc_ref, p.astype(dtype), v_tile)
+                    return acc_ref[...]
+
+                o = pl.run_scoped(outputs_of, plgpu.ACC((WGMMA_M, HEAD_DIM), jnp.float32))
+                o_stage[...] = o / lax.broadcast_in_dim(total, o.shape, [0])
+                lse = top + jnp.log(total)
+                lse_stage[...] = lax.broadcast_in_dim(lse, o.shape, [0])
+
+            @pl.when(valid == 0)
+            def _empty():  # a chunk past the cache's positions: weight 0 in the merge
+                layout = _strided_shape((WGMMA_M, HEAD_DIM))
+                o_stage[...] = plgpu.layout_cast(jnp.zeros((WGMMA_M, HEAD_DIM), jnp.float32),
+                                                 layout)
+                lse_stage[...] = plgpu.layout_cast(
+                    jnp.full((WGMMA_M, HEAD_DIM), -jnp.inf, jnp.float32), layout)
+
+            plgpu.commit_smem()
+            out = parts[k].at[layer, c, pl.ds(h * group, group)]
+            plgpu.copy_smem_to_gmem(o_stage.at[pl.ds(0, group)], out.at[:, pl.ds(0, HEAD_DIM)])
+            plgpu.copy_smem_to_gmem(lse_stage.at[pl.ds(0, group)],
+                                    out.at[:, pl.ds(HEAD_DIM, HEAD_DIM)])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # before the next unit's writes
+
         @pl.when(wg == 0)
         def _consumer():
             plgpu.set_max_registers(232, action="increase")
@@ -521,9 +930,17 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
                 b_smem[...] = jnp.zeros(b_smem.shape, dtype)
             else:
                 b_plain[...] = jnp.zeros(b_plain.shape, dtype)
+            if n_att:  # rows the units never write must be finite (they meet zero weights)
+                for views in (q_views, k_views, v_views):
+                    target = views[0] if interpret else views[1]
+                    target[...] = jnp.zeros(target.shape, dtype)
 
             def unit_step(k, layer, j, unit):
                 st = stages[k]
+                if st.prologue == "attention":
+                    with jax.named_scope("attention"):
+                        attention_unit(k, layer, unit)
+                    return
                 split, block = lax.rem(unit, st.splits), lax.div(unit, st.splits)
                 tiles = st.part // K_STEP
                 # Where the CTAs divide by the splits, all of a CTA's units of a stage read the
@@ -533,6 +950,8 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
                     with jax.named_scope("x"):
                         if st.prologue == "norm":
                             x = x_norm(k, layer, j, unit, split)
+                        elif st.prologue == "merge":
+                            x = x_merge(k, layer, split)
                         else:
                             x = x_sum(k, layer, split)
                         if interpret:
@@ -550,14 +969,30 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
                     parts[k].at[layer, split, block][...] = acc.sum(axis=1)
 
             for_each_unit(unit_step)
+            if n_att:
+                plgpu.wait_smem_to_gmem(0)  # the cache rows and partials written
             if not persistent:
                 barrier.reset(cta, 1)
 
     scratch = _polling_scratch(ring_slots, k_slot, max_part)
     if norm_stages:
         scratch = (*scratch, plgpu.SMEM((width // K_STEP, K_STEP), jnp.float32))
+    if n_att:
+        def tile(rows):
+            return plgpu.RefUnion(plgpu.SMEM((rows, HEAD_DIM), dtype, transforms=SWIZZLED),
+                                  plgpu.SMEM((rows, HEAD_DIM), dtype))
+        scratch = (*scratch, tile(WGMMA_M), tile(CHUNK), tile(CHUNK),
+                   plgpu.SMEM((16, 2 * HEAD_DIM), jnp.float32),
+                   plgpu.SMEM((WGMMA_M, HEAD_DIM), jnp.float32),
+                   plgpu.SMEM((WGMMA_M, HEAD_DIM), jnp.float32),
+                   plgpu.Barrier(num_barriers=2))
+        if interpret:
+            scratch = (*scratch, plgpu.SMEM((WGMMA_M, CHUNK), dtype, transforms=SWIZZLED))
     x0_parts = x0.astype(jnp.float32).reshape(1, first.cols // K_STEP, K_STEP)
     shapes = _parts_shapes(plan) + _residual_shapes(plan)
+    ws = [t for t in tiled if t is not None]
+    position = jnp.broadcast_to(jnp.asarray(0 if pos is None else pos, jnp.int32), (128,))
+    tables = list(rope) if n_att else []
     if persistent:
         want = [(2, *shape) for shape in shapes]
         got = [tuple(p.shape) for p in (*state["parts"], *state["residuals"])]
@@ -565,22 +1000,45 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, profile_d
             raise ValueError(f"a state of buffers {got} for this plan's {want}: make it with "
                              "init_chain_state(plan)")
         parity = jnp.asarray(state["parity"], jnp.int32)
-        refs = [jax.new_ref(p) for p in (*state["parts"], *state["residuals"])]
-        _launch(kernel, scratch, (), num_ctas, 2, *tiled, x0_parts,
-                jnp.broadcast_to(parity, (128,)), *norm_ws, *refs, profile_dir=profile_dir,
-                as_cluster=interpret)
+        cache = list(state["cache"]) if n_att else []
+        refs = [jax.new_ref(p) for p in (*state["parts"], *state["residuals"], *cache)]
+        _launch(kernel, scratch, (), num_ctas, 2, *ws, x0_parts,
+                jnp.broadcast_to(parity, (128,)), position, *norm_ws, *tables, *refs,
+                profile_dir=profile_dir, as_cluster=interpret)
         buffers = [r[...] for r in refs]
         outs = [b[parity] for b in buffers[:n]]
-        state = {"parts": tuple(buffers[:n]), "residuals": tuple(buffers[n:]),
+        state = {"parts": tuple(buffers[:n]), "residuals": tuple(buffers[n:n + n_norm]),
                  "parity": 1 - parity}
+        if n_att:
+            state["cache"] = tuple(buffers[n + n_norm:])
     else:
         outs = _launch(kernel, scratch, tuple(jax.ShapeDtypeStruct(s, jnp.float32)
                                               for s in shapes),
-                       num_ctas, 2, *tiled, x0_parts, jnp.zeros((128,), jnp.int32), *norm_ws,
-                       profile_dir=profile_dir)[:n]
-    sums = [o.reshape(o.shape[0], o.shape[1], -1).sum(axis=1) for o in outs]
+                       num_ctas, 2, *ws, x0_parts, jnp.zeros((128,), jnp.int32), position,
+                       *norm_ws, profile_dir=profile_dir)[:n]
+    sums = []
+    for i, (o, st) in enumerate(zip(outs, stages)):
+        if st.prologue == "attention":
+            sums.append(merge_attention_partials(o))
+            continue
+        o = o[:, :, :st.rows // K_STEP]  # (the padding block after qkv)
+        total = o.reshape(o.shape[0], o.shape[1], -1).sum(axis=1)
+        if att_k is not None and i == att_k - 1 and plan.swizzle_q:
+            att = plan.layer[att_k]
+            order = jnp.concatenate([swizzle_rows(att.rows, att.group),
+                                     jnp.arange(att.rows, st.rows)])
+            total = total[:, order]  # (its own inverse: q in the model's order)
+        sums.append(total)
     result = (sums[:n_layer], [s[0] for s in sums[n_layer:]])
     return (result, state) if persistent else result
+
+
+def merge_attention_partials(parts):
+    """[L, chunks + 1, heads, 128] attention partials (normalized outputs, log-sum-exps) ->
+    [L, heads * 64]: each head's output over all chunks."""
+    o, lse = parts[..., :HEAD_DIM], parts[..., HEAD_DIM:HEAD_DIM + 1]
+    weights = jax.nn.softmax(lse, axis=1)
+    return (weights * o).sum(axis=1).reshape(parts.shape[0], -1)
 
 
 def _norm_inputs(plan: ChainPlan, norms, norm_stages):

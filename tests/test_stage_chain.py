@@ -165,7 +165,7 @@ def test_benchmarks_chained_loops_lower_for_cuda():
     x0 = jax.ShapeDtypeStruct((256,), jnp.float32)
     for loop in (bench.chained_calls(lambda t, x: sc.stage_chain(plan, t, x)[1][-1], tiled, 256),
                  bench.chained_calls_with_state(plan, tiled, 256)):
-        text = loop(3).trace(x0).lower(lowering_platforms=("cuda",)).as_text()
+        text = jax.jit(loop(3)).trace(x0).lower(lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text
 
 
@@ -307,3 +307,136 @@ def test_interpreted_kernel_matches_the_reference_over_both_parities(name):
     with pytest.raises(ValueError, match="needs a state"):
         sc.stage_chain(plan, sc.tile_chain(plan, *_weights(plan)), jnp.zeros(256),
                        norms=None if name == "plain" else _norms(plan), interpret=True)
+
+
+def _attention_plan(heads, kv_heads, max_len=256, swizzle_q=False, ctas=2):
+    d = 256
+    qkv = (heads + 2 * kv_heads) * 64
+    return sc.ChainPlan(
+        layer=(sc.Stage(qkv, d, 2, "norm"), sc.attention_stage(heads, kv_heads, max_len),
+               sc.Stage(d, heads * 64, max(1, heads // 2), "merge"), sc.Stage(512, d, 2, "norm"),
+               sc.Stage(d, 256, 2, "swiglu")),
+        tail=(sc.Stage(640, d, 1, "norm"),), num_layers=2, ctas=ctas, swizzle_q=swizzle_q)
+
+
+def test_swizzled_q_rows_land_where_the_swizzled_tile_reads_them_and_rope_commutes():
+    """A model of the 128-byte swizzle (row r of a [8, 64] bf16 tile keeps its 16-byte chunk c
+    at chunk c ^ r): rows stored plainly in swizzle_rows' order read back in the model's
+    order; and RoPE by the shifted load with rope_tables' swizzled rows equals the model's
+    rotate-half RoPE, reordered."""
+    group, pos = 8, 37
+    inv_freq = 1.0 / 10000.0 ** (np.arange(32) / 32)
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((group, 64))  # one kv head's query heads, the model's order
+    order = np.asarray(sc.swizzle_rows(group * 64, group))
+    stored = q.reshape(-1)[order].reshape(group, 8, 8)  # plain stores, swizzle order
+    chunks = np.arange(8)
+    read = np.stack([stored[r][chunks ^ r] for r in range(group)]).reshape(group, 64)
+    np.testing.assert_array_equal(read, q)
+    assert sorted(order) == list(range(group * 64))
+    np.testing.assert_array_equal(order[order], np.arange(group * 64))  # its own inverse
+    plan = _attention_plan(16, 2, swizzle_q=True)  # (group 8)
+    cos, sin = (np.asarray(t[pos]) for t in sc.rope_tables(plan, inv_freq))
+    x = stored.reshape(group, 64)
+    doubled = np.concatenate([x, x], 1)
+    got = x * cos + doubled[:, 32:96] * sin  # the kernel's `rotated`
+    want = np.asarray(sc.rotate_half_rope(jnp.asarray(q, jnp.float32), pos, inv_freq))
+    np.testing.assert_allclose(got, want.reshape(-1)[order].reshape(group, 64), atol=1e-5)
+
+
+def test_attention_reference_is_softmax_attention_in_float64():
+    st = sc.attention_stage(4, 2, 256)
+    rng = np.random.default_rng(5)
+    qkv = rng.standard_normal(st.cols)
+    k_cache, v_cache = rng.standard_normal((2, 2, 256, 64))
+    pos, inv_freq = 100, 1.0 / 10000.0 ** (np.arange(32) / 32)
+    got, k_new, v_new = sc.attention_reference(st, jnp.asarray(qkv, jnp.float32),
+                                               jnp.asarray(k_cache, jnp.float32),
+                                               jnp.asarray(v_cache, jnp.float32), pos, inv_freq)
+
+    def rope(x):
+        angle = np.concatenate([pos * inv_freq] * 2)
+        return x * np.cos(angle) + np.concatenate([-x[..., 32:], x[..., :32]], -1) * np.sin(angle)
+
+    q = rope(qkv[:256].reshape(4, 64))
+    k = rope(qkv[256:384].reshape(2, 64))
+    v = qkv[384:].reshape(2, 64)
+    want = []
+    for head in range(4):
+        kv = head // 2
+        keys = np.concatenate([k_cache[kv, :pos], k[kv][None]])
+        values = np.concatenate([v_cache[kv, :pos], v[kv][None]])
+        s = keys @ q[head] / 8.0
+        p = np.exp(s - s.max())
+        want.append(p @ values / p.sum())
+    np.testing.assert_allclose(np.asarray(got), np.concatenate(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(k_new), k, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(v_new), v, rtol=1e-6)
+
+
+def test_attention_plans_are_checked():
+    assert sc.check_plan(_attention_plan(4, 2), 2) is None
+    bad = _attention_plan(4, 2)
+    layer = list(bad.layer)
+    layer[2] = sc.Stage(256, 256, 2, "sum")
+    import dataclasses
+    assert "merge" in sc.check_plan(dataclasses.replace(bad, layer=tuple(layer)), 2)
+    assert "query heads a kv head" in sc.check_plan(_attention_plan(12, 4), 2)
+    plan = sc.chain_plan_for(load_config("1b"), prologues=True, max_len=768, num_ctas=132)
+    assert [st.prologue for st in plan.layer] == ["norm", "attention", "merge", "norm", "swiglu"]
+    assert plan.layer[1].units == 8 * 7 and plan.layer[1].group == 4
+    assert sc.shared_memory(plan) <= sc.SHARED_MEMORY and sc.check_plan(plan, 132) is None
+    with pytest.raises(ValueError, match="needs prologues"):
+        sc.chain_plan_for(load_config("1b"), max_len=768)
+
+
+@pytest.mark.parametrize("heads,kv_heads,pos", [(4, 2, 130), (2, 2, 5)])
+def test_interpreted_attention_block_matches_the_reference_and_writes_the_cache(
+        heads, kv_heads, pos):
+    """The whole pre-norm block with attention in Mosaic GPU's interpreter: qkv, attention over
+    a cache (RoPE, GQA or MHA, a chunk partly filled and one empty), the merge in o-proj's
+    prologue, the MLP and a normed head, against the float32 reference; the new token's k
+    (after RoPE) and v land in the cache at pos."""
+    plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    if not hasattr(plgpu, "force_gpu_interpret_mode"):
+        pytest.skip("this JAX has no Mosaic GPU interpreter")
+    plan = _attention_plan(heads, kv_heads)
+    rng = np.random.default_rng(21)
+    layer_ws, tail_ws = _weights(dataclasses_replace_layer(plan), seed=13)
+    layer_ws[1] = None
+    norms = _norms(plan)
+    cache = tuple(jnp.asarray(rng.standard_normal((2, kv_heads, 256, 64)), jnp.bfloat16)
+                  for _ in range(2))
+    inv_freq = 1.0 / 10000.0 ** (np.arange(32) / 32)
+    x0 = jnp.asarray(rng.standard_normal(256), jnp.float32)
+    want = sc.stage_chain_reference(plan, layer_ws, tail_ws, x0, norms, cache=cache, pos=pos,
+                                    inv_freq=inv_freq)
+    tiled = sc.tile_chain(plan, layer_ws, tail_ws)
+    state = sc.init_chain_state(plan, cache)
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=False)):
+        (layer_outs, tails), state = sc.stage_chain(
+            plan, tiled, x0, norms=norms, state=state, pos=pos,
+            rope=sc.rope_tables(plan, inv_freq), interpret=True)
+    for got, ref in zip(list(layer_outs) + list(tails), list(want[0]) + list(want[1])):
+        scale = float(jnp.max(jnp.abs(ref)))
+        assert float(jnp.max(jnp.abs(got - ref))) < 0.03 * scale  # bf16 operands
+    att = plan.layer[1]
+    for layer in range(2):
+        _, k_new, v_new = sc.attention_reference(att, want[0][0][layer], cache[0][layer],
+                                                 cache[1][layer], pos, inv_freq)
+        for new, written in ((k_new, state["cache"][0]), (v_new, state["cache"][1])):
+            got = written[layer, :, pos].astype(jnp.float32)
+            assert float(jnp.max(jnp.abs(got - new))) < 0.03 * float(jnp.max(jnp.abs(new)))
+        for old, now in zip(cache, state["cache"]):  # nothing else written
+            mask = np.ones(256, bool)
+            mask[pos] = False
+            np.testing.assert_array_equal(np.asarray(now[layer][:, mask], np.float32),
+                                          np.asarray(old[layer][:, mask], np.float32))
+
+
+def dataclasses_replace_layer(plan):
+    """The plan with the attention stage as a weighted stand-in, for drawing weights."""
+    import dataclasses
+    layer = list(plan.layer)
+    layer[plan.attention] = sc.Stage(64, 64, 1)
+    return dataclasses.replace(plan, layer=tuple(layer))

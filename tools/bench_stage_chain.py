@@ -1,22 +1,24 @@
-"""A model's decode-step chain of products (pallas_kernels/stage_chain.py: qkv, o-proj, gate/up
-and down per layer, then the output layer, with the model's shapes and random bf16 weights)
-against the memory roofline and XLA, on the GPU.
+"""A model's decode step as one chain of stages (pallas_kernels/stage_chain.py: qkv, o-proj,
+gate/up and down per layer, then the output layer, with the model's shapes and random bf16
+weights; optionally attention over a cache too) against the memory roofline and XLA, on the GPU.
 
-    python tools/bench_stage_chain.py                      # 125m and 1b, plain and with prologues
-    python tools/bench_stage_chain.py --config 125m --prologues on --profile /tmp/prof
+    python tools/bench_stage_chain.py                       # 125m and 1b, all three plans
+    python tools/bench_stage_chain.py --config 1b --plans attention --profile /tmp/prof
 
-Per config and plan (plain products, and with the model's RMS norms, residual stream and
-SwiGLU as prologues): the plan (each stage's shape, splits and prologue), the error of the
-last stage's output against the float32 chain and a rerun's bitwise agreement (a case further
-than WRONG off is reported and not timed), then the time of one chained call (the step's
-weights read once, every stage waiting for the one before), of the same carrying
-stage_chain's state (no arming pass; timed if three such calls give the chain's result
-bitwise) and of XLA's chain of the same products, each as per-call time from
-(40 calls - 8 calls) / 32 in one jitted loop, as a fraction of the copy and read bandwidth
-over the weights' bytes (measured in the same process), and per stage. With --profile DIR:
-the consumer's phases (poll and prologue, products, store, in SM cycles; medians over CTAs
-and units) from one profiled call, whose trace stays in DIR. One JSON object per line.
-Attention is not in the chain (o-proj reads q in its place): a decode step needs it on top.
+Plans per config: plain (the products), prologues (with the model's RMS norms, residual
+stream and SwiGLU) and attention (the whole step but the embedding and the sampling: also
+attention over a cache of --max-len positions, the token the last one). Per plan: the stage
+plan (each stage's shape, splits and prologue), the error of the output layer's result against
+the float32 reference, whether three calls carrying the state (and, without attention, a call
+without it) agree bitwise (a case further than WRONG off is reported and not timed), then the
+time of one chained call carrying the state (the step's weights and cache read once, every
+stage waiting for the one before), without attention also without the state, and of XLA's
+chain of the same work, each as per-call time from (40 calls - 8 calls) / 32 in one jitted
+loop and as a fraction of the copy and read bandwidth over the bytes read (weights, and with
+attention the K and V before the token; measured in the same process), and per stage. With
+--profile DIR: the consumer's phases (poll and prologue, products, store, attention units; in
+SM cycles, medians over CTAs and units) from one profiled call, whose trace stays in DIR. One
+JSON object per line.
 """
 
 from __future__ import annotations
@@ -38,14 +40,15 @@ WRONG = 0.05  # as in bench_ring_matvec.py: measured chains are within about 0.0
 
 
 def random_weights(plan: sc.ChainPlan, seed: int):
-    """(layer weights [L, rows, cols], tail weights [rows, cols]) bf16, scaled 1 / sqrt(cols)
-    so that the chain's values stay near 1."""
+    """(layer weights [L, rows, cols], None for attention; tail weights [rows, cols]) bf16,
+    scaled 1 / sqrt(cols) so that the chain's values stay near 1."""
     keys = iter(jax.random.split(jax.random.key(seed), len(plan.layer) + len(plan.tail)))
 
     def draw(shape, cols):
         return (jax.random.normal(next(keys), shape) / cols ** 0.5).astype(jnp.bfloat16)
 
-    layer = [draw((plan.num_layers, st.rows, st.cols), st.cols) for st in plan.layer]
+    layer = [draw((plan.num_layers, st.rows, st.cols), st.cols) if st.weighted else None
+             for st in plan.layer]
     return layer, [draw((st.rows, st.cols), st.cols) for st in plan.tail]
 
 
@@ -63,25 +66,32 @@ def chained_calls(fn, weights, cols: int):
     return lambda n: functools.partial(run, weights, n=jnp.int32(n))
 
 
-def chained_calls_with_state(plan, tiled, cols: int, norms=None):
-    """As chained_calls, the calls carrying stage_chain's state (no arming pass a call)."""
-    def loop(t, g, x, n):
+def chained_calls_with_state(plan, tiled, cols: int, norms=None, cache=None, extra=None):
+    """As chained_calls, the calls carrying stage_chain's state (no arming pass a call; with
+    attention the state holds the cache, and extra has pos and the RoPE tables)."""
+    pos = (extra or {}).get("pos")
+
+    def loop(t, g, c, rope, x, n):
         def body(_, carry):
             x, state = carry
-            (_, tails), state = sc.stage_chain(plan, t, x, norms=g, state=state)
+            (_, tails), state = sc.stage_chain(plan, t, x, norms=g, state=state, pos=pos,
+                                               rope=rope)
             y = tails[-1][:cols]
             return y * lax.rsqrt(jnp.mean(y * y) + 1e-12), state
-        return lax.fori_loop(0, n, body, (x, sc.init_chain_state(plan)))[0]
+        return lax.fori_loop(0, n, body, (x, sc.init_chain_state(plan, c)))[0]
 
     run = jax.jit(loop)
-    return lambda n: functools.partial(run, tiled, norms, n=jnp.int32(n))
+    return lambda n: functools.partial(run, tiled, norms, cache, (extra or {}).get("rope"),
+                                       n=jnp.int32(n))
 
 
-def xla_chain(plan, weights, x, norms=None):
-    """The same chain in XLA (bf16 products, float32 accumulation): its last output."""
-    layer, tail = weights
+def xla_chain(plan, weights, x, norms=None, pos=None, inv_freq=None):
+    """The same chain in XLA (bf16 products, float32 accumulation): its last output. weights:
+    (layer, tail) or, with attention, (layer, tail, cache)."""
+    layer, tail, *cache = weights
     return sc.stage_chain_reference(
-        plan, layer, tail, x, norms, dot=lambda w, v: jnp.dot(
+        plan, layer, tail, x, norms, cache=cache[0] if cache else None, pos=pos,
+        inv_freq=inv_freq, dot=lambda w, v: jnp.dot(
             w, v.astype(w.dtype), preferred_element_type=jnp.float32))[1][-1]
 
 
@@ -94,91 +104,136 @@ def random_norms(plan: sc.ChainPlan, seed: int):
             for i, st in enumerate(plan.layer + plan.tail)]
 
 
+PLANS = ("plain", "prologues", "attention")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--config", action="append",
                         help="a model preset (default: 125m and 1b)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--k-slot", type=int, default=128)
-    parser.add_argument("--ring", type=int, default=8, help="ring slots a CTA")
-    parser.add_argument("--prologues", choices=("both", "off", "on"), default="both",
-                        help="the chain plain, with the model's norms and SwiGLU, or both "
-                             "(default)")
+    parser.add_argument("--ring", type=int, default=8, help="ring slots a CTA (at most)")
+    parser.add_argument("--plans", default=",".join(PLANS),
+                        help="comma-separated, of: plain (the products), prologues (with the "
+                             "model's norms, residual stream and SwiGLU), attention (the whole "
+                             "step: with attention over a cache too); default all")
+    parser.add_argument("--max-len", type=int, default=768,
+                        help="attention plans: the cache's positions; the token is the last "
+                             "(default 768: 512 prompt + 256 new tokens)")
     parser.add_argument("--profile", metavar="DIR",
                         help="also run one profiled call and report the consumer's phases")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1 (got {args.repeats})")
+    kinds = args.plans.split(",")
+    if not kinds or any(k not in PLANS for k in kinds):
+        parser.error(f"--plans {args.plans}: a comma-separated list of {', '.join(PLANS)}")
+    if args.max_len < 1:
+        parser.error(f"--max-len must be at least 1 (got {args.max_len})")
     plans = {}
     for name in args.config or ["125m", "1b"]:
-        for prologues in {"both": (False, True), "off": (False,), "on": (True,)}[args.prologues]:
+        for kind in kinds:
             try:
-                plan = sc.chain_plan_for(load_config(name), k_slot=args.k_slot, ring=args.ring,
-                                         prologues=prologues)
+                plan = sc.chain_plan_for(
+                    load_config(name), k_slot=args.k_slot, ring=args.ring,
+                    prologues=kind != "plain",
+                    max_len=args.max_len if kind == "attention" else None)
             except (ValueError, FileNotFoundError) as error:
                 parser.error(f"--config {name}: {error}")
             problem = sc.check_plan(plan, plan.ctas or 132)
             if problem:
                 parser.error(f"--config {name}: stage_chain does not take {problem}")
-            plans[name, prologues] = plan
+            plans[name, kind] = plan
     copy_bw, read_bw = copy_bandwidth(1 << 30), read_bandwidth(1 << 30)
     print(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                       "copy_GBps": round(copy_bw / 1e9, 1), "read_GBps": round(read_bw / 1e9, 1)}),
           flush=True)
-    weights = {}
-    for (name, prologues), plan in plans.items():
-        if name not in weights:  # (the same shapes and splits with and without prologues)
-            layer_ws, tail_ws = random_weights(plan, seed=0)
-            weights[name] = (layer_ws, tail_ws,
-                             jax.block_until_ready(sc.tile_chain(plan, layer_ws, tail_ws)))
-        layer_ws, tail_ws, tiled = weights[name]
-        norms = random_norms(plan, seed=2) if prologues else None
-        row = measure(name, plan, layer_ws, tail_ws, tiled, norms, args, copy_bw, read_bw)
-        print(json.dumps({"config": name, "prologues": prologues, **row}), flush=True)
+    for (name, kind), plan in plans.items():
+        layer_ws, tail_ws = random_weights(plan, seed=0)  # (the same for every plan of a config)
+        norms = random_norms(plan, seed=2) if kind != "plain" else None
+        row = measure(name, plan, layer_ws, tail_ws, norms, args, copy_bw, read_bw)
+        print(json.dumps({"config": name, "plan": kind, **row}), flush=True)
+        del layer_ws, tail_ws
 
 
-def measure(name, plan, layer_ws, tail_ws, tiled, norms, args, copy_bw, read_bw) -> dict:
+def attention_inputs(plan: sc.ChainPlan, max_len: int, seed: int):
+    """(cache (k, v) with random keys and values at positions < max_len - 1, pos = max_len - 1,
+    RoPE's inv_freq)."""
+    att = plan.layer[plan.attention]
+    shape = (plan.num_layers, att.kv_heads, att.chunks * sc.CHUNK, sc.HEAD_DIM)
+    keys = jax.random.split(jax.random.key(seed), 2)
+    cache = tuple(jax.random.normal(k, shape).astype(jnp.bfloat16) for k in keys)
+    inv_freq = 1.0 / 10000.0 ** (jnp.arange(sc.HEAD_DIM // 2) / (sc.HEAD_DIM // 2))
+    return cache, max_len - 1, inv_freq
+
+
+def measure(name, plan, layer_ws, tail_ws, norms, args, copy_bw, read_bw) -> dict:
     """One plan's row (module docstring)."""
-    nbytes = sum(w.size * 2 for w in layer_ws + tail_ws)
+    tiled = jax.block_until_ready(sc.tile_chain(plan, layer_ws, tail_ws))
+    nbytes = sum(w.size * 2 for w in layer_ws + tail_ws if w is not None)
     steps = len(plan.steps())
     x0 = jax.random.normal(jax.random.key(1), (plan.layer[0].cols,), jnp.float32)
-    run = jax.jit(lambda t, x: sc.stage_chain(plan, t, x, norms=norms)[1][-1])
-    want = sc.stage_chain_reference(plan, layer_ws, tail_ws, x0, norms)[1][-1]
-    got, again = run(tiled, x0), run(tiled, x0)
-    row = {"weights_MB": round(nbytes / 1e6, 1), "stages": steps,
-           "plan": [[st.rows, st.cols, st.splits, st.prologue] for st in plan.layer + plan.tail],
-           "max_err_over_scale": float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))),
-           "rerun_bitwise_equal": bool(jnp.array_equal(got, again))}
+    cols = plan.layer[0].cols
+    extra = {}
+    if plan.attention is not None:
+        cache, pos, inv_freq = attention_inputs(plan, args.max_len, seed=3)
+        rope = sc.rope_tables(plan, inv_freq)
+        att = plan.layer[plan.attention]
+        nbytes += 2 * plan.num_layers * att.kv_heads * pos * sc.HEAD_DIM * 2  # K and V read
+        extra = dict(pos=pos, rope=rope)
+        want = sc.stage_chain_reference(plan, layer_ws, tail_ws, x0, norms, cache=cache,
+                                        pos=pos, inv_freq=inv_freq)[1][-1]
+    else:
+        cache = None
+        want = sc.stage_chain_reference(plan, layer_ws, tail_ws, x0, norms)[1][-1]
+    row = {"bytes_MB": round(nbytes / 1e6, 1), "stages": steps, "ring": plan.ring,
+           "stage_plan": [[st.rows, st.cols, st.splits, st.prologue]
+                          for st in plan.layer + plan.tail]}
     # Three calls carrying the state: both parities, each armed by the call before.
-    with_state = jax.jit(lambda t, x, st: sc.stage_chain(plan, t, x, norms=norms, state=st))
-    state, equal = sc.init_chain_state(plan), []
+    with_state = jax.jit(lambda t, x, st: sc.stage_chain(plan, t, x, norms=norms, state=st,
+                                                         **extra))
+    state, results = sc.init_chain_state(plan, cache), []
     for _ in range(3):
         (_, tails), state = with_state(tiled, x0, state)
-        equal.append(bool(jnp.array_equal(tails[-1], got)))
-    row["with_state_bitwise_equal"] = equal
+        results.append(tails[-1])
+    got = results[0]
+    row["max_err_over_scale"] = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+    row["stateful_calls_bitwise_equal"] = [bool(jnp.array_equal(r, got)) for r in results[1:]]
+    if plan.attention is None:
+        run = jax.jit(lambda t, x: sc.stage_chain(plan, t, x, norms=norms)[1][-1])
+        row["stateless_bitwise_equal"] = bool(jnp.array_equal(run(tiled, x0), got))
     if not row["max_err_over_scale"] <= WRONG:  # (NaN too: a poll that never saw its data)
         row["timed"] = f"no: wrong by more than {WRONG} of the scale"
         return row
-    cols = plan.layer[0].cols
-    for label, loop in (
-            ("chain", chained_calls(
-                lambda t, x: sc.stage_chain(plan, t, x, norms=norms)[1][-1], tiled, cols)),
-            ("chain_with_state", chained_calls_with_state(plan, tiled, cols, norms)),
-            ("xla_chain", chained_calls(jax.jit(lambda w, x: xla_chain(plan, w, x, norms)),
-                                        (layer_ws, tail_ws), cols))):
-        if label == "chain_with_state" and not all(equal):
-            row["chain_with_state"] = "not timed: its results differ from the chain's"
+    loops = [("chain_with_state", chained_calls_with_state(plan, tiled, cols, norms, cache,
+                                                             extra))]
+    if plan.attention is None:
+        loops.append(("chain", chained_calls(
+            lambda t, x: sc.stage_chain(plan, t, x, norms=norms)[1][-1], tiled, cols)))
+        loops.append(("xla_chain", chained_calls(
+            jax.jit(lambda w, x: xla_chain(plan, w, x, norms)), (layer_ws, tail_ws), cols)))
+    else:
+        loops.append(("xla_chain", chained_calls(
+            jax.jit(lambda w, x: xla_chain(plan, w, x, norms, pos, inv_freq)),
+            (layer_ws, tail_ws, cache), cols)))
+    for label, loop in loops:
+        if label == "chain_with_state" and not all(row["stateful_calls_bitwise_equal"]):
+            row[label] = "not timed: the stateful calls differ"
             continue
         rate = per_pass_rate(loop, x0, nbytes, args.repeats)
         row[f"{label}_us"] = round(nbytes / rate * 1e6, 1)
         row[f"{label}_of_copy"] = round(rate / copy_bw, 3)
         row[f"{label}_of_read"] = round(rate / read_bw, 3)
-    row["chain_us_per_stage"] = round(row["chain_us"] / steps, 2)
+    if "chain_with_state_us" in row:
+        row["us_per_stage"] = round(row["chain_with_state_us"] / steps, 2)
     row["copy_roofline_us"] = round(nbytes / copy_bw * 1e6, 1)
     if args.profile:
-        out = pathlib.Path(args.profile) / f"{name}-{'prologues' if norms else 'plain'}"
+        out = pathlib.Path(args.profile) / f"{name}-{len(plan.layer)}-{norms is not None}"
         out.mkdir(parents=True, exist_ok=True)
-        jax.block_until_ready(sc.stage_chain(plan, tiled, x0, norms=norms, profile_dir=str(out)))
+        (_, tails), _ = sc.stage_chain(plan, tiled, x0, norms=norms, profile_dir=str(out),
+                                       state=sc.init_chain_state(plan, cache), **extra)
+        jax.block_until_ready(tails)
         jax.effects_barrier()  # the trace is written by a host callback
         traces = sorted(out.glob("*-trace.json"))
         if traces:
