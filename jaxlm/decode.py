@@ -250,13 +250,19 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
 
     with_log_probs: also [B, max_new_tokens] float32 log-probs of the emitted tokens (0 after).
     pallas_step: decode steps (not prefill) by pallas_kernels/fused_decode.py (batch 1): its
-    one-launch form on GPU, one kernel per stage in interpret mode elsewhere.
+    one-launch form on GPU, one kernel per stage in interpret mode elsewhere; "chain": by
+    pallas_kernels/chain_step.py (Mosaic GPU; its interpreter elsewhere).
     """
-    step_weights = _pallas_weights(cfg, params) if pallas_step else None
+    chain = pallas_step == "chain"
+    step_weights = (_chain_prepare(cfg, params, cache_len) if chain else
+                    _pallas_weights(cfg, params) if pallas_step else None)
     params = model.inference_params(cfg, params)  # one copy per call, none per step
     cache = _new_cache(cfg, tokens.shape[0], cache_len, quantize)
     logits, cache = _prefill(cfg, params, tokens, cache, lengths)
-    plan = _pallas_plan(cfg, cache) if pallas_step else None
+    plan = _pallas_plan(cfg, cache) if pallas_step and not chain else None
+    first_position = cache["lengths"][0]
+    if chain:  # (the loop carries the chain's state, which holds its own copy of the cache)
+        cache = _chain_state(step_weights, cache)
     token = sample(logits, jax.random.fold_in(key, 0), sampling)
     out = jnp.full((tokens.shape[0], max_new_tokens), PAD, jnp.int32).at[:, 0].set(token)
     log_probs = jnp.zeros(out.shape, jnp.float32)
@@ -269,7 +275,9 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
 
     def body(state):
         step, token, done, out, log_probs, cache = state
-        if pallas_step:
+        if chain:
+            logits, cache = _chain_decode(step_weights, token, cache, first_position + step - 1)
+        elif pallas_step:
             logits, cache = _pallas_decode(cfg, plan, step_weights, token, cache)
         else:
             logits, cache = model.forward(cfg, params, token[:, None], cache=cache)
@@ -305,7 +313,9 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     whole step in one Pallas kernel instead of XLA's ~275; one prompt, no mesh, a bf16/float32
     cache (on CPU it runs in interpret mode: for tests, slow). None (default): where it was
     measured faster (`use_pallas_step`), True: always (an error where it cannot run), False:
-    never.
+    never. "chain": pallas_kernels/chain_step.py instead, the step as one persistent Mosaic GPU
+    kernel (Hopper; one prompt, head_dim 64, a bf16 cache of its own; its weights in bf16);
+    opt-in until it is measured end to end (docs/benchmarks.md).
     """
     sampling = Sampling(float(temperature), top_k, top_p, vocab_limit)
     check_request(cfg, prompts, max_new_tokens, sampling, eos_id)
@@ -341,6 +351,8 @@ def use_pallas_step(cfg: ModelConfig, batch: int, quantize_cache: bool = False,
     raises a ValueError naming the reason where it cannot run; False: never."""
     if requested is False:
         return False
+    if requested == "chain":
+        return _use_chain_step(cfg, batch, quantize_cache, mesh)
     if requested is None and not (_measured_gpu() and batch == 1 and mesh is None
                                   and cfg.embed_dim <= PALLAS_STEP_MAX_EMBED):
         return False
@@ -353,6 +365,40 @@ def use_pallas_step(cfg: ModelConfig, batch: int, quantize_cache: bool = False,
         raise ValueError(f"pallas_step=True cannot run this request: {reason}; "
                          "use pallas_step=False (or None: where it can run and is faster)")
     return reason is None
+
+
+def _use_chain_step(cfg: ModelConfig, batch: int, quantize_cache: bool, mesh) -> str:
+    """"chain" where chain_step can run this request (checked with the model's longest
+    cache), else a ValueError with the reasons."""
+    from pallas_kernels import chain_step
+
+    reason = chain_step.unsupported(cfg, batch, cfg.max_seq_len, quantize_cache,
+                                    num_ctas=None if _measured_gpu() else 2)
+    if mesh is not None:
+        reason = "; ".join(filter(None, [reason, "a mesh (it runs on one device)"]))
+    if reason:
+        raise ValueError(f"pallas_step='chain' cannot run this request: {reason}; use "
+                         "pallas_step=None or False")
+    return "chain"
+
+
+def _chain_prepare(cfg: ModelConfig, params: dict, cache_len: int):
+    from pallas_kernels import chain_step
+
+    gpu = _measured_gpu()
+    return chain_step.prepare(cfg, params, cache_len, interpret=not gpu)
+
+
+def _chain_state(step, cache: dict) -> dict:
+    from pallas_kernels import chain_step
+
+    return chain_step.init_state(step, cache)
+
+
+def _chain_decode(step, token, state, position):
+    from pallas_kernels import chain_step
+
+    return chain_step.decode_token(step, token, state, position)
 
 
 def _pallas_weights(cfg: ModelConfig, params: dict) -> dict:
@@ -378,6 +424,9 @@ def _pallas_decode(cfg, plan, weights, token, cache):
 
 
 _pallas_step = jax.jit(_pallas_decode, static_argnums=(0, 1), donate_argnums=4)
+_chain_step = jax.jit(_chain_decode, donate_argnums=2)
+_chain_prepare_jit = jax.jit(_chain_prepare, static_argnums=(0, 2))
+_chain_state_jit = jax.jit(_chain_state)
 _pallas_weights_jit = jax.jit(_pallas_weights, static_argnums=0)
 
 
@@ -401,17 +450,24 @@ def stream(cfg: ModelConfig, params: dict, prompt: Sequence[int], *, max_new_tok
     tokens, lengths, cache_len = _batch([prompt], None, 0, max_new_tokens)
     cache = init_cache(cfg, 1, cache_len, quantize=quantize_cache)
     key = jax.random.key(seed)
-    if pallas_step:
+    chain = pallas_step == "chain"
+    if chain:
+        weights = _chain_prepare_jit(cfg, params, cache_len)
+    elif pallas_step:
         weights, plan = _pallas_weights_jit(cfg, params), _pallas_plan(cfg, cache)
     params = _inference_params(cfg, params)  # per-layer, compute dtype: no copies per step
     logits, cache = prefill(cfg, params, tokens, cache, lengths)
+    if chain:
+        position, cache = int(cache["lengths"][0]), _chain_state_jit(weights, cache)
     for step in range(max_new_tokens):
         token = _sample(logits, jax.random.fold_in(key, step), sampling)
         value = int(token[0])
         yield value
         if value == eos_id or step + 1 == max_new_tokens:
             return
-        if pallas_step:
+        if chain:
+            logits, cache = _chain_step(weights, token, cache, jnp.int32(position + step))
+        elif pallas_step:
             logits, cache = _pallas_step(cfg, plan, weights, token, cache)
         else:
             logits, cache = decode_step(cfg, params, token[:, None], cache)

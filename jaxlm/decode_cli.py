@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decode steps as one Pallas kernel per token; default: on a "
                              "Hopper GPU for models up to embed 1024 (where it was measured "
                              "faster, see docs/benchmarks.md)")
+    parser.add_argument("--chain-step", action="store_true",
+                        help="decode steps as one persistent Mosaic GPU kernel "
+                             "(pallas_kernels/chain_step.py; Hopper, head_dim 64)")
     return parser
 
 
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         seed=args.seed, eos_id=eos_id, quantize_cache=args.int8_cache,
                         vocab_limit=vocab_limit_of(cfg, tokenizer),
-                        pallas_step=args.pallas_step):
+                        pallas_step="chain" if args.chain_step else args.pallas_step):
         times.append(time.perf_counter())
         ids.append(token)
         if tokenizer is None:
@@ -102,7 +105,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.chain_step and args.pallas_step is not None:
+        parser.error("--chain-step and --pallas-step/--no-pallas-step choose the same thing: "
+                     "give one")
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as error:

@@ -115,8 +115,8 @@ class Plan:
         return (self.heads + 2 * self.kv_heads) * self.head_dim
 
 
-def unsupported(cfg, cache: dict, batch: int) -> Optional[str]:
-    """Why the fused step cannot run this model/cache (None when it can)."""
+def dense_step_reasons(cfg, batch: int, int8_cache: bool) -> list[str]:
+    """What no batch-1 dense decode step here runs (this one and chain_step.py's)."""
     reasons = []
     if batch != 1:
         reasons.append(f"batch {batch} (it runs batch 1)")
@@ -127,8 +127,14 @@ def unsupported(cfg, cache: dict, batch: int) -> Optional[str]:
             reasons.append(flag)
     if cfg.parameterization != "standard":
         reasons.append(f"parameterization {cfg.parameterization}")
-    if "k_scale" in cache:
+    if int8_cache:
         reasons.append("an int8 cache")
+    return reasons
+
+
+def unsupported(cfg, cache: dict, batch: int) -> Optional[str]:
+    """Why the fused step cannot run this model/cache (None when it can)."""
+    reasons = dense_step_reasons(cfg, batch, "k_scale" in cache)
     if jnp.dtype(cfg.compute_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
         reasons.append(f"compute dtype {cfg.compute_dtype} (it rounds like bfloat16 or float32)")
     group = cfg.num_heads // cfg.num_kv_heads

@@ -192,7 +192,8 @@ def _check_attention(plan: ChainPlan) -> str | None:
     if i == 0 or i + 1 >= len(plan.layer) or plan.layer[i + 1].prologue != "merge":
         return f"{name}: it needs its qkv stage before it and a merge stage after it in the layer"
     if st.kv_heads < 1 or st.rows % (HEAD_DIM * st.kv_heads) or st.chunks < 1:
-        return f"{name}: {st.rows // HEAD_DIM} heads over {st.kv_heads} kv heads, {st.chunks} chunks"
+        return (f"{name}: {st.rows // HEAD_DIM} heads over {st.kv_heads} kv heads, "
+                f"{st.chunks} chunks")
     group = st.group
     if group not in (1, 2, 4, 6, 8):
         return f"{name}: {group} query heads a kv head (1, 2, 4, 6 or 8)"

@@ -107,7 +107,7 @@ def bench_generate(cfg, params, batch: int, prompt_len: int, new_tokens: int,
 
 
 def bench_step(name: str, cfg, params, prompt_len: int, new_tokens: int, bandwidth: float,
-               pallas_step: bool = False, read: Optional[float] = None) -> None:
+               pallas_step=False, read: Optional[float] = None) -> None:
     """Batch-1 time per decoded token, prefill excluded: (t(n new) - t(1 new)) / (n - 1)."""
     one = bench_generate(cfg, params, 1, prompt_len, 1, repeats=3, pallas_step=pallas_step)
     full = bench_generate(cfg, params, 1, prompt_len, new_tokens, repeats=3,
@@ -133,9 +133,11 @@ def bench_model(name: str, args, bandwidth: float, read: Optional[float] = None)
     prompt_len, new_tokens = (32, 16) if tiny else (512, 64 if args.quick else 256)
     params = model.init_params(cfg, jax.random.key(0))
     bench_step(name, cfg, params, prompt_len, new_tokens, bandwidth, read=read)
-    if args.pallas_step:  # the Pallas decode step, batch 1, against XLA's just above
-        bench_step(name, cfg, params, prompt_len, new_tokens, bandwidth, pallas_step=True,
+    steps = [True] * bool(args.pallas_step) + ["chain"] * bool(args.chain_step)
+    for step in steps:  # the Pallas decode steps, batch 1, against XLA's just above
+        bench_step(name, cfg, params, prompt_len, new_tokens, bandwidth, pallas_step=step,
                    read=read)
+    if steps:
         return
     for batch in ((1, 2) if tiny else (1, 8) if args.quick else (1, 8, 64)):
         seconds = bench_generate(cfg, params, batch, prompt_len, new_tokens)  # generate's default
@@ -227,6 +229,9 @@ def main() -> None:
     parser.add_argument("--baseline-hf", action="store_true", help="also transformers generate")
     parser.add_argument("--pallas-step", action="store_true",
                         help="batch 1 only: XLA's decode step, then generate(pallas_step=True)")
+    parser.add_argument("--chain-step", action="store_true",
+                        help='batch 1 only: XLA\'s decode step, then generate(pallas_step='
+                             '"chain"): the step as one persistent Mosaic GPU kernel')
     parser.add_argument("--attention-impl", default=None, choices=("xla", "cudnn", "pallas"),
                         help="model attention (default pallas; xla for tiny)")
     args = parser.parse_args()

@@ -1,0 +1,110 @@
+"""pallas_kernels/chain_step.py (the decode step as one stage_chain call) in Mosaic GPU's
+interpreter against model.forward's cached decode step: logits over several steps (the cache
+the chain extends itself), for GQA and MHA, with Llama 3's RoPE scaling."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import kv_cache, model
+from jaxlm.config import ModelConfig, RopeScaling
+from pallas_kernels import chain_step
+
+PROMPT, STEPS = 7, 2
+
+
+def _config(kv_heads=2, **extra):
+    return ModelConfig(vocab_size=640, embed_dim=256, num_layers=2, num_heads=4,
+                       num_kv_heads=kv_heads, head_dim=64, mlp_dim=256, max_seq_len=256,
+                       compute_dtype="float32", **extra)
+
+
+def _params(cfg, seed=0):
+    # Weights x4: peaked attention and logits far apart, so a wrong key or row shows.
+    params = model.init_params(cfg, jax.random.key(seed))
+    return jax.tree.map(lambda w: w * 4 if w.ndim >= 2 else w, params)
+
+
+def _interpreter():
+    plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    if not hasattr(plgpu, "force_gpu_interpret_mode"):
+        pytest.skip("this JAX has no Mosaic GPU interpreter")
+    return plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=False))
+
+
+@pytest.mark.parametrize("kv_heads,extra", [
+    (2, {}),  # GQA, 2 query heads a kv head
+    (4, {"rope_scaling": RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_seq_len=64)}),  # MHA, Llama 3 RoPE
+])
+def test_chain_step_matches_forward_over_steps(kv_heads, extra):
+    cfg = _config(kv_heads, **extra)
+    params = _params(cfg)
+    assert chain_step.unsupported(cfg, 1, 256, num_ctas=2) is None
+    tokens = jax.random.randint(jax.random.key(1), (1, PROMPT + STEPS), 0, cfg.vocab_size)
+    cache = kv_cache.init_cache(cfg, 1, 256)
+    _, cache = model.forward(cfg, params, tokens[:, :PROMPT], cache=cache)
+    step = chain_step.prepare(cfg, params, 256, interpret=True)
+    state = chain_step.init_state(step, cache)
+    for i in range(STEPS):
+        token = tokens[0, PROMPT + i:PROMPT + i + 1]
+        with _interpreter():
+            logits, state = chain_step.decode_token(step, token, state, PROMPT + i)
+        want, cache = model.forward(cfg, params, token[None], cache=cache)
+        want = want[:, 0]
+        scale = float(jnp.max(jnp.abs(want)))
+        assert scale > 1.0  # the logits are not all near 0
+        assert bool(jnp.all(jnp.isfinite(logits)))
+        # bf16 weights, x rounded to bf16 before each product, a bf16 cache: a few percent
+        assert float(jnp.max(jnp.abs(logits - want))) < 0.03 * scale
+        assert int(jnp.argmax(logits)) == int(jnp.argmax(want))
+        for name, written in zip(("k", "v"), state["cache"]):  # the new position's k and v
+            ref = cache[name][:, 0, :, PROMPT + i].astype(jnp.float32)
+            got = written[:, :, PROMPT + i].astype(jnp.float32)
+            assert float(jnp.max(jnp.abs(got - ref))) < 0.02 * float(jnp.max(jnp.abs(ref)))
+
+
+def test_chain_step_refuses_what_it_cannot_run():
+    cfg = _config()
+    assert "batch 2" in chain_step.unsupported(cfg, 2, 256, num_ctas=2)
+    assert "int8" in chain_step.unsupported(cfg, 1, 256, quantize_cache=True, num_ctas=2)
+    assert "head_dim 32" in chain_step.unsupported(
+        dataclasses.replace(cfg, head_dim=32), 1, 256, num_ctas=2)
+    assert "qk_norm" in chain_step.unsupported(dataclasses.replace(cfg, qk_norm=True), 1, 256,
+                                               num_ctas=2)
+    assert "query heads a kv head" in chain_step.unsupported(
+        dataclasses.replace(cfg, num_heads=12, num_kv_heads=4), 1, 256, num_ctas=2)
+    np.testing.assert_equal(chain_step.unsupported(cfg, 1, 256, num_ctas=2), None)
+
+
+def test_generate_and_stream_with_the_chain_step_equal_generate():
+    """decode.generate / stream with pallas_step="chain": prefill by model.forward, then the
+    chain's steps (its interpreter on CPU) inside the generation loop; greedy tokens equal
+    XLA's step's."""
+    from jaxlm import decode
+
+    cfg = _config()
+    params = _params(cfg)
+    prompt = [int(t) for t in jax.random.randint(jax.random.key(4), (6,), 0, cfg.vocab_size)]
+    want = decode.generate(cfg, params, [prompt], max_new_tokens=3, temperature=0.0,
+                           pallas_step=False)
+    got = decode.generate(cfg, params, [prompt], max_new_tokens=3, temperature=0.0,
+                          pallas_step="chain")
+    assert got == want and len(want[0]) == 3
+    assert list(decode.stream(cfg, params, prompt, max_new_tokens=3, temperature=0.0,
+                              pallas_step="chain")) == want[0]
+    with pytest.raises(ValueError, match="batch 2"):
+        decode.generate(cfg, params, [prompt, prompt], max_new_tokens=2, pallas_step="chain")
+
+
+def test_decode_cli_refuses_two_step_choices(capsys):
+    from jaxlm import decode_cli
+
+    with pytest.raises(SystemExit) as error:
+        decode_cli.main(["--run-dir", "nowhere", "--prompt", "x", "--chain-step",
+                         "--no-pallas-step"])
+    assert error.value.code == 2
+    assert "give one" in capsys.readouterr().err
