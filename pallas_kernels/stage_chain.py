@@ -121,6 +121,11 @@ class ChainPlan:
     # wants (tile_chain permutes them, so plain stores land where wgmma reads); off for the
     # interpreter, whose views do not alias.
     swizzle_q: bool = True
+    # Who issues an attention unit's K and V loads: its consumer, at the unit's start (before
+    # its poll of q), or with kv_by_producer its producer warpgroup, which runs up to a ring
+    # ahead of the consumer, so the loads land before the unit starts (the consumer frees the
+    # tiles with a barrier once its products have read them).
+    kv_by_producer: bool = False
 
     @property
     def attention(self) -> int | None:
@@ -605,7 +610,7 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
         ring, full, empty, b_views = take(4)
         staging = take(1) if norm_stages else []
         if n_att:
-            q_views, k_views, v_views, rope_stage, o_stage, lse_stage, kv_bar = take(7)
+            q_views, k_views, v_views, rope_stage, o_stage, lse_stage, kv_bar, kv_free = take(8)
             p_stage = take(1) if interpret else None
         b_smem, b_plain = b_views  # [8, max_part] swizzled (wgmma) / [tiles, 8, 64] (stores)
         wg = lax.axis_index("wg")
@@ -622,6 +627,21 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
         def attention_unit_of(st, unit):
             """(kv head, chunk) of an attention unit; chunk st.chunks is the new token."""
             return lax.div(unit, st.chunks + 1), lax.rem(unit, st.chunks + 1)
+
+        def attention_geometry(st, unit):
+            """(kv head, chunk, whether the unit is the new token's, its first position,
+            positions it scores, whether it loads K and V from the cache)."""
+            h, c = attention_unit_of(st, unit)
+            new = c == st.chunks
+            t0 = c * CHUNK
+            valid = jnp.where(new, 1, jnp.clip(position - t0, 0, CHUNK))
+            return h, c, new, t0, valid, jnp.logical_and(jnp.logical_not(new), valid > 0)
+
+        def load_kv(layer, h, t0):
+            plgpu.copy_gmem_to_smem(cache_k.at[layer, h, pl.ds(t0, CHUNK)], k_views[0],
+                                    kv_bar.at[0])
+            plgpu.copy_gmem_to_smem(cache_v.at[layer, h, pl.ds(t0, CHUNK)], v_views[0],
+                                    kv_bar.at[1])
 
         def arm(buffers, residuals, k, layer, j, unit):
             st = stages[k]
@@ -678,6 +698,16 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
             plgpu.set_max_registers(40, action="decrease")
 
             def stream(k, layer, j, unit):
+                if stages[k].prologue == "attention" and plan.kv_by_producer:
+                    h, _, _, t0, _, cached = attention_geometry(stages[k], unit)
+
+                    # The consumer's last attention unit is done with the tiles (before the
+                    # first unit: the consumer has zeroed them).
+                    plgpu.barrier_wait(kv_free.at[0])
+
+                    @pl.when(cached)
+                    def _load():
+                        load_kv(layer, h, t0)
                 if not slots[k]:
                     return
                 base = first_slot(k, layer, j)
@@ -699,6 +729,8 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
                 for_each_unit(functools.partial(arm, [p.at[1 - parity] for p in all_parts],
                                                 [r.at[1 - parity] for r in all_resid]))
             total = first_slot(n, 0)
+            if plan.kv_by_producer and att_k is not None:  # (one arrival more than units)
+                plgpu.barrier_wait(kv_free.at[0])  # the last release observed before the end
 
             @pl.loop(jnp.maximum(total - ring_slots, 0), total)
             def _drain(i):  # every release observed before the CTA ends
@@ -838,19 +870,13 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
             st = stages[k]
             group, rows = st.group, max(st.group, 2)
             heads, kv = st.rows // HEAD_DIM, st.kv_heads
-            h, c = attention_unit_of(st, unit)
-            new = c == st.chunks
-            t0 = c * CHUNK
-            valid = jnp.where(new, 1, jnp.clip(position - t0, 0, CHUNK))
-            cached = jnp.logical_and(jnp.logical_not(new), valid > 0)
+            h, c, new, t0, valid, cached = attention_geometry(st, unit)
             k_tile, v_tile = k_views[0], v_views[0]
 
-            @pl.when(cached)
-            def _load():  # (before the poll: its latency hides behind the wait)
-                plgpu.copy_gmem_to_smem(cache_k.at[layer, h, pl.ds(t0, CHUNK)], k_tile,
-                                        kv_bar.at[0])
-                plgpu.copy_gmem_to_smem(cache_v.at[layer, h, pl.ds(t0, CHUNK)], v_tile,
-                                        kv_bar.at[1])
+            if not plan.kv_by_producer:
+                @pl.when(cached)
+                def _load():  # (before the poll: its latency hides behind the wait)
+                    load_kv(layer, h, t0)
 
             @pl.when(valid > 0)
             def _attend():
@@ -918,6 +944,8 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
             plgpu.copy_smem_to_gmem(lse_stage.at[pl.ds(0, group)],
                                     out.at[:, pl.ds(HEAD_DIM, HEAD_DIM)])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # before the next unit's writes
+            if plan.kv_by_producer:  # (the cache rows' copies read too: the wait was for all)
+                plgpu.barrier_arrive(kv_free.at[0])
 
         @pl.when(wg == 0)
         def _consumer():
@@ -935,6 +963,9 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
                 for views in (q_views, k_views, v_views):
                     target = views[0] if interpret else views[1]
                     target[...] = jnp.zeros(target.shape, dtype)
+                if plan.kv_by_producer:  # (the producer's first loads wait for the zeros)
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(kv_free.at[0])
 
             def unit_step(k, layer, j, unit):
                 st = stages[k]
@@ -986,7 +1017,7 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
                    plgpu.SMEM((16, 2 * HEAD_DIM), jnp.float32),
                    plgpu.SMEM((WGMMA_M, HEAD_DIM), jnp.float32),
                    plgpu.SMEM((WGMMA_M, HEAD_DIM), jnp.float32),
-                   plgpu.Barrier(num_barriers=2))
+                   plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_arrivals=1, num_barriers=1))
         if interpret:
             scratch = (*scratch, plgpu.SMEM((WGMMA_M, CHUNK), dtype, transforms=SWIZZLED))
     x0_parts = x0.astype(jnp.float32).reshape(1, first.cols // K_STEP, K_STEP)

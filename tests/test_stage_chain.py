@@ -309,14 +309,15 @@ def test_interpreted_kernel_matches_the_reference_over_both_parities(name):
                        norms=None if name == "plain" else _norms(plan), interpret=True)
 
 
-def _attention_plan(heads, kv_heads, max_len=256, swizzle_q=False, ctas=2):
+def _attention_plan(heads, kv_heads, max_len=256, swizzle_q=False, ctas=2, **options):
     d = 256
     qkv = (heads + 2 * kv_heads) * 64
     return sc.ChainPlan(
         layer=(sc.Stage(qkv, d, 2, "norm"), sc.attention_stage(heads, kv_heads, max_len),
                sc.Stage(d, heads * 64, max(1, heads // 2), "merge"), sc.Stage(512, d, 2, "norm"),
                sc.Stage(d, 256, 2, "swiglu")),
-        tail=(sc.Stage(640, d, 1, "norm"),), num_layers=2, ctas=ctas, swizzle_q=swizzle_q)
+        tail=(sc.Stage(640, d, 1, "norm"),), num_layers=2, ctas=ctas, swizzle_q=swizzle_q,
+        **options)
 
 
 def test_swizzled_q_rows_land_where_the_swizzled_tile_reads_them_and_rope_commutes():
@@ -390,9 +391,10 @@ def test_attention_plans_are_checked():
         sc.chain_plan_for(load_config("1b"), max_len=768)
 
 
-@pytest.mark.parametrize("heads,kv_heads,pos", [(4, 2, 130), (2, 2, 5)])
+@pytest.mark.parametrize("heads,kv_heads,pos,kv_by_producer", [
+    (4, 2, 130, False), (2, 2, 5, False), (4, 2, 200, True)])
 def test_interpreted_attention_block_matches_the_reference_and_writes_the_cache(
-        heads, kv_heads, pos):
+        heads, kv_heads, pos, kv_by_producer):
     """The whole pre-norm block with attention in Mosaic GPU's interpreter: qkv, attention over
     a cache (RoPE, GQA or MHA, a chunk partly filled and one empty), the merge in o-proj's
     prologue, the MLP and a normed head, against the float32 reference; the new token's k
@@ -400,7 +402,7 @@ def test_interpreted_attention_block_matches_the_reference_and_writes_the_cache(
     plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
     if not hasattr(plgpu, "force_gpu_interpret_mode"):
         pytest.skip("this JAX has no Mosaic GPU interpreter")
-    plan = _attention_plan(heads, kv_heads)
+    plan = _attention_plan(heads, kv_heads, kv_by_producer=kv_by_producer)
     rng = np.random.default_rng(21)
     layer_ws, tail_ws = _weights(dataclasses_replace_layer(plan), seed=13)
     layer_ws[1] = None
@@ -440,3 +442,43 @@ def dataclasses_replace_layer(plan):
     layer = list(plan.layer)
     layer[plan.attention] = sc.Stage(64, 64, 1)
     return dataclasses.replace(plan, layer=tuple(layer))
+
+
+@pytest.mark.parametrize("kv_by_producer", [False, True])
+def test_whole_step_kernel_lowers_for_hopper_and_checks_its_inputs(kv_by_producer):
+    """1b's step with attention (GQA, swizzled q rows, 768 positions) up to the Mosaic GPU
+    module; and its attention inputs are checked."""
+    import dataclasses
+    plan = dataclasses.replace(
+        sc.chain_plan_for(load_config("1b"), prologues=True, max_len=768, num_ctas=132,
+                          num_layers=2), kv_by_producer=kv_by_producer)
+    stages = plan.layer + plan.tail
+    tiled = [None if not st.weighted else jax.ShapeDtypeStruct(
+        (plan.num_layers if i < len(plan.layer) else 1, st.units, st.part // plan.k_slot, 64,
+         plan.k_slot), jnp.bfloat16) for i, st in enumerate(stages)]
+    norms = [None if st.prologue != "norm" else jax.ShapeDtypeStruct(
+        (st.cols,) if i >= len(plan.layer) else (plan.num_layers, st.cols), jnp.float32)
+        for i, st in enumerate(stages)]
+    x0 = jax.ShapeDtypeStruct((plan.layer[0].cols,), jnp.float32)
+    state = jax.eval_shape(lambda: sc.init_chain_state(plan))
+    rope = jax.eval_shape(lambda: sc.rope_tables(plan, jnp.ones(32)))
+    run = jax.jit(lambda t, x, g, st, pos, r: sc.stage_chain(plan, t, x, norms=g, state=st,
+                                                             pos=pos, rope=r))
+    text = run.trace(tiled, x0, norms, state, jax.ShapeDtypeStruct((), jnp.int32),
+                     rope).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "output_operand_alias" in text
+    # The checks (before any launch): the weights as shapes, the rest real.
+    norms = [None if g is None else jnp.ones(g.shape) for g in norms]
+    x0, state = jnp.zeros(x0.shape), sc.init_chain_state(plan)
+    rope = sc.rope_tables(plan, jnp.ones(32))
+    with pytest.raises(ValueError, match="needs a state with the cache"):
+        sc.stage_chain(plan, tiled, x0, norms=norms)
+    with pytest.raises(ValueError, match="needs pos"):
+        sc.stage_chain(plan, tiled, x0, norms=norms, state=state)
+    with pytest.raises(ValueError, match="rope tables"):
+        sc.stage_chain(plan, tiled, x0, norms=norms, state=state, pos=3,
+                       rope=(rope[0], rope[1][:-1]))
+    with pytest.raises(ValueError, match="outside the cache"):
+        sc.stage_chain(plan, tiled, x0, norms=norms, state=state, pos=768, rope=rope)
+    with pytest.raises(ValueError, match="want .* bfloat16"):
+        sc.init_chain_state(plan, (jnp.zeros((2, 8, 768, 64)),) * 2)

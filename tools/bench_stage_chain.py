@@ -4,6 +4,7 @@ weights; optionally attention over a cache too) against the memory roofline and 
 
     python tools/bench_stage_chain.py                       # 125m and 1b, all three plans
     python tools/bench_stage_chain.py --config 1b --plans attention --profile /tmp/prof
+    python tools/bench_stage_chain.py --plans attention --kv-loads both   # who loads K and V
 
 Plans per config: plain (the products), prologues (with the model's RMS norms, residual
 stream and SwiGLU) and attention (the whole step but the embedding and the sampling: also
@@ -24,6 +25,7 @@ JSON object per line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pathlib
@@ -121,6 +123,10 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=768,
                         help="attention plans: the cache's positions; the token is the last "
                              "(default 768: 512 prompt + 256 new tokens)")
+    parser.add_argument("--kv-loads", choices=("consumer", "producer", "both"),
+                        default="consumer",
+                        help="attention plans: who issues the K/V loads (ChainPlan."
+                             "kv_by_producer); both: each attention plan both ways")
     parser.add_argument("--profile", metavar="DIR",
                         help="also run one profiled call and report the consumer's phases")
     args = parser.parse_args()
@@ -144,16 +150,21 @@ def main() -> None:
             problem = sc.check_plan(plan, plan.ctas or 132)
             if problem:
                 parser.error(f"--config {name}: stage_chain does not take {problem}")
-            plans[name, kind] = plan
+            ways = {"consumer": (False,), "producer": (True,), "both": (False, True)}[
+                args.kv_loads] if kind == "attention" else (False,)
+            for by_producer in ways:
+                plans[name, kind, by_producer] = dataclasses.replace(
+                    plan, kv_by_producer=by_producer)
     copy_bw, read_bw = copy_bandwidth(1 << 30), read_bandwidth(1 << 30)
     print(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                       "copy_GBps": round(copy_bw / 1e9, 1), "read_GBps": round(read_bw / 1e9, 1)}),
           flush=True)
-    for (name, kind), plan in plans.items():
+    for (name, kind, by_producer), plan in plans.items():
         layer_ws, tail_ws = random_weights(plan, seed=0)  # (the same for every plan of a config)
         norms = random_norms(plan, seed=2) if kind != "plain" else None
         row = measure(name, plan, layer_ws, tail_ws, norms, args, copy_bw, read_bw)
-        print(json.dumps({"config": name, "plan": kind, **row}), flush=True)
+        print(json.dumps({"config": name, "plan": kind, "kv_by_producer": by_producer, **row}),
+              flush=True)
         del layer_ws, tail_ws
 
 
@@ -229,7 +240,8 @@ def measure(name, plan, layer_ws, tail_ws, norms, args, copy_bw, read_bw) -> dic
         row["us_per_stage"] = round(row["chain_with_state_us"] / steps, 2)
     row["copy_roofline_us"] = round(nbytes / copy_bw * 1e6, 1)
     if args.profile:
-        out = pathlib.Path(args.profile) / f"{name}-{len(plan.layer)}-{norms is not None}"
+        out = pathlib.Path(args.profile) / (f"{name}-{len(plan.layer)}-{norms is not None}-"
+                                            f"{plan.kv_by_producer}")
         out.mkdir(parents=True, exist_ok=True)
         (_, tails), _ = sc.stage_chain(plan, tiled, x0, norms=norms, profile_dir=str(out),
                                        state=sc.init_chain_state(plan, cache), **extra)
