@@ -2,9 +2,9 @@
 through a shared-memory ring that never waits for the chain: the prototype of the
 ring-streamed batch-1 decode step proposed in docs/design.md.
 
-    tiled = tile_weights_split_k(ws, blocks)         # ws [L, D, D] bf16, once at load time
-    xs = poll_matvec_chain(tiled, x0, blocks=blocks)  # x0 [D] float32 -> xs [L, D] float32
-                                                      # xs[l] = ws[l] @ xs[l - 1], xs[-1] = x0
+    tiled = tile_weights_split_k(ws, blocks)            # ws [L, D, D] bf16, once at load time
+    xs = split_k_matvec_chain(tiled, x0, blocks=blocks)  # x0 [D] float32 -> xs [L, D] float32
+                                                         # xs[l] = ws[l] @ xs[l - 1], xs[-1] = x0
 
 What it measures: a batch-1 decode step is a chain of matrix-vector products, each needing the
 whole output of the one before (a grid-wide dependency). The Triton-lowered step
@@ -22,20 +22,22 @@ depend on the chain, stream on their own:
   the layer's slots on wgmma (the weight tile as the A operand from the ring, x as an N = 8 B
   operand) and stores its 64 partial sums.
 
-Two forms differ in how a layer learns that the one before is done:
+How a layer learns that the one before is done:
 - `split_k_matvec_chain`: a grid barrier a layer on a global semaphore (each CTA adds 1 after
   its partials are stored; layer l + 1 waits for C * (l + 1); CTA 0 takes the count back to 0
   at the end, since the semaphore persists across calls). x's S partials, stored in bf16 as
   rows of an [8, D] buffer, come in by one TMA copy and the tensor cores add them (column i
   of the [64, 8] accumulator is the product with partial i). Its flat form runs in Mosaic
   GPU's interpreter (the tests do, with race detection).
-- `poll_matvec_chain`: no barrier a layer. Partials are float32, armed with NaN once per call;
-  readers poll their values with volatile loads until none is NaN, sum them in registers and
-  write x into the B tile. It is the faster chain (sixteenth session): 1.5-1.7 us a layer at
-  D = 1024 against 2.0-2.3 with barriers, and 87% of the copy bandwidth chained at D = 4096
-  on an H100. The barrier's cost is its release, which waits for the SM's stores.
+- no barrier: partials are float32, armed with NaN; readers poll their values with volatile
+  loads (`_poll_loads`) until none is NaN, sum them in registers and write x into the B tile.
+  It was the faster chain (sixteenth session): 1.5-1.7 us a layer at D = 1024 against
+  2.0-2.3 with barriers, and 87% of the copy bandwidth chained at D = 4096 on an H100 (the
+  barrier's cost is its release, which waits for the SM's stores). Its square-layer
+  prototype (`poll_matvec_chain`) became pallas_kernels/stage_chain.py, which keeps the
+  polling helpers here; git history has the prototype.
 
-Both can record their consumer's phases with Mosaic GPU's profiler (profile_dir;
+The chain can record its consumer's phases with Mosaic GPU's profiler (profile_dir;
 `profile_phases` reads the trace). The reference is `ring_matvec_chain_reference` (float32
 products of the bf16 weights); the GPU numbers are in docs/benchmarks.md (fourteenth to
 sixteenth sessions). An earlier form with x as the A operand, broadcast to 64 rows in
@@ -479,117 +481,6 @@ def _polling_scratch(stages: int, k_slot: int, part: int):
         plgpu.RefUnion(plgpu.SMEM((B_ROWS, part), jnp.bfloat16, transforms=SWIZZLED),
                        plgpu.SMEM((part // K_STEP, B_ROWS, K_STEP), jnp.bfloat16)),
     )
-
-
-def poll_matvec_chain(tiled, x0, *, blocks: SplitKBlocks = SplitKBlocks(), chain: bool = True,
-                      math: bool = True, profile_dir=None):
-    """xs [L, D] float32 as `split_k_matvec_chain` (same tiling, same products), with no grid
-    barrier between layers: each layer polls the partial sums it needs.
-
-    Correct on H100 and H200 (sixteenth session, docs/benchmarks.md); not checkable on CPU
-    beyond lowering: its B tile is written through a second view of the same shared memory
-    (below), which Mosaic GPU's interpreter does not alias. The barrier form's dependency
-    from layer to layer is a store, a release (a memory barrier that waits for this SM's
-    stores, 0.8-2.1 us under full DRAM load), a poll of the count and a TMA load of x. Here
-    it is a plain store and the reader's polls:
-    - partial sums are float32 [L, S, D] (S = k_splits); each CTA first writes NaN into its
-      own slots of every layer, and one grid barrier (the only one) makes that visible;
-    - a CTA stores its layer's 64 partial sums with plain stores, and each thread of the
-      next layer's CTAs reloads its own values of their split of all S partials with
-      volatile loads until none is NaN (`_poll_loads`; at most MAX_POLLS rounds, then the
-      NaN goes on into the result). Polling by repeated TMA copies, checked across the
-      warpgroup, was slower: 2.26 us a layer at D = 1024 against 1.51 (H200);
-    - the S partials are summed in registers and written, in bf16, as row 0 of the B tile
-      through an unswizzled view: the 128-byte swizzle leaves row 0 of each 8-row tile in
-      place, and rows 1-7 stay zero (written once);
-    - so a layer waits only for the 32 or so CTAs whose partials it reads, not for all.
-    x0 may be [D] or up to S partials [n, D]; chain=False and math=False as in
-    `split_k_matvec_chain` (chain=False copies x0 every layer, no polling)."""
-    num_layers, num_ctas, slots_per_layer, _, k_slot = tiled.shape
-    splits = blocks.k_splits
-    d, x0_parts = _split_k_input(tiled, x0, blocks, splits, jnp.float32)
-    part = d // splits
-    tiles = part // K_STEP  # the B tile's 8 x 64 tiles
-    vec = max(v for v in (1, 2, 4) if part % (128 * v) == 0)  # x's elements a thread
-    stages = blocks.stages
-    dtype = tiled.dtype
-
-    def kernel(ws_ref, x0_ref, parts_ref, ring, full, empty, b_views, got, got_barrier):
-        b_smem, b_plain = b_views  # [8, part] swizzled (wgmma) / [tiles, 8, 64] (plain stores)
-        wg = lax.axis_index("wg")
-        cta = lax.axis_index("ctas")
-        block, split = lax.div(cta, splits), lax.rem(cta, splits)
-        barrier = _GridBarrier(num_ctas) if chain else None
-
-        @pl.when(wg == 1)
-        def _producer():
-            _stream_weights(ws_ref, ring, full, empty, cta, num_layers * slots_per_layer,
-                            slots_per_layer)
-
-        layout = plgpu.Layout.WG_STRIDED((tiles, K_STEP), vec_size=vec)
-
-        def copy_x(source):
-            """This split's columns of all S partials of x0 into `got` -> them, S values."""
-            plgpu.copy_gmem_to_smem(source.at[:, pl.ds(split * tiles, tiles)], got, got_barrier)
-            plgpu.barrier_wait(got_barrier)
-            return tuple(plgpu.load(got.at[i], layout=layout) for i in range(splits))
-
-        def poll_x(source):
-            """The same of the layer before, each thread polling its own values."""
-            return _poll_loads([source.at[i, pl.ds(split * tiles, tiles)] for i in range(splits)],
-                               (tiles, K_STEP), vec)
-
-        @pl.when(wg == 0)
-        def _consumer():
-            plgpu.set_max_registers(232, action="increase")
-            if chain:
-                with jax.named_scope("arm"):
-                    @pl.loop(0, num_layers)
-                    def _arm(layer):
-                        parts_ref.at[layer, split, block][...] = plgpu.layout_cast(
-                            jnp.full((WGMMA_M,), NOT_WRITTEN, jnp.float32),
-                            plgpu.Layout.WGMMA.reduce(1))  # (y's layout, stored below)
-
-                    barrier.arrive()
-                    barrier.wait(1)
-            b_plain[...] = jnp.zeros(b_plain.shape, dtype)
-
-            @pl.loop(0, num_layers)
-            def _layer(layer):
-                with jax.named_scope("x"):
-                    if chain:
-                        source = parts_ref.at[jnp.maximum(layer - 1, 0)]
-                        values = lax.cond(layer == 0, lambda: copy_x(x0_ref),
-                                          lambda: poll_x(source))
-                    else:
-                        values = copy_x(x0_ref)
-                    x = values[0]
-                    for v in values[1:]:
-                        x = x + v
-                    b_plain.at[:, 0, :][...] = x.astype(dtype)
-                    plgpu.commit_smem()  # the plain stores before the wgmmas' async reads
-                with jax.named_scope("products"):
-                    acc = pl.run_scoped(
-                        functools.partial(_split_k_products, ring, full, empty, b_smem, math,
-                                          layer * slots_per_layer),
-                        plgpu.ACC((WGMMA_M, B_ROWS), jnp.float32))
-                with jax.named_scope("store"):
-                    y = acc.sum(axis=1) if math else plgpu.layout_cast(
-                        jnp.zeros((WGMMA_M,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-                    parts_ref.at[layer, split, block][...] = y
-
-            if chain:
-                barrier.reset(cta, 1)
-
-    scratch = (
-        *_polling_scratch(stages, k_slot, part),
-        plgpu.SMEM((splits, tiles, K_STEP), jnp.float32),
-        plgpu.Barrier(),
-    )
-    out_type = jax.ShapeDtypeStruct((num_layers, splits, d // K_STEP, K_STEP), jnp.float32)
-    parts = _launch(kernel, scratch, out_type, num_ctas, 2, tiled,
-                    x0_parts.reshape(splits, d // K_STEP, K_STEP), profile_dir=profile_dir)
-    return parts.reshape(num_layers, splits, d).sum(axis=1)
 
 
 def profile_phases(trace: dict) -> dict:

@@ -42,7 +42,7 @@ def test_weights_tiled_for_other_blocks_or_a_wrong_x0_are_refused():
     with pytest.raises(ValueError, match="x0 of shape"):
         rm.split_k_matvec_chain(tiled, jnp.zeros(256), blocks=split)
     with pytest.raises(ValueError, match="tile them with tile_weights_split_k"):
-        rm.poll_matvec_chain(tiled, jnp.zeros(512), blocks=rm.SplitKBlocks(k_splits=4))
+        rm.split_k_matvec_chain(tiled, jnp.zeros(512), blocks=rm.SplitKBlocks(k_splits=4))
     assert "needs bfloat16" in rm.supports_split_k((2, 512, 512), jnp.float32, split)
 
 
@@ -125,24 +125,7 @@ def test_split_k_lowers_to_mosaic_gpu_for_hopper(chain, math, store):
     assert "mosaic_gpu" in run.trace(tiled, x0).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("d, splits, chain, math", [(2048, 4, True, True), (2048, 4, False, False),
-                                                  (1024, 8, True, True), (4096, 2, True, True)])
-def test_poll_form_lowers_to_mosaic_gpu_for_hopper(d, splits, chain, math):
-    """The polling form (no grid barrier a layer, volatile loads) lowers for CUDA. Its numerics
-    need a GPU: Mosaic GPU's interpreter keeps the two views of its B tile apart (the plain
-    stores never reach the swizzled view), so tools/bench_ring_matvec.py checks them (correct
-    on H100 and H200, sixteenth session)."""
-    blocks = rm.SplitKBlocks(k_splits=splits, k_slot=128, stages=8)
-    tiled = jax.ShapeDtypeStruct((3, d // 64 * splits, d // splits // 128, 64, 128), jnp.bfloat16)
-    x0 = jax.ShapeDtypeStruct((d,), jnp.float32)
-    run = jax.jit(lambda w, x: rm.poll_matvec_chain(w, x, blocks=blocks, chain=chain, math=math))
-    assert "mosaic_gpu" in run.trace(tiled, x0).lower(lowering_platforms=("cuda",)).as_text()
-    with pytest.raises(ValueError, match="x0 of shape"):
-        rm.poll_matvec_chain(jnp.zeros(tiled.shape, jnp.bfloat16), jnp.zeros(d // 2),
-                             blocks=blocks)
-
-
-def test_bench_cases_parse_both_forms_and_refuse_what_the_kernels_do_not_take():
+def test_bench_cases_parse_and_refuse_what_the_kernel_does_not_take():
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
     import bench_ring_matvec as bench
 
@@ -150,14 +133,11 @@ def test_bench_cases_parse_both_forms_and_refuse_what_the_kernels_do_not_take():
     assert (d, layers, blocks.k_splits, blocks.store, kernel, ctas) == (
         2048, 64, 4, "tma", rm.split_k_matvec_chain, 128)
     assert bench.parse_case("sk:2048:64:4:128:8:generic")[2].store == "generic"
-    d, layers, blocks, kernel, ctas = bench.parse_case("pk:4096:16:2:128:8")
-    assert (d, layers, blocks.k_splits, kernel, ctas) == (4096, 16, 2, rm.poll_matvec_chain, 128)
     for bad, words in [("2048:64:16:24:256", "want sk:"), ("sk:2048:64:4", "want sk:"),
                        ("sk:2048:64:4:128:x", "want sk:"),
                        ("sk:4096:4:4:128:8", "every CTA must be resident"),
                        ("sk:2048:64:4:128:8:smem", "want sk:"),
-                       ("pk:2048:64:4:128:8:generic", "want sk:"),
-                       ("pk:2048:64:4:128:8:load", "want sk:")]:
+                       ("pk:2048:64:4:128:8", "want sk:")]:  # (the polling form: stage_chain)
         with pytest.raises(ValueError, match=words):
             bench.parse_case(bad)
 

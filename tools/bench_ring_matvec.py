@@ -3,12 +3,13 @@ roofline and XLA, on the GPU: does streaming weights through a shared-memory rin
 across grid barriers?
 
     python tools/bench_ring_matvec.py                       # default cases
-    python tools/bench_ring_matvec.py --case pk:4096:16:2:128:8 --case sk:2048:64:4:128:8
+    python tools/bench_ring_matvec.py --case sk:4096:16:2:128:8 --case sk:2048:64:4:128:8
 
 A case is sk:D:L:k_splits:k_slot:stages[:tma|generic] (L layers of [D, D] bf16 weights, the
 split-K form with a grid barrier a layer; its partial sums stored by TMA, the default, or by
-plain stores) or pk:D:L:k_splits:k_slot:stages (the split-K form polling its input with
-volatile loads instead of a barrier a layer). For each case: the error against the
+plain stores). The polling form that replaced the barrier (pk: cases until the seventeenth
+session) is now pallas_kernels/stage_chain.py, timed by tools/bench_stage_chain.py; a plan of
+one square stage is the same chain. For each case: the error against the
 float32 reference, a rerun's bitwise agreement (the grid barrier's semaphore must come back to
 0 between calls), then the time of one chained call (the chain's L grid barriers), of one call
 without the barriers (every layer multiplies x0: the ring's streaming alone), of one without
@@ -79,12 +80,11 @@ def xla_chain(ws, x0):
 
 def parse_case(case: str):
     """(D, L, blocks, the kernel, CTAs) of a --case, or a ValueError that says the format."""
-    polled = case.startswith("pk:")
-    fields = case[3:].split(":") if polled or case.startswith("sk:") else []
-    usage = ("want sk:D:L:k_splits:k_slot:stages[:tma|generic] or pk:D:L:k_splits:k_slot:stages, "
-             "positive integers, e.g. sk:2048:64:4:128:8 or pk:1024:128:8:128:10")
+    fields = case[3:].split(":") if case.startswith("sk:") else []
+    usage = ("want sk:D:L:k_splits:k_slot:stages[:tma|generic], positive integers, e.g. "
+             "sk:2048:64:4:128:8 (the polling form is tools/bench_stage_chain.py's)")
     store = "tma"
-    if not polled and len(fields) == 6 and fields[-1] in ("tma", "generic"):
+    if len(fields) == 6 and fields[-1] in ("tma", "generic"):
         store = fields.pop()
     if len(fields) != 5 or not all(f.isdigit() and int(f) > 0 for f in fields):
         raise ValueError(usage)
@@ -93,17 +93,15 @@ def parse_case(case: str):
     problem = ring_matvec.supports_split_k((layers, d, d), jnp.bfloat16, blocks)
     if problem:
         raise ValueError(f"the split-K form does not take {problem}")
-    kernel = ring_matvec.poll_matvec_chain if polled else ring_matvec.split_k_matvec_chain
-    return d, layers, blocks, kernel, d // 64 * splits
+    return d, layers, blocks, ring_matvec.split_k_matvec_chain, d // 64 * splits
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--case", action="append",
                         help="sk:D:L:k_splits:k_slot:stages[:tma|generic] (a grid barrier "
-                             "a layer; how partials are stored) or pk:D:L:k_splits:k_slot:"
-                             "stages (polling); default: both forms (plain stores) at D = 1024 "
-                             "and 4096")
+                             "a layer; how partials are stored); default: plain stores at "
+                             "D = 1024 and 4096")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chain-only", action="store_true",
                         help="time only the chained call (for variants of the chain alone: "
@@ -116,11 +114,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1 (got {args.repeats})")
-    # The polling form and the barrier form (plain stores) at a small model's width (one 16 KB
-    # slot a CTA a layer), then both at D = 4096 (16 layers, 2 splits): the chain's cost a
-    # layer, then its streaming rate. All four take about 6 minutes with --repeats 2.
-    cases = args.case or ["pk:1024:128:8:128:10", "sk:1024:128:8:128:10:generic",
-                          "pk:4096:16:2:128:8", "sk:4096:16:2:128:8:generic"]
+    # A small model's width (one 16 KB slot a CTA a layer), then D = 4096 (16 layers, 2
+    # splits): the chain's cost a layer, then its streaming rate.
+    cases = args.case or ["sk:1024:128:8:128:10:generic", "sk:4096:16:2:128:8:generic"]
     for case in cases:
         try:
             parse_case(case)
