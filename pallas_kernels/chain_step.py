@@ -63,15 +63,9 @@ def unsupported(cfg, batch: int, cache_len: int, quantize_cache: bool = False,
     return "; ".join(reasons) or None
 
 
-def prepare(cfg, params: dict, cache_len: int, *, interpret: bool = False,
-            num_ctas: Optional[int] = None) -> ChainStep:
-    """The model's weights as the chain reads them (bf16, tiled; one copy per call).
-    interpret: the form Mosaic GPU's interpreter runs (two CTAs, q rows unswizzled)."""
-    if interpret:
-        num_ctas = 2
-    plan = sc.chain_plan_for(cfg, prologues=True, max_len=cache_len, num_ctas=num_ctas)
-    if interpret:
-        plan = dataclasses.replace(plan, swizzle_q=False)
+def _chain_weights(cfg, params: dict):
+    """(layer weights [L, out, in] bf16 per layer stage, None for attention; the head
+    [V, D] bf16; the norm weights per stage, float32, None where a stage has none)."""
     blocks = params["blocks"]
     if isinstance(blocks, (list, tuple)):  # (model.unstack_layers' per-layer form)
         blocks = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
@@ -87,12 +81,40 @@ def prepare(cfg, params: dict, cache_len: int, *, interpret: bool = False,
     o = attn["o"].reshape(L, -1, D)
     layer_ws = [rows_cols(qkv), None, rows_cols(o), rows_cols(gate_up), rows_cols(mlp["down"])]
     head = params["embed"] if cfg.tie_embeddings else params["lm_head"].T
-    tiled = sc.tile_chain(plan, layer_ws, [head.astype(bf16)])
     norms = (blocks["attn_norm"], None, None, blocks["mlp_norm"], None, params["final_norm"])
-    inv_freq = rope_inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
-    return ChainStep(plan, tiled, tuple(None if g is None else g.astype(jnp.float32)
-                                        for g in norms),
-                     sc.rope_tables(plan, inv_freq), params["embed"], interpret)
+    return layer_ws, head.astype(bf16), tuple(None if g is None else g.astype(jnp.float32)
+                                              for g in norms)
+
+
+def _inv_freq(cfg):
+    return rope_inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+
+def prepare(cfg, params: dict, cache_len: int, *, interpret: bool = False,
+            num_ctas: Optional[int] = None) -> ChainStep:
+    """The model's weights as the chain reads them (bf16, tiled; one copy per call).
+    interpret: the form Mosaic GPU's interpreter runs (two CTAs, q rows unswizzled)."""
+    if interpret:
+        num_ctas = 2
+    plan = sc.chain_plan_for(cfg, prologues=True, max_len=cache_len, num_ctas=num_ctas)
+    if interpret:
+        plan = dataclasses.replace(plan, swizzle_q=False)
+    layer_ws, head, norms = _chain_weights(cfg, params)
+    return ChainStep(plan, sc.tile_chain(plan, layer_ws, [head]), norms,
+                     sc.rope_tables(plan, _inv_freq(cfg)), params["embed"], interpret)
+
+
+def reference_logits(cfg, params: dict, token: int, cache: dict, pos: int, cache_len: int,
+                     like_kernel: bool = True):
+    """The step's logits [V] by stage_chain_reference from the same bf16 weights and cache
+    (batch 1, positions < pos): with like_kernel, rounded where the kernel rounds, so the
+    kernel should agree to float32 summation order (the tests' tight check)."""
+    plan = sc.chain_plan_for(cfg, prologues=True, max_len=cache_len, num_ctas=2)
+    layer_ws, head, norms = _chain_weights(cfg, params)
+    kv = tuple(cache[name][:, 0].astype(jnp.bfloat16) for name in ("k", "v"))
+    x0 = params["embed"][token].astype(jnp.float32)
+    return sc.stage_chain_reference(plan, layer_ws, [head], x0, list(norms), cache=kv, pos=pos,
+                                    inv_freq=_inv_freq(cfg), like_kernel=like_kernel)[1][-1]
 
 
 def init_state(step: ChainStep, cache: dict) -> dict:

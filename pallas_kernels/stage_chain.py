@@ -356,30 +356,48 @@ def rotate_half_rope(x, pos, inv_freq):
     return x * cos + jnp.concatenate([-x[..., half:], x[..., :half]], -1) * sin
 
 
-def attention_reference(st: Stage, qkv, cache_k, cache_v, pos, inv_freq):
+def _bf16(x):
+    return x.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def attention_reference(st: Stage, qkv, cache_k, cache_v, pos, inv_freq,
+                        like_kernel: bool = False):
     """One layer's attention of the new position: qkv [cols] float32 (q, k, v), the layer's
-    cache [K, S, 64] holding positions < pos -> (o [rows], k_new [K, 64] after RoPE, v_new)."""
+    cache [K, S, 64] holding positions < pos -> (o [rows], k_new [K, 64] after RoPE, v_new).
+    like_kernel: round where the kernel does (the scaled q, the new k and v, and the softmax's
+    exponentials to bf16, as wgmma operands)."""
     heads, kv = st.rows // HEAD_DIM, st.kv_heads
-    q = rotate_half_rope(qkv[:st.rows].reshape(heads, HEAD_DIM), pos, inv_freq)
-    k_new = rotate_half_rope(qkv[st.rows:st.rows + kv * HEAD_DIM].reshape(kv, HEAD_DIM), pos,
-                             inv_freq)
-    v_new = qkv[st.rows + kv * HEAD_DIM:].reshape(kv, HEAD_DIM)
+    r = _bf16 if like_kernel else (lambda x: x)
+    q = r(rotate_half_rope(qkv[:st.rows].reshape(heads, HEAD_DIM), pos, inv_freq)
+          / HEAD_DIM ** 0.5)
+    k_new = r(rotate_half_rope(qkv[st.rows:st.rows + kv * HEAD_DIM].reshape(kv, HEAD_DIM), pos,
+                               inv_freq))
+    v_new = r(qkv[st.rows + kv * HEAD_DIM:].reshape(kv, HEAD_DIM))
     keys = jnp.concatenate([cache_k[:, :pos].astype(jnp.float32), k_new[:, None]], 1)
     values = jnp.concatenate([cache_v[:, :pos].astype(jnp.float32), v_new[:, None]], 1)
     q = q.reshape(kv, st.group, HEAD_DIM)
     scores = jnp.einsum("kgd,ksd->kgs", q, keys, precision=lax.Precision.HIGHEST)
-    p = jax.nn.softmax(scores / HEAD_DIM ** 0.5, axis=-1)
-    o = jnp.einsum("kgs,ksd->kgd", p, values, precision=lax.Precision.HIGHEST)
-    return o.reshape(-1), k_new, v_new
+    e = jnp.exp(scores - scores.max(-1, keepdims=True))
+    o = jnp.einsum("kgs,ksd->kgd", r(e), values, precision=lax.Precision.HIGHEST)
+    return (o / e.sum(-1, keepdims=True)).reshape(-1), k_new, v_new
+
+
+def dot_like_kernel(w, x):
+    """A product as the kernel does it: x rounded to bf16 (the B tile), float32 sums."""
+    return jnp.dot(w.astype(jnp.float32), _bf16(x), precision=lax.Precision.HIGHEST)
 
 
 def stage_chain_reference(plan: ChainPlan, layer_ws, tail_ws, x0, norms=None, *, cache=None,
-                          pos=None, inv_freq=None, dot=_dot_f32):
+                          pos=None, inv_freq=None, dot=_dot_f32, like_kernel: bool = False):
     """(per layer stage [L, rows], per tail stage [rows]) float32: the chain in float32.
     norms: per stage (layer then tail), the norm weights of norm stages ([L, D] in layers,
     [D] in the tail), None elsewhere. dot(w, x): the product (float32 by default). With an
     attention stage: cache (k, v) [L, K, S, 64] holding positions < pos (an int), and RoPE's
-    inv_freq [32]; the attention stage's output is the heads' outputs."""
+    inv_freq [32]; the attention stage's output is the heads' outputs. like_kernel: round
+    to bf16 where the kernel does (products' x, attention's operands), so the kernel should
+    agree to float32 summation order."""
+    if like_kernel:
+        dot = dot_like_kernel
     x = x0.astype(jnp.float32)
     residual = None
     stages = plan.layer + plan.tail
@@ -390,7 +408,7 @@ def stage_chain_reference(plan: ChainPlan, layer_ws, tail_ws, x0, norms=None, *,
         nonlocal residual
         if st.prologue == "attention":
             return attention_reference(st, x, cache[0][layer_now], cache[1][layer_now], pos,
-                                       inv_freq)[0]
+                                       inv_freq, like_kernel)[0]
         if st.prologue == "norm":
             residual = x[:st.cols] if residual is None else residual + x[:st.cols]
             x = residual * lax.rsqrt(jnp.mean(residual * residual) + plan.norm_eps) * g

@@ -39,6 +39,7 @@ def _interpreter():
     (2, {}),  # GQA, 2 query heads a kv head
     (4, {"rope_scaling": RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                      original_max_seq_len=64)}),  # MHA, Llama 3 RoPE
+    (1, {"tie_embeddings": True}),  # MQA (4 query heads a kv head), the head is the embedding
 ])
 def test_chain_step_matches_forward_over_steps(kv_heads, extra):
     cfg = _config(kv_heads, **extra)
@@ -51,6 +52,9 @@ def test_chain_step_matches_forward_over_steps(kv_heads, extra):
     state = chain_step.init_state(step, cache)
     for i in range(STEPS):
         token = tokens[0, PROMPT + i:PROMPT + i + 1]
+        own = {name: c[:, None] for name, c in zip(("k", "v"), state["cache"])}  # the chain's
+        like_kernel = chain_step.reference_logits(cfg, params, int(token[0]), own, PROMPT + i,
+                                                  256)
         with _interpreter():
             logits, state = chain_step.decode_token(step, token, state, PROMPT + i)
         want, cache = model.forward(cfg, params, token[None], cache=cache)
@@ -58,13 +62,16 @@ def test_chain_step_matches_forward_over_steps(kv_heads, extra):
         scale = float(jnp.max(jnp.abs(want)))
         assert scale > 1.0  # the logits are not all near 0
         assert bool(jnp.all(jnp.isfinite(logits)))
-        # bf16 weights, x rounded to bf16 before each product, a bf16 cache: a few percent
-        assert float(jnp.max(jnp.abs(logits - want))) < 0.03 * scale
+        # Against the reference that rounds to bf16 where the kernel does: summation order.
+        assert float(jnp.max(jnp.abs(logits[0] - like_kernel))) < 1e-3 * scale
+        # Against the float32 model: bf16 weights, x rounded to bf16 before each product and
+        # attention's operands in bf16 cost up to about 5% here (MQA's peaked attention).
+        assert float(jnp.max(jnp.abs(logits - want))) < 0.08 * scale
         assert int(jnp.argmax(logits)) == int(jnp.argmax(want))
         for name, written in zip(("k", "v"), state["cache"]):  # the new position's k and v
             ref = cache[name][:, 0, :, PROMPT + i].astype(jnp.float32)
             got = written[:, :, PROMPT + i].astype(jnp.float32)
-            assert float(jnp.max(jnp.abs(got - ref))) < 0.02 * float(jnp.max(jnp.abs(ref)))
+            assert float(jnp.max(jnp.abs(got - ref))) < 0.05 * float(jnp.max(jnp.abs(ref)))
 
 
 def test_chain_step_refuses_what_it_cannot_run():
