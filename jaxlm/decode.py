@@ -374,6 +374,8 @@ def _use_chain_step(cfg: ModelConfig, batch: int, quantize_cache: bool, mesh) ->
 
     reason = chain_step.unsupported(cfg, batch, cfg.max_seq_len, quantize_cache,
                                     num_ctas=None if _measured_gpu() else 2)
+    if jax.default_backend() == "gpu" and not _measured_gpu():  # (elsewhere: the interpreter)
+        reason = "; ".join(filter(None, [reason, "a GPU other than Hopper (H100, H200)"]))
     if mesh is not None:
         reason = "; ".join(filter(None, [reason, "a mesh (it runs on one device)"]))
     if reason:
