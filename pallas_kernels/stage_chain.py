@@ -540,8 +540,9 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
     merge them by their log-sum-exps.
 
     profile_dir: a Mosaic GPU profiler trace of the consumer's phases ("arm" without state,
-    then per polled unit "x" (the poll and prologue), per unit "products" and "store",
-    per attention unit "attention").
+    then per polled unit "x" (the poll and prologue), per unit "products" and "store";
+    attention units: "att_q" (the poll of q, RoPE), "att_new" (the new token's k and v),
+    "att_math" (the K/V wait, both wgmmas, the softmax) and "att_store").
     interpret: the form Mosaic GPU's interpreter runs (under plgpu.force_gpu_interpret_mode,
     called eagerly, with a state: it has no global semaphores), for the tests: the CTAs as
     one cluster, polls by plain loads, x written into the B tile's wgmma view. It checks the
@@ -898,55 +899,58 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
 
             @pl.when(valid > 0)
             def _attend():
-                source, count = source_of(k, layer)
-                q = rotated(poll_sum(partials(source, count), h * group, rows), rows, 0)
-                tile_rows(q_views, rows, q * (1.0 / HEAD_DIM ** 0.5))
+                with jax.named_scope("att_q"):  # (the poll of q included)
+                    source, count = source_of(k, layer)
+                    q = rotated(poll_sum(partials(source, count), h * group, rows), rows, 0)
+                    tile_rows(q_views, rows, q * (1.0 / HEAD_DIM ** 0.5))
 
                 @pl.when(new)
                 def _new_token():  # k (row 0 of blocks heads + h) and v into the tiles' row 0
-                    k_new = rotated(poll_sum(partials(source, count), heads + h, 2), 2, 8)
-                    v_new = poll_sum(partials(source, count), heads + kv + h, 2)
-                    tile_rows(k_views, 2, k_new)
-                    tile_rows(v_views, 2, v_new)
-                    plgpu.commit_smem()
-                    view = 0 if interpret else 1
-                    plgpu.copy_smem_to_gmem(k_views[view].at[pl.ds(0, 1)],
-                                            cache_k.at[layer, h, pl.ds(position, 1)])
-                    plgpu.copy_smem_to_gmem(v_views[view].at[pl.ds(0, 1)],
-                                            cache_v.at[layer, h, pl.ds(position, 1)])
-
-                @pl.when(cached)
-                def _wait():
-                    plgpu.barrier_wait(kv_bar.at[0])
-                    plgpu.barrier_wait(kv_bar.at[1])
-
-                plgpu.commit_smem()  # the q tile's plain stores before the wgmmas read it
-
-                def scores_of(acc_ref):
-                    plgpu.wgmma(acc_ref, q_views[0], k_tile.transpose((1, 0)))
-                    return acc_ref[...]
-
-                s = pl.run_scoped(scores_of, plgpu.ACC((WGMMA_M, CHUNK), jnp.float32))
-                col = plgpu.broadcasted_iota(jnp.int32, (WGMMA_M, CHUNK), 1,
-                                             layout=plgpu.Layout.WGMMA)
-                s = jnp.where(col < valid, s, -jnp.inf)
-                top = s.max(axis=1)
-                p = jnp.exp(s - lax.broadcast_in_dim(top, s.shape, [0]))
-                total = p.sum(axis=1)
-
-                def outputs_of(acc_ref):
-                    if interpret:  # (its wgmma takes operands from shared memory only)
-                        p_stage[0][...] = p.astype(dtype)
+                    with jax.named_scope("att_new"):
+                        k_new = rotated(poll_sum(partials(source, count), heads + h, 2), 2, 8)
+                        v_new = poll_sum(partials(source, count), heads + kv + h, 2)
+                        tile_rows(k_views, 2, k_new)
+                        tile_rows(v_views, 2, v_new)
                         plgpu.commit_smem()
-                        plgpu.wgmma(acc_ref, p_stage[0], v_tile)
-                    else:
-                        plgpu.wgmma(acc_ref, p.astype(dtype), v_tile)
-                    return acc_ref[...]
+                        view = 0 if interpret else 1
+                        plgpu.copy_smem_to_gmem(k_views[view].at[pl.ds(0, 1)],
+                                                cache_k.at[layer, h, pl.ds(position, 1)])
+                        plgpu.copy_smem_to_gmem(v_views[view].at[pl.ds(0, 1)],
+                                                cache_v.at[layer, h, pl.ds(position, 1)])
 
-                o = pl.run_scoped(outputs_of, plgpu.ACC((WGMMA_M, HEAD_DIM), jnp.float32))
-                o_stage[...] = o / lax.broadcast_in_dim(total, o.shape, [0])
-                lse = top + jnp.log(total)
-                lse_stage[...] = lax.broadcast_in_dim(lse, o.shape, [0])
+                with jax.named_scope("att_math"):
+                    @pl.when(cached)
+                    def _wait():
+                        plgpu.barrier_wait(kv_bar.at[0])
+                        plgpu.barrier_wait(kv_bar.at[1])
+
+                    plgpu.commit_smem()  # the q tile's plain stores before the wgmmas read it
+
+                    def scores_of(acc_ref):
+                        plgpu.wgmma(acc_ref, q_views[0], k_tile.transpose((1, 0)))
+                        return acc_ref[...]
+
+                    s = pl.run_scoped(scores_of, plgpu.ACC((WGMMA_M, CHUNK), jnp.float32))
+                    col = plgpu.broadcasted_iota(jnp.int32, (WGMMA_M, CHUNK), 1,
+                                                 layout=plgpu.Layout.WGMMA)
+                    s = jnp.where(col < valid, s, -jnp.inf)
+                    top = s.max(axis=1)
+                    p = jnp.exp(s - lax.broadcast_in_dim(top, s.shape, [0]))
+                    total = p.sum(axis=1)
+
+                    def outputs_of(acc_ref):
+                        if interpret:  # (its wgmma takes operands from shared memory only)
+                            p_stage[0][...] = p.astype(dtype)
+                            plgpu.commit_smem()
+                            plgpu.wgmma(acc_ref, p_stage[0], v_tile)
+                        else:
+                            plgpu.wgmma(acc_ref, p.astype(dtype), v_tile)
+                        return acc_ref[...]
+
+                    o = pl.run_scoped(outputs_of, plgpu.ACC((WGMMA_M, HEAD_DIM), jnp.float32))
+                    o_stage[...] = o / lax.broadcast_in_dim(total, o.shape, [0])
+                    lse = top + jnp.log(total)
+                    lse_stage[...] = lax.broadcast_in_dim(lse, o.shape, [0])
 
             @pl.when(valid == 0)
             def _empty():  # a chunk past the cache's positions: weight 0 in the merge
@@ -956,12 +960,14 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
                 lse_stage[...] = plgpu.layout_cast(
                     jnp.full((WGMMA_M, HEAD_DIM), -jnp.inf, jnp.float32), layout)
 
-            plgpu.commit_smem()
-            out = parts[k].at[layer, c, pl.ds(h * group, group)]
-            plgpu.copy_smem_to_gmem(o_stage.at[pl.ds(0, group)], out.at[:, pl.ds(0, HEAD_DIM)])
-            plgpu.copy_smem_to_gmem(lse_stage.at[pl.ds(0, group)],
-                                    out.at[:, pl.ds(HEAD_DIM, HEAD_DIM)])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # before the next unit's writes
+            with jax.named_scope("att_store"):
+                plgpu.commit_smem()
+                out = parts[k].at[layer, c, pl.ds(h * group, group)]
+                plgpu.copy_smem_to_gmem(o_stage.at[pl.ds(0, group)],
+                                        out.at[:, pl.ds(0, HEAD_DIM)])
+                plgpu.copy_smem_to_gmem(lse_stage.at[pl.ds(0, group)],
+                                        out.at[:, pl.ds(HEAD_DIM, HEAD_DIM)])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # before the next unit's writes
             if plan.kv_by_producer:  # (the cache rows' copies read too: the wait was for all)
                 plgpu.barrier_arrive(kv_free.at[0])
 
@@ -987,9 +993,8 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
 
             def unit_step(k, layer, j, unit):
                 st = stages[k]
-                if st.prologue == "attention":
-                    with jax.named_scope("attention"):
-                        attention_unit(k, layer, unit)
+                if st.prologue == "attention":  # (its phases: att_q, att_new, att_math,
+                    attention_unit(k, layer, unit)  # att_store)
                     return
                 split, block = lax.rem(unit, st.splits), lax.div(unit, st.splits)
                 tiles = st.part // K_STEP
