@@ -11,9 +11,12 @@ Stage k multiplies its [rows, cols] bf16 weights with the first `cols` values of
 before's output (x0 for the first), after its prologue: none ("sum"), or the model's own
 ("norm": the residual stream plus the stage before's output, RMS-normalized and scaled;
 "swiglu": silu(gate) * up). So the chain has the step's bytes and its dependencies, with or
-without the model's elementwise work: it measures what the step's weight stream and its 49
-(125m) stage-to-stage dependencies cost together. Attention is not in it (o-proj reads q in
-its place). It is a prototype for timing, not used by decoding (docs/design.md, "Decoding").
+without the model's elementwise work. With an attention stage (chain_plan_for(cfg,
+prologues=True, max_len=)) it is the whole decode step but the embedding lookup and the
+sampling: attention over a bf16 cache it extends, RoPE, and the merge of attention's
+partials as o-proj's prologue (stage_chain's docstring). pallas_kernels/chain_step.py runs
+a model's step on it (decode.generate(pallas_step="chain")); docs/design.md, "Decoding",
+has the decisions and docs/benchmarks.md the measurements.
 
 How it runs (the polling form of ring_matvec.py, generalized):
 - A stage's work is split into units of 64 output rows times one of `splits` column splits
