@@ -322,13 +322,18 @@ def tile_chain(plan: ChainPlan, layer_ws, tail_ws=()):
             raise ValueError(f"weights {None if w is None else (w.shape, w.dtype)} for stage "
                              f"{len(out)}: want {want} bfloat16 (tail weights without the "
                              "layer dim)")
-        if plan.attention is not None and len(out) == plan.attention - 1 and plan.swizzle_q:
-            att = plan.layer[plan.attention]
-            order = jnp.concatenate([swizzle_rows(att.rows, att.group),
-                                     jnp.arange(att.rows, st.rows)])
-            w = w[:, order]
-        out.append(_tile(w, st, plan.k_slot))
+        order = _qkv_order(plan, len(out))
+        out.append(_tile(w if order is None else w[:, order], st, plan.k_slot))
     return tuple(out)
+
+
+def _qkv_order(plan: ChainPlan, i: int):
+    """The row order of stage i's outputs (the qkv stage's q rows in swizzle_rows' order,
+    when the plan swizzles them; its own inverse), or None where stage i keeps the model's."""
+    if plan.attention is None or i != plan.attention - 1 or not plan.swizzle_q:
+        return None
+    att, rows = plan.layer[plan.attention], plan.layer[i].rows
+    return jnp.concatenate([swizzle_rows(att.rows, att.group), jnp.arange(att.rows, rows)])
 
 
 def rope_tables(plan: ChainPlan, inv_freq):
@@ -492,20 +497,19 @@ def _norm_chunk(width: int, inputs: int) -> int:
                if width % c == 0 and inputs * c // 128 <= MAX_POLLED_VALUES)
 
 
-def _vec(tiles: int) -> int:
-    """A thread's vector width in a WG_STRIDED [tiles, 64] float32 array: the widest that fits."""
-    return max(v for v in (1, 2, 4) if tiles * K_STEP % (128 * v) == 0)
-
-
-def _strided(tiles: int):
-    return plgpu.Layout.WG_STRIDED((tiles, K_STEP), vec_size=_vec(tiles))
+def _vec(size: int) -> int:
+    """A thread's vector width in a WG_STRIDED float32 array of `size` values: the widest
+    that fits."""
+    return max(v for v in (1, 2, 4) if size % (128 * v) == 0)
 
 
 def _strided_shape(shape):
     """WG_STRIDED for a float32 array of `shape`, the widest vectors that fit."""
-    size = shape[0] * shape[1]
-    return plgpu.Layout.WG_STRIDED(shape, vec_size=max(v for v in (1, 2, 4)
-                                                       if size % (128 * v) == 0))
+    return plgpu.Layout.WG_STRIDED(shape, vec_size=_vec(shape[0] * shape[1]))
+
+
+def _strided(tiles: int):
+    return _strided_shape((tiles, K_STEP))
 
 
 def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None, rope=None,
@@ -779,7 +783,7 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
                 values, _ = lax.while_loop(again, lambda c: (load(), c[1] + 1),
                                            (load(), jnp.int32(1)))
                 return list(values)
-            return list(_poll_loads(views, (tiles, K_STEP), _vec(tiles)))
+            return list(_poll_loads(views, (tiles, K_STEP), _vec(tiles * K_STEP)))
 
         def poll_sum(refs, col, tiles):
             """The sum of refs' [col, col + tiles) rows of 64, polled."""
@@ -1081,12 +1085,8 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
             continue
         o = o[:, :, :st.rows // K_STEP]  # (the padding block after qkv)
         total = o.reshape(o.shape[0], o.shape[1], -1).sum(axis=1)
-        if att_k is not None and i == att_k - 1 and plan.swizzle_q:
-            att = plan.layer[att_k]
-            order = jnp.concatenate([swizzle_rows(att.rows, att.group),
-                                     jnp.arange(att.rows, st.rows)])
-            total = total[:, order]  # (its own inverse: q in the model's order)
-        sums.append(total)
+        order = _qkv_order(plan, i)
+        sums.append(total if order is None else total[:, order])  # (its own inverse)
     result = (sums[:n_layer], [s[0] for s in sums[n_layer:]])
     return (result, state) if persistent else result
 
