@@ -144,20 +144,21 @@ PROFILE_REGIONS = 512
 
 
 def _launch(kernel, scratch, out_type, num_ctas: int, num_threads: int, *args,
-            profile_dir=None, as_cluster: bool = False):
+            profile_dir=None, as_cluster: bool = False, approx_math: bool = False):
     """The kernel over num_ctas CTAs of num_threads warpgroups. With profile_dir, Mosaic GPU's
     profiler records each warpgroup's named scopes (the first PROFILE_REGIONS) and writes a
     trace (Chrome trace JSON, times in SM clock cycles) there per call. as_cluster: the CTAs
     as one cluster, for Mosaic GPU's interpreter, which runs a cluster's CTAs concurrently
-    but the grid's one after another (CTAs polling each other's outputs need the former)."""
+    but the grid's one after another (CTAs polling each other's outputs need the former).
+    approx_math: exp, log and rsqrt by the GPU's approximate instructions (relative error
+    about 2**-22, far below bf16's rounding)."""
     def entry(*refs):
         pl.run_scoped(lambda *scratch_refs: kernel(*refs, *scratch_refs), *scratch,
                       collective_axes="wg")
 
-    params = None
-    if profile_dir:
-        params = plgpu.CompilerParams(profile_space=PROFILE_REGIONS, profile_dir=str(profile_dir),
-                                      profile_bounds_check=True)
+    profile = dict(profile_space=PROFILE_REGIONS, profile_dir=str(profile_dir),
+                   profile_bounds_check=True) if profile_dir else {}
+    params = plgpu.CompilerParams(approx_math=approx_math, **profile)
     grid = dict(grid=(1,), grid_names=("grid",), cluster=(num_ctas,), cluster_names=("ctas",)
                 ) if as_cluster else dict(grid=(num_ctas,), grid_names=("ctas",))
     return plgpu.kernel(entry, out_type=out_type, num_threads=num_threads, thread_name="wg",
@@ -403,50 +404,52 @@ NOT_WRITTEN = float("nan")  # a partial sum not yet stored in this call
 MAX_POLLS = 1 << 16  # copies of x a layer may take before it goes on (with NaN) instead of hanging
 
 
-def _poll_loads(sources, shape, vec: int):
-    """The float32 refs `sources` (global memory, each of `shape`) as WG_STRIDED arrays, each
-    thread reloading its own values until none is NaN (at most MAX_POLLS rounds).
+def _poll_loads(sources, shape, vec: int | None = None):
+    """The float32 refs `sources` (global memory) as WG_STRIDED arrays, each thread reloading
+    its own values until none is NaN (at most MAX_POLLS rounds). `shape` and `vec` are each
+    source's shape and vector width, or (a list) a (shape, vec) per source: sources of
+    different shapes share the rounds, so one poll costs one memory round trip.
 
     The loads are volatile, so they bypass the SM's L1 (which does not see other SMs' stores)
     and are not merged or hoisted by the compiler; each round issues all of the thread's loads
     before it checks any. No thread waits for another, so there is no cross-thread reduction
     per round; the caller's next warpgroup-wide step (a commit_smem) joins them."""
-    layout = plgpu.Layout.WG_STRIDED(shape, vec_size=vec)
+    specs = list(shape) if isinstance(shape, list) else [(shape, vec)] * len(sources)
 
     @plgpu.inline_mgpu(
         arg_types=tuple(plgpu.RefType() for _ in sources),
-        return_type=tuple(plgpu.ShapeDtypeStruct(shape, jnp.float32, layout=layout)
-                          for _ in sources))
+        return_type=tuple(plgpu.ShapeDtypeStruct(sh, jnp.float32,
+                                                 layout=plgpu.Layout.WG_STRIDED(sh, vec_size=v))
+                          for sh, v in specs))
     def poll(ctx, *refs):
         del ctx
         f32, i32 = ir.F32Type.get(), ir.IntegerType.get_signless(32)
         i64 = ir.IntegerType.get_signless(64)
-        vec_ty = ir.VectorType.get((vec,), f32)
-        mgpu_layout = mgpu.WGStridedFragLayout(shape=shape, vec_size=vec)
-        layout_registers = mgpu_layout.registers_shape(shape)
-        pointers, updates = [], []
-        for ref in refs:
+        pointers, types, updates = [], [], []
+        for ref, (_, v) in zip(refs, specs):
+            vec_ty = ir.VectorType.get((v,), f32)
             updates.append([])
             for _get, update, transfer_ref, idx in mgpu.FragmentedArray.transfer_strided(
-                    ref, vec):
+                    ref, v):
                 strides, _ = ir.MemRefType(transfer_ref.type).get_strides_and_offset()
                 flat = mgpu_utils.dyn_dot(idx, [arith.constant(ir.IndexType.get(), st)
                                                 for st in strides])
                 index = arith.index_cast(i64, arith.divui(flat, arith.constant(
-                    ir.IndexType.get(), vec)))
+                    ir.IndexType.get(), v)))
                 pointers.append(mgpu_utils.getelementptr(mgpu_utils.memref_ptr(transfer_ref),
                                                          [index], vec_ty))
+                types.append(vec_ty)
                 updates[-1].append(update)
         n = len(pointers)
         i1 = ir.IntegerType.get_signless(1)
         # A do-while: the before region loads and checks; its condition's operands are the
         # loop's results, so the last round's values come out. (Two rounds in flight, the
         # next issued before the last is checked, were slower on an H100: design.md.)
-        loop = scf.WhileOp([i32] + [vec_ty] * n, [arith.constant(i32, 0)])
+        loop = scf.WhileOp([i32] + types, [arith.constant(i32, 0)])
         before = loop.before.blocks.append(i32)
         with ir.InsertionPoint(before):
             count = arith.addi(before.arguments[0], arith.constant(i32, 1))
-            values = [llvm.load(vec_ty, ptr, volatile_=True) for ptr in pointers]
+            values = [llvm.load(t, ptr, volatile_=True) for t, ptr in zip(types, pointers)]
             nan = arith.constant(i1, 0)
             for v in values:
                 nan = arith.ori(nan, vector.reduction(i1, vector.CombiningKind.OR,
@@ -454,13 +457,14 @@ def _poll_loads(sources, shape, vec: int):
             again = arith.andi(nan, arith.cmpi(arith.CmpIPredicate.slt, count,
                                                arith.constant(i32, MAX_POLLS)))
             scf.condition(again, [count, *values])
-        after = loop.after.blocks.append(i32, *([vec_ty] * n))
+        after = loop.after.blocks.append(i32, *types)
         with ir.InsertionPoint(after):
             scf.yield_([after.arguments[0]])
         results = list(loop.results)[1:1 + n]
         arrays = []
-        for group in updates:
-            registers = np.empty(layout_registers, dtype=object)
+        for group, (sh, v) in zip(updates, specs):
+            mgpu_layout = mgpu.WGStridedFragLayout(shape=sh, vec_size=v)
+            registers = np.empty(mgpu_layout.registers_shape(sh), dtype=object)
             for update in group:
                 update(registers, results.pop(0))
             arrays.append(mgpu.FragmentedArray(_registers=registers, _layout=mgpu_layout,
@@ -485,26 +489,28 @@ def _polling_scratch(stages: int, k_slot: int, part: int):
 
 def profile_phases(trace: dict) -> dict:
     """{phase: {"cycles": median over CTAs and layers, "count": n}} of a profiled call's
-    trace (the JSON the profiler writes): the consumer's named scopes, outermost only, each
-    from its begin to its matching end. "layer" is the median time from one layer's "x"
-    begin to the next's (the whole loop body, gaps included). The profiler's timestamps are
-    SM clock cycles (its "ts" divides them by 1e3, as if they were ns)."""
+    trace (the JSON the profiler writes): the consumer's named scopes, each from its begin to
+    its matching end. Outermost scopes go by their names; a scope directly inside one goes by
+    "outer/inner" (one of the outer's own name, a scope inside a conditional, is not counted
+    twice). "layer" is the median time from one layer's "x" begin to the next's (the whole
+    loop body, gaps included). The profiler's timestamps are SM clock cycles (its "ts" divides
+    them by 1e3, as if they were ns)."""
     durations: dict = {}
     starts: dict = {}
     for thread, events in _by_thread(trace["traceEvents"]).items():
-        depth, opened = 0, None
+        opened: list = []
         for event in events:
             if event["ph"] == "B":
-                if depth == 0:
-                    opened = event
-                    if event["name"] == "x":
-                        starts.setdefault(thread, []).append(event["ts"])
-                depth += 1
-            else:
-                depth -= 1
-                if depth == 0 and opened is not None:
-                    durations.setdefault(opened["name"], []).append(
-                        round((event["ts"] - opened["ts"]) * 1e3))
+                if not opened and event["name"] == "x":
+                    starts.setdefault(thread, []).append(event["ts"])
+                opened.append(event)
+                continue
+            begin = opened.pop()
+            names = [e["name"] for e in opened] + [begin["name"]]
+            if len(names) > 2 or (len(names) == 2 and names[0] == names[1]):
+                continue
+            durations.setdefault("/".join(names), []).append(
+                round((event["ts"] - begin["ts"]) * 1e3))
     for begins in starts.values():
         durations.setdefault("layer", []).extend(
             round((b - a) * 1e3) for a, b in zip(begins, begins[1:]))

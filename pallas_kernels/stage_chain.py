@@ -129,6 +129,9 @@ class ChainPlan:
     # ahead of the consumer, so the loads land before the unit starts (the consumer frees the
     # tiles with a barrier once its products have read them).
     kv_by_producer: bool = False
+    # The consumer warpgroup's registers a thread (setmaxnreg: a multiple of 8, at most 256;
+    # the producer keeps 40). At 232 ptxas spilled 232 bytes of the 1b plan's consumer.
+    registers: int = 232
 
     @property
     def attention(self) -> int | None:
@@ -148,6 +151,8 @@ def check_plan(plan: ChainPlan, num_ctas: int) -> str | None:
         return "a plan with no layer stages (needs at least one stage and one layer)"
     if plan.k_slot % K_STEP or not K_STEP <= plan.k_slot <= 256:
         return f"k_slot {plan.k_slot} (a multiple of {K_STEP} up to 256)"
+    if plan.registers % 8 or not 232 <= plan.registers <= 256:
+        return f"registers {plan.registers} (a multiple of 8 from 232 to 256)"
     stages = list(plan.layer) + list(plan.tail)
     problem = _check_attention(plan)
     if problem:
@@ -771,10 +776,13 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
             return parts[k - 1].at[layer if k < n_layer else 0], stages[k - 1].splits
 
         def poll(views, tiles):
-            """views' [tiles, 64] values, polled until none is NaN."""
+            """views' [tiles, 64] values (tiles: one count, or a list of one a view), polled
+            together until none is NaN."""
+            counts = tiles if isinstance(tiles, list) else [tiles] * len(views)
             if interpret:  # (no inline Mosaic GPU code there; its memory is coherent)
                 def load(_=None):
-                    return tuple(plgpu.load(v, layout=_strided(tiles)) for v in views)
+                    return tuple(plgpu.load(v, layout=_strided(t))
+                                 for v, t in zip(views, counts))
 
                 def again(carry):
                     nan = sum(jnp.sum(jnp.isnan(v).astype(jnp.int32)) for v in carry[0])
@@ -783,15 +791,22 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
                 values, _ = lax.while_loop(again, lambda c: (load(), c[1] + 1),
                                            (load(), jnp.int32(1)))
                 return list(values)
-            return list(_poll_loads(views, (tiles, K_STEP), _vec(tiles * K_STEP)))
+            return list(_poll_loads(views, [((t, K_STEP), _vec(t * K_STEP)) for t in counts]))
+
+        def poll_sums(refs, blocks):
+            """For each (col, tiles) of blocks, the sum of refs' [col, col + tiles) rows of
+            64: all polled together (one memory round trip when they are there)."""
+            views = [r.at[pl.ds(col, tiles)] for col, tiles in blocks for r in refs]
+            values = poll(views, [tiles for _, tiles in blocks for _ in refs])
+            sums = []
+            for i in range(len(blocks)):
+                group = values[i * len(refs):(i + 1) * len(refs)]
+                sums.append(sum(group[1:], group[0]))
+            return sums
 
         def poll_sum(refs, col, tiles):
             """The sum of refs' [col, col + tiles) rows of 64, polled."""
-            values = poll([r.at[pl.ds(col, tiles)] for r in refs], tiles)
-            x = values[0]
-            for v in values[1:]:
-                x = x + v
-            return x
+            return poll_sums(refs, [(col, tiles)])[0]
 
         def partials(source, count):
             return [source.at[i] for i in range(count)]
@@ -872,6 +887,11 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
             g = plgpu.load(g_refs[pos].at[out_layer, pl.ds(split * tiles, tiles)], layout=layout)
             return x * scale * g
 
+        # The RoPE tables' rows at the new position, loaded by the consumer once a call (a
+        # global load in each unit waited behind the producers' weight stream: up to 2,400
+        # cycles at 1b), by row count.
+        rope_rows = {}
+
         def rotated(x, rows, first_row):
             """RoPE of x [rows, 64] (rows of the q tile's order) at the new position: the rows
             doubled in shared memory, so rotate_half(x) is one load 32 columns on (signed by
@@ -882,8 +902,7 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
             plgpu.commit_smem()
             layout = _strided(rows)
             shifted = plgpu.load(here.at[:, pl.ds(HEAD_DIM // 2, HEAD_DIM)], layout=layout)
-            cos = plgpu.load(cos_ref.at[position, pl.ds(0, rows)], layout=layout)
-            sin = plgpu.load(sin_ref.at[position, pl.ds(0, rows)], layout=layout)
+            cos, sin = rope_rows[rows]
             return x * cos + shifted * sin
 
         def tile_rows(views, rows, x):
@@ -906,17 +925,26 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
 
             @pl.when(valid > 0)
             def _attend():
-                with jax.named_scope("att_q"):  # (the poll of q included)
-                    source, count = source_of(k, layer)
-                    q = rotated(poll_sum(partials(source, count), h * group, rows), rows, 0)
-                    tile_rows(q_views, rows, q * (1.0 / HEAD_DIM ** 0.5))
+                source, count = source_of(k, layer)
+                srcs = partials(source, count)
+
+                def q_tile(q):
+                    with jax.named_scope("rope"):
+                        q = rotated(q, rows, 0)
+                        tile_rows(q_views, rows, q * (1.0 / HEAD_DIM ** 0.5))
+
+                @pl.when(jnp.logical_not(new))
+                def _cached():
+                    with jax.named_scope("att_q"):  # (the poll of q included)
+                        q_tile(poll_sum(srcs, h * group, rows))
 
                 @pl.when(new)
-                def _new_token():  # k (row 0 of blocks heads + h) and v into the tiles' row 0
+                def _new_token():  # q, and k and v into the tiles' row 0, polled together
                     with jax.named_scope("att_new"):
-                        k_new = rotated(poll_sum(partials(source, count), heads + h, 2), 2, 8)
-                        v_new = poll_sum(partials(source, count), heads + kv + h, 2)
-                        tile_rows(k_views, 2, k_new)
+                        q, k_new, v_new = poll_sums(srcs, [(h * group, rows), (heads + h, 2),
+                                                           (heads + kv + h, 2)])
+                        q_tile(q)
+                        tile_rows(k_views, 2, rotated(k_new, 2, 8))
                         tile_rows(v_views, 2, v_new)
                         plgpu.commit_smem()
                         view = 0 if interpret else 1
@@ -928,8 +956,9 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
                 with jax.named_scope("att_math"):
                     @pl.when(cached)
                     def _wait():
-                        plgpu.barrier_wait(kv_bar.at[0])
-                        plgpu.barrier_wait(kv_bar.at[1])
+                        with jax.named_scope("kv_wait"):
+                            plgpu.barrier_wait(kv_bar.at[0])
+                            plgpu.barrier_wait(kv_bar.at[1])
 
                     plgpu.commit_smem()  # the q tile's plain stores before the wgmmas read it
 
@@ -937,13 +966,15 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
                         plgpu.wgmma(acc_ref, q_views[0], k_tile.transpose((1, 0)))
                         return acc_ref[...]
 
-                    s = pl.run_scoped(scores_of, plgpu.ACC((WGMMA_M, CHUNK), jnp.float32))
-                    col = plgpu.broadcasted_iota(jnp.int32, (WGMMA_M, CHUNK), 1,
-                                                 layout=plgpu.Layout.WGMMA)
-                    s = jnp.where(col < valid, s, -jnp.inf)
-                    top = s.max(axis=1)
-                    p = jnp.exp(s - lax.broadcast_in_dim(top, s.shape, [0]))
-                    total = p.sum(axis=1)
+                    with jax.named_scope("qk"):
+                        s = pl.run_scoped(scores_of, plgpu.ACC((WGMMA_M, CHUNK), jnp.float32))
+                    with jax.named_scope("softmax"):
+                        col = plgpu.broadcasted_iota(jnp.int32, (WGMMA_M, CHUNK), 1,
+                                                     layout=plgpu.Layout.WGMMA)
+                        s = jnp.where(col < valid, s, -jnp.inf)
+                        top = s.max(axis=1)
+                        p = jnp.exp(s - lax.broadcast_in_dim(top, s.shape, [0]))
+                        total = p.sum(axis=1)
 
                     def outputs_of(acc_ref):
                         if interpret:  # (its wgmma takes operands from shared memory only)
@@ -954,10 +985,13 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
                             plgpu.wgmma(acc_ref, p.astype(dtype), v_tile)
                         return acc_ref[...]
 
-                    o = pl.run_scoped(outputs_of, plgpu.ACC((WGMMA_M, HEAD_DIM), jnp.float32))
-                    o_stage[...] = o / lax.broadcast_in_dim(total, o.shape, [0])
-                    lse = top + jnp.log(total)
-                    lse_stage[...] = lax.broadcast_in_dim(lse, o.shape, [0])
+                    with jax.named_scope("pv"):
+                        o = pl.run_scoped(outputs_of,
+                                          plgpu.ACC((WGMMA_M, HEAD_DIM), jnp.float32))
+                    with jax.named_scope("out"):
+                        o_stage[...] = o * lax.broadcast_in_dim(1.0 / total, o.shape, [0])
+                        lse = top + jnp.log(total)
+                        lse_stage[...] = lax.broadcast_in_dim(lse, o.shape, [0])
 
             @pl.when(valid == 0)
             def _empty():  # a chunk past the cache's positions: weight 0 in the merge
@@ -980,7 +1014,7 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
 
         @pl.when(wg == 0)
         def _consumer():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(plan.registers, action="increase")
             if not persistent:
                 with jax.named_scope("arm"):
                     for_each_unit(functools.partial(arm, parts, resid))
@@ -997,6 +1031,11 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
                 if plan.kv_by_producer:  # (the producer's first loads wait for the zeros)
                     plgpu.commit_smem()
                     plgpu.barrier_arrive(kv_free.at[0])
+                for rows in {2} | {max(st.group, 2) for st in stages
+                                   if st.prologue == "attention"}:
+                    layout = _strided(rows)
+                    rope_rows[rows] = tuple(plgpu.load(t.at[position, pl.ds(0, rows)],
+                                                       layout=layout) for t in (cos_ref, sin_ref))
 
             def unit_step(k, layer, j, unit):
                 st = stages[k]
@@ -1066,7 +1105,7 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
         refs = [jax.new_ref(p) for p in (*state["parts"], *state["residuals"], *cache)]
         _launch(kernel, scratch, (), num_ctas, 2, *ws, x0_parts,
                 jnp.broadcast_to(parity, (128,)), position, *norm_ws, *tables, *refs,
-                profile_dir=profile_dir, as_cluster=interpret)
+                profile_dir=profile_dir, as_cluster=interpret, approx_math=True)
         buffers = [r[...] for r in refs]
         outs = [b[parity] for b in buffers[:n]]
         state = {"parts": tuple(buffers[:n]), "residuals": tuple(buffers[n:n + n_norm]),
@@ -1077,7 +1116,7 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
         outs = _launch(kernel, scratch, tuple(jax.ShapeDtypeStruct(s, jnp.float32)
                                               for s in shapes),
                        num_ctas, 2, *ws, x0_parts, jnp.zeros((128,), jnp.int32), position,
-                       *norm_ws, profile_dir=profile_dir)[:n]
+                       *norm_ws, profile_dir=profile_dir, approx_math=True)[:n]
     sums = []
     for i, (o, st) in enumerate(zip(outs, stages)):
         if st.prologue == "attention":

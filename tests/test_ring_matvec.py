@@ -156,16 +156,18 @@ def _trace(threads):
     return {"displayTimeUnit": "ns", "traceEvents": events}
 
 
-def test_profile_phases_takes_outermost_scopes_and_layer_starts_per_warpgroup():
+def test_profile_phases_takes_scopes_one_level_deep_and_layer_starts_per_warpgroup():
     # Two consumer warpgroups (CTAs), three layers each; the second CTA's "wait" holds a
-    # nested "wait" (a scope inside a conditional), which must not count twice.
+    # nested "wait" (a scope inside a conditional), which must not count twice, and its
+    # products hold a "load" (reported as "products/load") that holds a "poll" (too deep).
     first = [("x", 0, 100), ("products", 100, 400), ("store", 400, 500), ("arrive", 500, 520),
              ("wait", 520, 900), ("x", 900, 1000), ("products", 1000, 1300),
              ("store", 1300, 1400), ("arrive", 1400, 1420), ("wait", 1420, 1800),
              ("x", 1800, 1900)]
     second = [("x", 50, 170), ("products", 170, 470), ("store", 470, 570), ("arrive", 570, 600),
               ("wait", 600, 1000), ("wait", 650, 990), ("x", 1000, 1100),
-              ("products", 1100, 1400), ("store", 1400, 1500), ("arrive", 1500, 1530),
+              ("products", 1100, 1400), ("load", 1150, 1210), ("poll", 1160, 1200),
+              ("store", 1400, 1500), ("arrive", 1500, 1530),
               ("wait", 1530, 1850), ("x", 1850, 1950)]
     phases = rm.profile_phases(_trace({(1, 1): first, (2, 3): second}))
     assert phases["wait"] == {"cycles": 380.0, "count": 4}  # 380, 380, 400, 320
@@ -173,6 +175,8 @@ def test_profile_phases_takes_outermost_scopes_and_layer_starts_per_warpgroup():
     assert phases["products"] == {"cycles": 300.0, "count": 4}
     assert phases["arrive"] == {"cycles": 25.0, "count": 4}  # 20, 20, 30, 30
     assert phases["layer"] == {"cycles": 900.0, "count": 4}  # 900, 900, 950, 850
+    assert phases["products/load"] == {"cycles": 60.0, "count": 1}
+    assert set(phases) == {"wait", "x", "products", "store", "arrive", "layer", "products/load"}
 
 
 def test_profile_phases_reads_what_the_mosaic_gpu_profiler_writes():

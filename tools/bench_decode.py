@@ -100,18 +100,43 @@ def read_bandwidth(nbytes: int, repeats: int = 10) -> float:
 
 
 def bench_generate(cfg, params, batch: int, prompt_len: int, new_tokens: int,
-                   repeats: int = 1, pallas_step=None) -> float:
+                   repeats: int = 1, pallas_step=None, detail: bool = False):
+    """Seconds of a greedy generate (median of `repeats` after a call that compiles); with
+    detail, (seconds, seconds of the first call, compile included, the prompts, the tokens)."""
     prompts = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
-    return timed(lambda: decode.generate(cfg, params, prompts, max_new_tokens=new_tokens,
-                                         temperature=0.0, pallas_step=pallas_step), repeats)
+    out = {}
+
+    def run():
+        out["tokens"] = decode.generate(cfg, params, prompts, max_new_tokens=new_tokens,
+                                        temperature=0.0, pallas_step=pallas_step)
+
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    seconds = statistics.median(_seconds(run) for _ in range(repeats))
+    return (seconds, first, prompts, out["tokens"]) if detail else seconds
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def bench_step(name: str, cfg, params, prompt_len: int, new_tokens: int, bandwidth: float,
-               pallas_step=False, read: Optional[float] = None) -> None:
-    """Batch-1 time per decoded token, prefill excluded: (t(n new) - t(1 new)) / (n - 1)."""
+               pallas_step=False, read: Optional[float] = None, greedy=None):
+    """Batch-1 time per decoded token, prefill excluded: (t(n new) - t(1 new)) / (n - 1).
+    Also the first call's seconds (compile included), and with `greedy` (the XLA step's
+    tokens) how many leading tokens this step's greedy output shares with it. Returns the
+    tokens."""
     one = bench_generate(cfg, params, 1, prompt_len, 1, repeats=3, pallas_step=pallas_step)
-    full = bench_generate(cfg, params, 1, prompt_len, new_tokens, repeats=3,
-                          pallas_step=pallas_step)
+    full, first, prompts, tokens = bench_generate(cfg, params, 1, prompt_len, new_tokens, repeats=3,
+                                         pallas_step=pallas_step, detail=True)
+    same = None
+    if greedy is not None:
+        pairs = list(zip(tokens[0], greedy[0]))
+        same = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
+    forced = float32_check(cfg, params, prompts[0], tokens[0])
     step = (full - one) / (new_tokens - 1)
     step_bytes = accounting.decode_step_bytes(cfg, 1, prompt_len + new_tokens // 2)
     print(json.dumps({"model": name, "batch": 1, "decode_tokens_per_s": round(1 / step, 1),
@@ -120,7 +145,32 @@ def bench_step(name: str, cfg, params, prompt_len: int, new_tokens: int, bandwid
                       **({"read_roofline_fraction": round(step_bytes / read / step, 3)}
                          if read else {}),
                       "attention_impl": cfg.attention_impl, "pallas_step": pallas_step,
-                      "batch1_tokens_per_s": round(new_tokens / full, 1)}), flush=True)
+                      "batch1_tokens_per_s": round(new_tokens / full, 1),
+                      "first_call_s": round(first, 1),
+                      **({"greedy_tokens_equal_to_xla": f"{same}/{len(tokens[0])}"}
+                         if greedy is not None else {}), **forced}), flush=True)
+    return tokens
+
+
+def float32_check(cfg, params, prompt, tokens) -> dict:
+    """The greedy tokens against one float32 forward over prompt + tokens (teacher-forced):
+    how many are the float32 argmax at their position, the largest gap (float32 max logit -
+    the chosen token's), and the median gap between float32's two best logits. On random
+    weights the logits are nearly flat, so bf16 steps can pick a near-tie: the gaps say
+    whether a disagreement is such a tie or an error."""
+    f32 = dataclasses.replace(cfg, param_dtype="float32", compute_dtype="float32",
+                              attention_impl="xla")
+    weights = jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a,
+                           params)
+    ids = jnp.asarray([list(prompt) + list(tokens)], jnp.int32)
+    logits = jax.jit(lambda p, t: model.forward(f32, p, t)[0])(weights, ids)[0]
+    logits = np.asarray(logits[len(prompt) - 1:len(prompt) - 1 + len(tokens)])
+    chosen = logits[np.arange(len(tokens)), np.asarray(tokens)]
+    best = np.sort(logits, axis=-1)[:, -2:]
+    return {"float32_argmax": f"{int(np.sum(chosen == best[:, 1]))}/{len(tokens)}",
+            "float32_max_gap": round(float(np.max(best[:, 1] - chosen)), 4),
+            "float32_top2_gap_median": round(float(np.median(best[:, 1] - best[:, 0])), 4),
+            "float32_logit_std": round(float(np.std(logits)), 4)}
 
 
 def bench_model(name: str, args, bandwidth: float, read: Optional[float] = None) -> None:
@@ -132,11 +182,11 @@ def bench_model(name: str, args, bandwidth: float, read: Optional[float] = None)
                               attention_impl=impl, max_seq_len=max(cfg.max_seq_len, 1024))
     prompt_len, new_tokens = (32, 16) if tiny else (512, 64 if args.quick else 256)
     params = model.init_params(cfg, jax.random.key(0))
-    bench_step(name, cfg, params, prompt_len, new_tokens, bandwidth, read=read)
+    greedy = bench_step(name, cfg, params, prompt_len, new_tokens, bandwidth, read=read)
     steps = [True] * bool(args.pallas_step) + ["chain"] * bool(args.chain_step)
     for step in steps:  # the Pallas decode steps, batch 1, against XLA's just above
         bench_step(name, cfg, params, prompt_len, new_tokens, bandwidth, pallas_step=step,
-                   read=read)
+                   read=read, greedy=greedy)
     if steps:
         return
     for batch in ((1, 2) if tiny else (1, 8) if args.quick else (1, 8, 64)):

@@ -127,6 +127,9 @@ def main() -> None:
                         default="consumer",
                         help="attention plans: who issues the K/V loads (ChainPlan."
                              "kv_by_producer); both: each attention plan both ways")
+    parser.add_argument("--registers", default="232",
+                        help="comma-separated: the consumer's registers a thread (ChainPlan."
+                             "registers), each plan with each (default 232)")
     parser.add_argument("--profile", metavar="DIR",
                         help="also run one profiled call and report the consumer's phases")
     args = parser.parse_args()
@@ -137,6 +140,10 @@ def main() -> None:
         parser.error(f"--plans {args.plans}: a comma-separated list of {', '.join(PLANS)}")
     if args.max_len < 1:
         parser.error(f"--max-len must be at least 1 (got {args.max_len})")
+    try:
+        counts = [int(r) for r in args.registers.split(",")]
+    except ValueError:
+        parser.error(f"--registers {args.registers}: comma-separated integers")
     plans = {}
     for name in args.config or ["125m", "1b"]:
         for kind in kinds:
@@ -153,17 +160,19 @@ def main() -> None:
             ways = {"consumer": (False,), "producer": (True,), "both": (False, True)}[
                 args.kv_loads] if kind == "attention" else (False,)
             for by_producer in ways:
-                plans[name, kind, by_producer] = dataclasses.replace(
-                    plan, kv_by_producer=by_producer)
+                for registers in counts:
+                    plans[name, kind, by_producer, registers] = dataclasses.replace(
+                        plan, kv_by_producer=by_producer, registers=registers)
     copy_bw, read_bw = copy_bandwidth(1 << 30), read_bandwidth(1 << 30)
     print(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                       "copy_GBps": round(copy_bw / 1e9, 1), "read_GBps": round(read_bw / 1e9, 1)}),
           flush=True)
-    for (name, kind, by_producer), plan in plans.items():
+    for (name, kind, by_producer, registers), plan in plans.items():
         layer_ws, tail_ws = random_weights(plan, seed=0)  # (the same for every plan of a config)
         norms = random_norms(plan, seed=2) if kind != "plain" else None
         row = measure(name, plan, layer_ws, tail_ws, norms, args, copy_bw, read_bw)
-        print(json.dumps({"config": name, "plan": kind, "kv_by_producer": by_producer, **row}),
+        print(json.dumps({"config": name, "plan": kind, "kv_by_producer": by_producer,
+                          "registers": registers, **row}),
               flush=True)
         del layer_ws, tail_ws
 
@@ -241,7 +250,7 @@ def measure(name, plan, layer_ws, tail_ws, norms, args, copy_bw, read_bw) -> dic
     row["copy_roofline_us"] = round(nbytes / copy_bw * 1e6, 1)
     if args.profile:
         out = pathlib.Path(args.profile) / (f"{name}-{len(plan.layer)}-{norms is not None}-"
-                                            f"{plan.kv_by_producer}")
+                                            f"{plan.kv_by_producer}-{plan.registers}")
         out.mkdir(parents=True, exist_ok=True)
         (_, tails), _ = sc.stage_chain(plan, tiled, x0, norms=norms, profile_dir=str(out),
                                        state=sc.init_chain_state(plan, cache), **extra)
