@@ -300,7 +300,7 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
              top_p: Optional[float] = None, seed: int = 0, eos_id: Optional[int] = None,
              mesh: Optional[Mesh] = None, quantize_cache: bool = False,
              return_log_probs: bool = False, vocab_limit: Optional[int] = None,
-             pallas_step: Optional[bool] = None):
+             pallas_step: Optional[bool | str] = None):
     """The new tokens of each prompt (up to max_new_tokens, ending at eos_id when it comes).
 
     temperature 0 is greedy. mesh: params sharded on it (model.param_shardings); the cache is
@@ -309,13 +309,13 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     model itself (log_softmax of the raw logits: temperature, top-k and top-p not applied), the
     quantity an RL trainer recomputes (jaxlm/align). vocab_limit: never emit ids >= it (pass
     the tokenizer's size when the model's vocab is padded beyond it). pallas_step: run the
-    decode steps (prefill stays on `model.forward`) with pallas_kernels/fused_decode.py, the
-    whole step in one Pallas kernel instead of XLA's ~275; one prompt, no mesh, a bf16/float32
-    cache (on CPU it runs in interpret mode: for tests, slow). None (default): where it was
-    measured faster (`use_pallas_step`), True: always (an error where it cannot run), False:
-    never. "chain": pallas_kernels/chain_step.py instead, the step as one persistent Mosaic GPU
-    kernel (Hopper; one prompt, head_dim 64, a bf16 cache of its own; its weights in bf16);
-    opt-in until it is measured end to end (docs/benchmarks.md).
+    decode steps (prefill stays on `model.forward`) as one Pallas kernel each instead of XLA's
+    ~275 launches; one prompt, no mesh (on CPU they run in an interpreter: for tests, slow).
+    "chain": pallas_kernels/chain_step.py, one persistent Mosaic GPU kernel (Hopper; head_dim
+    64, a bf16 cache of its own, its weights in bf16). True: pallas_kernels/fused_decode.py
+    (Triton; a bf16/float32 cache). None (default): where one was measured faster
+    (`use_pallas_step`: the chain step for bf16 models it takes, else the fused step up to
+    embed 2048). False: XLA's step. An explicit choice that cannot run is a ValueError.
     """
     sampling = Sampling(float(temperature), top_k, top_p, vocab_limit)
     check_request(cfg, prompts, max_new_tokens, sampling, eos_id)
@@ -345,17 +345,23 @@ def _measured_gpu() -> bool:
 
 
 def use_pallas_step(cfg: ModelConfig, batch: int, quantize_cache: bool = False,
-                    mesh: Optional[Mesh] = None, requested: Optional[bool] = None) -> bool:
-    """Whether decode steps run as the Pallas step. requested=None: where it can run and was
-    measured faster (a Hopper GPU, batch 1, no mesh, embed_dim <= PALLAS_STEP_MAX_EMBED); True:
-    raises a ValueError naming the reason where it cannot run; False: never."""
+                    mesh: Optional[Mesh] = None, requested: Optional[bool | str] = None):
+    """Which Pallas step decode steps run as: "chain" (chain_step.py), True (fused_decode.py)
+    or False (XLA's step). requested=None: where one can run and was measured faster on a
+    Hopper GPU at batch 1 without a mesh: the chain step for bf16 models it takes, else the
+    fused step up to embed_dim PALLAS_STEP_MAX_EMBED, else XLA's; True or "chain": that step,
+    or a ValueError naming the reason it cannot run; False: XLA's step."""
     if requested is False:
         return False
     if requested == "chain":
         return _use_chain_step(cfg, batch, quantize_cache, mesh)
-    if requested is None and not (_measured_gpu() and batch == 1 and mesh is None
-                                  and cfg.embed_dim <= PALLAS_STEP_MAX_EMBED):
-        return False
+    if requested is None:
+        if not (_measured_gpu() and batch == 1 and mesh is None):
+            return False
+        if _chain_by_default(cfg, quantize_cache):
+            return "chain"
+        if cfg.embed_dim > PALLAS_STEP_MAX_EMBED:
+            return False
     from pallas_kernels import fused_decode
 
     reason = fused_decode.unsupported(cfg, {"k_scale": None} if quantize_cache else {}, batch)
@@ -365,6 +371,18 @@ def use_pallas_step(cfg: ModelConfig, batch: int, quantize_cache: bool = False,
         raise ValueError(f"pallas_step=True cannot run this request: {reason}; "
                          "use pallas_step=False (or None: where it can run and is faster)")
     return reason is None
+
+
+def _chain_by_default(cfg: ModelConfig, quantize_cache: bool) -> bool:
+    """Whether the default takes the chain step (on a Hopper GPU, batch 1, no mesh): where it
+    runs and the model computes in bf16 (the chain rounds its weights and activations to
+    bf16). It beat the fused step end to end on an H200: 1b 0.83 vs 1.02 ms a token, 125m
+    0.18-0.19 vs 0.25 (docs/benchmarks.md, eighteenth session)."""
+    from pallas_kernels import chain_step
+
+    if jnp.dtype(cfg.compute_dtype) != jnp.dtype(jnp.bfloat16):
+        return False
+    return chain_step.unsupported(cfg, 1, cfg.max_seq_len, quantize_cache) is None
 
 
 def _use_chain_step(cfg: ModelConfig, batch: int, quantize_cache: bool, mesh) -> str:
@@ -442,10 +460,10 @@ def stream(cfg: ModelConfig, params: dict, prompt: Sequence[int], *, max_new_tok
            temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
            seed: int = 0, eos_id: Optional[int] = None,
            quantize_cache: bool = False, vocab_limit: Optional[int] = None,
-           pallas_step: Optional[bool] = None) -> Iterator[int]:
+           pallas_step: Optional[bool | str] = None) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are made (same tokens as `generate`).
 
-    pallas_step: decode steps by pallas_kernels/fused_decode.py, as in `generate`."""
+    pallas_step: which step decodes, as in `generate`."""
     sampling = Sampling(float(temperature), top_k, top_p, vocab_limit)
     check_request(cfg, [prompt], max_new_tokens, sampling, eos_id)
     pallas_step = use_pallas_step(cfg, 1, quantize_cache, None, pallas_step)

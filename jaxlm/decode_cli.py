@@ -41,12 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention-impl", default=None, choices=("xla", "cudnn", "pallas"))
     parser.add_argument("--int8-cache", action="store_true", help="int8 KV cache")
     parser.add_argument("--pallas-step", action=argparse.BooleanOptionalAction, default=None,
-                        help="decode steps as one Pallas kernel per token; default: on a "
-                             "Hopper GPU for models up to embed 1024 (where it was measured "
-                             "faster, see docs/benchmarks.md)")
+                        help="--pallas-step: decode steps by the fused Triton kernel "
+                             "(pallas_kernels/fused_decode.py); --no-pallas-step: by XLA; "
+                             "default: on a Hopper GPU at batch 1, the chain step where it "
+                             "runs, else the fused step up to embed 2048 (where each was "
+                             "measured faster, docs/benchmarks.md)")
     parser.add_argument("--chain-step", action="store_true",
                         help="decode steps as one persistent Mosaic GPU kernel "
-                             "(pallas_kernels/chain_step.py; Hopper, head_dim 64)")
+                             "(pallas_kernels/chain_step.py; Hopper, head_dim 64), or an error "
+                             "saying why it cannot run")
     return parser
 
 

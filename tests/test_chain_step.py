@@ -107,6 +107,23 @@ def test_generate_and_stream_with_the_chain_step_equal_generate():
         decode.generate(cfg, params, [prompt, prompt], max_new_tokens=2, pallas_step="chain")
 
 
+def test_the_default_takes_the_chain_step_for_bf16_models_it_runs(monkeypatch):
+    """pallas_step=None: on a Hopper GPU at batch 1, the chain step where it runs and the
+    model computes in bf16; the fused step where only it runs; XLA's elsewhere."""
+    from jaxlm import decode
+
+    bf16 = dataclasses.replace(_config(), compute_dtype="bfloat16", param_dtype="bfloat16")
+    assert decode.use_pallas_step(bf16, 1) is False  # on CPU: XLA's step
+    monkeypatch.setattr(decode, "_measured_gpu", lambda: True)  # as on an H100 or H200
+    assert decode.use_pallas_step(bf16, 1) == "chain"
+    assert decode.use_pallas_step(_config(), 1) is True  # float32 compute: the fused step
+    assert decode.use_pallas_step(dataclasses.replace(bf16, head_dim=32), 1) is True
+    assert decode.use_pallas_step(bf16, 2) is False  # batch 2: neither runs it
+    assert decode.use_pallas_step(bf16, 1, quantize_cache=True) is False  # int8: neither
+    assert decode.use_pallas_step(bf16, 1, requested=True) is True  # an explicit choice stands
+    assert decode.use_pallas_step(bf16, 1, requested=False) is False
+
+
 def test_decode_cli_refuses_two_step_choices(capsys):
     from jaxlm import decode_cli
 
