@@ -553,8 +553,10 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
 
     profile_dir: a Mosaic GPU profiler trace of the consumer's phases ("arm" without state,
     then per polled unit "x" (the poll and prologue), per unit "products" and "store";
-    attention units: "att_q" (the poll of q, RoPE), "att_new" (the new token's k and v),
-    "att_math" (the K/V wait, both wgmmas, the softmax) and "att_store").
+    attention units: "att_q" (the poll of q, then "rope"), or for the new token's unit
+    "att_new" (q, k and v polled together, RoPE, k and v into the cache), then "att_math"
+    ("kv_wait", "qk", "softmax", "pv", "out": the output staging) and "att_store"; an inner
+    scope reports as "outer/inner" in ring_matvec.profile_phases).
     interpret: the form Mosaic GPU's interpreter runs (under plgpu.force_gpu_interpret_mode,
     called eagerly, with a state: it has no global semaphores), for the tests: the CTAs as
     one cluster, polls by plain loads, x written into the B tile's wgmma view. It checks the
