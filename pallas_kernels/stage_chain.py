@@ -60,6 +60,10 @@ from pallas_kernels.ring_matvec import (B_ROWS, K_STEP, NOT_WRITTEN, SWIZZLED, W
 MAX_POLLED_VALUES = 64  # float32 values a thread polls for one unit (registers)
 CHUNK = 128  # cache positions an attention unit scores
 HEAD_DIM = K_STEP  # the attention stage's head size (one 128-byte row of bf16)
+# With ChainPlan.shared_staging, an attention unit's query heads (at most 8) sit in rows 0..7
+# of its q tile and again in rows 8..15, so one [64, 64] staging holds the outputs in rows
+# 0..7 and the log-sum-exps in rows 8..15.
+OUT_ROWS = 8
 INTERPRET_POLLS = 1 << 20  # the interpreted form's polls (its CTAs are threads: slow to come)
 SHARED_MEMORY = 220 * 1024
 
@@ -129,6 +133,10 @@ class ChainPlan:
     # ahead of the consumer, so the loads land before the unit starts (the consumer frees the
     # tiles with a barrier once its products have read them).
     kv_by_producer: bool = False
+    # Attention's outputs and log-sum-exps in one [64, 64] staging buffer (rows 0..7 and
+    # 8..15; q written twice), not two: one store instead of two, and 16 KB of shared memory
+    # more for the ring (1b: 6 slots, not 5). Interpreter-checked; off until timed on a GPU.
+    shared_staging: bool = False
     # The consumer warpgroup's registers a thread (setmaxnreg: a multiple of 8, at most 256;
     # the producer keeps 40). At 232 ptxas spilled 232 bytes of the 1b plan's consumer.
     registers: int = 232
@@ -228,7 +236,7 @@ def shared_memory(plan: ChainPlan) -> int:
             + 4 * norm_width)
     if plan.attention is not None:  # q, k and v tiles, RoPE and output staging
         smem += (WGMMA_M + 2 * CHUNK) * HEAD_DIM * 2 + 16 * 2 * HEAD_DIM * 4 + (
-            2 * WGMMA_M * HEAD_DIM * 4)
+            (1 if plan.shared_staging else 2) * WGMMA_M * HEAD_DIM * 4)
     return smem
 
 
@@ -255,13 +263,14 @@ def choose_splits(rows: int, cols: int, k_slot: int, num_ctas: int) -> int:
 
 def chain_plan_for(cfg, *, k_slot: int = 128, ring: int = 8, num_ctas: int | None = None,
                    num_layers: int | None = None, prologues: bool = False,
-                   max_len: int | None = None) -> ChainPlan:
+                   max_len: int | None = None, shared_staging: bool = False) -> ChainPlan:
     """A model config's decode step as a chain: per layer qkv, o-proj, gate/up, down; then the
     output layer. With prologues, qkv, gate/up and the output layer take RMS norms of the
     residual stream and down takes SwiGLU, as in the model. With max_len (the cache's
     positions; needs prologues), attention runs between qkv and o-proj, whose prologue merges
     its partials: the whole decode step. Without it o-proj reads q in attention's place. The
-    ring gets fewer slots where the attention tiles need the shared memory."""
+    ring gets fewer slots where the attention tiles need the shared memory (shared_staging:
+    ChainPlan's, which leaves it one more)."""
     m = getattr(cfg, "model", cfg)
     hd = m.head_dim or m.embed_dim // m.num_heads
     ctas = num_ctas or _num_sms()
@@ -279,7 +288,7 @@ def chain_plan_for(cfg, *, k_slot: int = 128, ring: int = 8, num_ctas: int | Non
         stages.insert(1, attention_stage(m.num_heads, m.num_kv_heads, max_len))
     plan = ChainPlan(layer=tuple(stages[:-1]), tail=tuple(stages[-1:]),
                      num_layers=num_layers or m.num_layers, k_slot=k_slot, ring=ring,
-                     ctas=num_ctas, norm_eps=m.norm_eps)
+                     ctas=num_ctas, norm_eps=m.norm_eps, shared_staging=shared_staging)
     while plan.ring > 2 and shared_memory(plan) > SHARED_MEMORY:
         plan = dataclasses.replace(plan, ring=plan.ring - 1)
     return plan
@@ -643,7 +652,9 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
         ring, full, empty, b_views = take(4)
         staging = take(1) if norm_stages else []
         if n_att:
-            q_views, k_views, v_views, rope_stage, o_stage, lse_stage, kv_bar, kv_free = take(8)
+            q_views, k_views, v_views, rope_stage, o_stage = take(5)
+            lse_stage = None if plan.shared_staging else take(1)[0]
+            kv_bar, kv_free = take(2)
             p_stage = take(1) if interpret else None
         b_smem, b_plain = b_views  # [8, max_part] swizzled (wgmma) / [tiles, 8, 64] (stores)
         wg = lax.axis_index("wg")
@@ -907,11 +918,12 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
             cos, sin = rope_rows[rows]
             return x * cos + shifted * sin
 
-        def tile_rows(views, rows, x):
-            """x [rows, 64] into rows 0..rows-1 of a swizzled tile (its plain view on the GPU,
-            where the rows arrive in swizzle order; its wgmma view in the interpreter)."""
+        def tile_rows(views, rows, x, first=0):
+            """x [rows, 64] into rows first..first+rows-1 of a swizzled tile (its plain view on
+            the GPU, where the rows arrive in swizzle order; its wgmma view in the
+            interpreter). The swizzle depends on the row modulo 8: first 0 or 8 alike."""
             tile, plain = views
-            (tile if interpret else plain).at[pl.ds(0, rows)][...] = x.astype(dtype)
+            (tile if interpret else plain).at[pl.ds(first, rows)][...] = x.astype(dtype)
 
         def attention_unit(k, layer, unit):
             st = stages[k]
@@ -919,6 +931,9 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
             heads, kv = st.rows // HEAD_DIM, st.kv_heads
             h, c, new, t0, valid, cached = attention_geometry(st, unit)
             k_tile, v_tile = k_views[0], v_views[0]
+            # where the outputs and the log-sum-exps are staged ([>= 8, 64] each)
+            outputs = ((o_stage.at[pl.ds(0, OUT_ROWS)], o_stage.at[pl.ds(OUT_ROWS, OUT_ROWS)])
+                       if plan.shared_staging else (o_stage, lse_stage))
 
             if not plan.kv_by_producer:
                 @pl.when(cached)
@@ -930,10 +945,11 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
                 source, count = source_of(k, layer)
                 srcs = partials(source, count)
 
-                def q_tile(q):
+                def q_tile(q):  # (shared_staging: rows 8.. repeat rows 0..; see "out")
                     with jax.named_scope("rope"):
-                        q = rotated(q, rows, 0)
-                        tile_rows(q_views, rows, q * (1.0 / HEAD_DIM ** 0.5))
+                        q = rotated(q, rows, 0) * (1.0 / HEAD_DIM ** 0.5)
+                        for first in (0, OUT_ROWS) if plan.shared_staging else (0,):
+                            tile_rows(q_views, rows, q, first)
 
                 @pl.when(jnp.logical_not(new))
                 def _cached():
@@ -991,24 +1007,29 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
                         o = pl.run_scoped(outputs_of,
                                           plgpu.ACC((WGMMA_M, HEAD_DIM), jnp.float32))
                     with jax.named_scope("out"):
-                        o_stage[...] = o * lax.broadcast_in_dim(1.0 / total, o.shape, [0])
-                        lse = top + jnp.log(total)
-                        lse_stage[...] = lax.broadcast_in_dim(lse, o.shape, [0])
+                        o = o * lax.broadcast_in_dim(1.0 / total, o.shape, [0])
+                        lse = lax.broadcast_in_dim(top + jnp.log(total), o.shape, [0])
+                        if plan.shared_staging:  # rows 0..7: o; rows 8..15 (the same query
+                            # heads again): their log-sum-exp
+                            row = plgpu.broadcasted_iota(jnp.int32, o.shape, 0,
+                                                         layout=plgpu.Layout.WGMMA)
+                            o_stage[...] = jnp.where(row < OUT_ROWS, o, lse)
+                        else:
+                            o_stage[...] = o
+                            lse_stage[...] = lse
 
             @pl.when(valid == 0)
             def _empty():  # a chunk past the cache's positions: weight 0 in the merge
-                layout = _strided_shape((WGMMA_M, HEAD_DIM))
-                o_stage[...] = plgpu.layout_cast(jnp.zeros((WGMMA_M, HEAD_DIM), jnp.float32),
-                                                 layout)
-                lse_stage[...] = plgpu.layout_cast(
-                    jnp.full((WGMMA_M, HEAD_DIM), -jnp.inf, jnp.float32), layout)
+                for ref, value in ((outputs[0], 0.0), (outputs[1], -jnp.inf)):
+                    ref[...] = plgpu.layout_cast(jnp.full(ref.shape, value, jnp.float32),
+                                                 _strided_shape(ref.shape))
 
             with jax.named_scope("att_store"):
                 plgpu.commit_smem()
                 out = parts[k].at[layer, c, pl.ds(h * group, group)]
-                plgpu.copy_smem_to_gmem(o_stage.at[pl.ds(0, group)],
+                plgpu.copy_smem_to_gmem(outputs[0].at[pl.ds(0, group)],
                                         out.at[:, pl.ds(0, HEAD_DIM)])
-                plgpu.copy_smem_to_gmem(lse_stage.at[pl.ds(0, group)],
+                plgpu.copy_smem_to_gmem(outputs[1].at[pl.ds(0, group)],
                                         out.at[:, pl.ds(HEAD_DIM, HEAD_DIM)])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # before the next unit's writes
             if plan.kv_by_producer:  # (the cache rows' copies read too: the wait was for all)
@@ -1086,8 +1107,8 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
                                   plgpu.SMEM((rows, HEAD_DIM), dtype))
         scratch = (*scratch, tile(WGMMA_M), tile(CHUNK), tile(CHUNK),
                    plgpu.SMEM((16, 2 * HEAD_DIM), jnp.float32),
-                   plgpu.SMEM((WGMMA_M, HEAD_DIM), jnp.float32),
-                   plgpu.SMEM((WGMMA_M, HEAD_DIM), jnp.float32),
+                   *[plgpu.SMEM((WGMMA_M, HEAD_DIM), jnp.float32)] * (
+                       1 if plan.shared_staging else 2),
                    plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_arrivals=1, num_barriers=1))
         if interpret:
             scratch = (*scratch, plgpu.SMEM((WGMMA_M, CHUNK), dtype, transforms=SWIZZLED))
