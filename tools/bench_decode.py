@@ -11,8 +11,10 @@ generate runs once to compile, then is timed. Batch-1 decode time per token is
 (t(256 new) - t(1 new)) / 255, so prefill is not counted; the roofline is the bytes one step must
 read (bf16 weights + the KV cache of the mean context, jaxlm.accounting) over a copy bandwidth
 measured here (read + write of a large array); `read_roofline_fraction` uses a read-only
-bandwidth (a sum over a large array), the stricter roofline. Results print as one JSON
-object per line.
+bandwidth (a sum over a large array), the stricter roofline. Each batch-1 row also gives the
+first call's seconds (compile included) and a teacher-forced check of its greedy tokens
+against one float32 forward (how many are float32's argmax; the Pallas steps' rows also say
+how many leading tokens equal XLA's step's). Results print as one JSON object per line.
 """
 
 from __future__ import annotations
