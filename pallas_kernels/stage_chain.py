@@ -128,11 +128,6 @@ class ChainPlan:
     # wants (tile_chain permutes them, so plain stores land where wgmma reads); off for the
     # interpreter, whose views do not alias.
     swizzle_q: bool = True
-    # Who issues an attention unit's K and V loads: its consumer, at the unit's start (before
-    # its poll of q), or with kv_by_producer its producer warpgroup, which runs up to a ring
-    # ahead of the consumer, so the loads land before the unit starts (the consumer frees the
-    # tiles with a barrier once its products have read them).
-    kv_by_producer: bool = False
     # Attention's outputs and log-sum-exps in one [64, 64] staging buffer (rows 0..7 and
     # 8..15; q written twice), not two: one store instead of two, and 16 KB of shared memory
     # more for the ring (1b: 6 slots, not 5). Interpreter-checked; off until timed on a GPU.
@@ -654,7 +649,7 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
         if n_att:
             q_views, k_views, v_views, rope_stage, o_stage = take(5)
             lse_stage = None if plan.shared_staging else take(1)[0]
-            kv_bar, kv_free = take(2)
+            kv_bar = take(1)[0]
             p_stage = take(1) if interpret else None
         b_smem, b_plain = b_views  # [8, max_part] swizzled (wgmma) / [tiles, 8, 64] (stores)
         wg = lax.axis_index("wg")
@@ -742,16 +737,6 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
             plgpu.set_max_registers(40, action="decrease")
 
             def stream(k, layer, j, unit):
-                if stages[k].prologue == "attention" and plan.kv_by_producer:
-                    h, _, _, t0, _, cached = attention_geometry(stages[k], unit)
-
-                    # The consumer's last attention unit is done with the tiles (before the
-                    # first unit: the consumer has zeroed them).
-                    plgpu.barrier_wait(kv_free.at[0])
-
-                    @pl.when(cached)
-                    def _load():
-                        load_kv(layer, h, t0)
                 if not slots[k]:
                     return
                 base = first_slot(k, layer, j)
@@ -773,8 +758,6 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
                 for_each_unit(functools.partial(arm, [p.at[1 - parity] for p in all_parts],
                                                 [r.at[1 - parity] for r in all_resid]))
             total = first_slot(n, 0)
-            if plan.kv_by_producer and att_k is not None:  # (one arrival more than units)
-                plgpu.barrier_wait(kv_free.at[0])  # the last release observed before the end
 
             @pl.loop(jnp.maximum(total - ring_slots, 0), total)
             def _drain(i):  # every release observed before the CTA ends
@@ -935,10 +918,9 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
             outputs = ((o_stage.at[pl.ds(0, OUT_ROWS)], o_stage.at[pl.ds(OUT_ROWS, OUT_ROWS)])
                        if plan.shared_staging else (o_stage, lse_stage))
 
-            if not plan.kv_by_producer:
-                @pl.when(cached)
-                def _load():  # (before the poll: its latency hides behind the wait)
-                    load_kv(layer, h, t0)
+            @pl.when(cached)
+            def _load():  # (before the poll: its latency hides behind the wait)
+                load_kv(layer, h, t0)
 
             @pl.when(valid > 0)
             def _attend():
@@ -1032,8 +1014,6 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
                 plgpu.copy_smem_to_gmem(outputs[1].at[pl.ds(0, group)],
                                         out.at[:, pl.ds(HEAD_DIM, HEAD_DIM)])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # before the next unit's writes
-            if plan.kv_by_producer:  # (the cache rows' copies read too: the wait was for all)
-                plgpu.barrier_arrive(kv_free.at[0])
 
         @pl.when(wg == 0)
         def _consumer():
@@ -1051,9 +1031,6 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
                 for views in (q_views, k_views, v_views):
                     target = views[0] if interpret else views[1]
                     target[...] = jnp.zeros(target.shape, dtype)
-                if plan.kv_by_producer:  # (the producer's first loads wait for the zeros)
-                    plgpu.commit_smem()
-                    plgpu.barrier_arrive(kv_free.at[0])
                 for rows in {2} | {max(st.group, 2) for st in stages
                                    if st.prologue == "attention"}:
                     layout = _strided(rows)
@@ -1109,7 +1086,7 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
                    plgpu.SMEM((16, 2 * HEAD_DIM), jnp.float32),
                    *[plgpu.SMEM((WGMMA_M, HEAD_DIM), jnp.float32)] * (
                        1 if plan.shared_staging else 2),
-                   plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_arrivals=1, num_barriers=1))
+                   plgpu.Barrier(num_barriers=2))
         if interpret:
             scratch = (*scratch, plgpu.SMEM((WGMMA_M, CHUNK), dtype, transforms=SWIZZLED))
     x0_parts = x0.astype(jnp.float32).reshape(1, first.cols // K_STEP, K_STEP)

@@ -391,11 +391,11 @@ def test_attention_plans_are_checked():
         sc.chain_plan_for(load_config("1b"), max_len=768)
 
 
-@pytest.mark.parametrize("heads,kv_heads,pos,kv_by_producer,shared", [
-    (4, 2, 130, False, False), (2, 2, 5, False, False), (4, 2, 200, True, False),
-    (2, 2, 130, False, True), (8, 1, 200, True, True)])
+@pytest.mark.parametrize("heads,kv_heads,pos,shared", [
+    (4, 2, 130, False), (2, 2, 5, False), (8, 1, 200, False), (2, 2, 130, True),
+    (8, 1, 200, True)])
 def test_interpreted_attention_block_matches_the_reference_and_writes_the_cache(
-        heads, kv_heads, pos, kv_by_producer, shared):
+        heads, kv_heads, pos, shared):
     """The whole pre-norm block with attention in Mosaic GPU's interpreter: qkv, attention over
     a cache (RoPE, GQA or MHA, a chunk partly filled and one empty), the merge in o-proj's
     prologue, the MLP and a normed head, against the float32 reference; the new token's k
@@ -404,8 +404,7 @@ def test_interpreted_attention_block_matches_the_reference_and_writes_the_cache(
     plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
     if not hasattr(plgpu, "force_gpu_interpret_mode"):
         pytest.skip("this JAX has no Mosaic GPU interpreter")
-    plan = _attention_plan(heads, kv_heads, kv_by_producer=kv_by_producer,
-                           shared_staging=shared)
+    plan = _attention_plan(heads, kv_heads, shared_staging=shared)
     rng = np.random.default_rng(21)
     layer_ws, tail_ws = _weights(dataclasses_replace_layer(plan), seed=13)
     layer_ws[1] = None
@@ -453,14 +452,12 @@ def dataclasses_replace_layer(plan):
     return dataclasses.replace(plan, layer=tuple(layer))
 
 
-@pytest.mark.parametrize("kv_by_producer,shared", [(False, False), (True, False), (False, True)])
-def test_whole_step_kernel_lowers_for_hopper_and_checks_its_inputs(kv_by_producer, shared):
+@pytest.mark.parametrize("shared", [False, True])
+def test_whole_step_kernel_lowers_for_hopper_and_checks_its_inputs(shared):
     """1b's step with attention (GQA, swizzled q rows, 768 positions) up to the Mosaic GPU
     module; and its attention inputs are checked."""
-    import dataclasses
-    plan = dataclasses.replace(
-        sc.chain_plan_for(load_config("1b"), prologues=True, max_len=768, num_ctas=132,
-                          num_layers=2, shared_staging=shared), kv_by_producer=kv_by_producer)
+    plan = sc.chain_plan_for(load_config("1b"), prologues=True, max_len=768, num_ctas=132,
+                             num_layers=2, shared_staging=shared)
     assert plan.ring == (6 if shared else 5)  # (the one staging leaves a slot more)
     stages = plan.layer + plan.tail
     tiled = [None if not st.weighted else jax.ShapeDtypeStruct(

@@ -4,7 +4,6 @@ weights; optionally attention over a cache too) against the memory roofline and 
 
     python tools/bench_stage_chain.py                       # 125m and 1b, all three plans
     python tools/bench_stage_chain.py --config 1b --plans attention --profile /tmp/prof
-    python tools/bench_stage_chain.py --plans attention --kv-loads both   # who loads K and V
     python tools/bench_stage_chain.py --config 1b --plans attention --staging both
 
 Plans per config: plain (the products), prologues (with the model's RMS norms, residual
@@ -124,10 +123,6 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=768,
                         help="attention plans: the cache's positions; the token is the last "
                              "(default 768: 512 prompt + 256 new tokens)")
-    parser.add_argument("--kv-loads", choices=("consumer", "producer", "both"),
-                        default="consumer",
-                        help="attention plans: who issues the K/V loads (ChainPlan."
-                             "kv_by_producer); both: each attention plan both ways")
     parser.add_argument("--staging", choices=("separate", "shared", "both"),
                         default="separate",
                         help="attention plans: outputs and log-sum-exps staged in two buffers "
@@ -163,27 +158,23 @@ def main() -> None:
                             args.staging] if kind == "attention" else (False,))]
             except (ValueError, FileNotFoundError) as error:
                 parser.error(f"--config {name}: {error}")
-            ways = {"consumer": (False,), "producer": (True,), "both": (False, True)}[
-                args.kv_loads] if kind == "attention" else (False,)
             for plan in plans_of_kind:
                 problem = sc.check_plan(plan, plan.ctas or 132)
                 if problem:
                     parser.error(f"--config {name}: stage_chain does not take {problem}")
-                for by_producer in ways:
-                    for registers in counts:
-                        plans[name, kind, plan.shared_staging, by_producer, registers] = (
-                            dataclasses.replace(plan, kv_by_producer=by_producer,
-                                                registers=registers))
+                for registers in counts:
+                    plans[name, kind, plan.shared_staging, registers] = dataclasses.replace(
+                        plan, registers=registers)
     copy_bw, read_bw = copy_bandwidth(1 << 30), read_bandwidth(1 << 30)
     print(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                       "copy_GBps": round(copy_bw / 1e9, 1), "read_GBps": round(read_bw / 1e9, 1)}),
           flush=True)
-    for (name, kind, shared, by_producer, registers), plan in plans.items():
+    for (name, kind, shared, registers), plan in plans.items():
         layer_ws, tail_ws = random_weights(plan, seed=0)  # (the same for every plan of a config)
         norms = random_norms(plan, seed=2) if kind != "plain" else None
         row = measure(name, plan, layer_ws, tail_ws, norms, args, copy_bw, read_bw)
         print(json.dumps({"config": name, "plan": kind, "shared_staging": shared,
-                          "kv_by_producer": by_producer, "registers": registers, **row}),
+                          "registers": registers, **row}),
               flush=True)
         del layer_ws, tail_ws
 
@@ -261,7 +252,7 @@ def measure(name, plan, layer_ws, tail_ws, norms, args, copy_bw, read_bw) -> dic
     row["copy_roofline_us"] = round(nbytes / copy_bw * 1e6, 1)
     if args.profile:
         out = pathlib.Path(args.profile) / (f"{name}-{len(plan.layer)}-{norms is not None}-"
-                                            f"{plan.kv_by_producer}-{plan.registers}-{plan.shared_staging}")
+                                            f"{plan.shared_staging}-{plan.registers}")
         out.mkdir(parents=True, exist_ok=True)
         (_, tails), _ = sc.stage_chain(plan, tiled, x0, norms=norms, profile_dir=str(out),
                                        state=sc.init_chain_state(plan, cache), **extra)
