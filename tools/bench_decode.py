@@ -6,8 +6,8 @@ the decode-attention kernel's bandwidth against cuDNN and XLA single-query atten
     python tools/bench_decode.py --quick                       # 125m and 1b, short, < 4 minutes
     python tools/bench_decode.py --config tiny                 # CPU smoke check (tiny shapes)
 
-Shapes: prompts of 512 random tokens, 256 new tokens, greedy, no eos (tiny: 32 + 16). Each
-generate runs once to compile, then is timed. Batch-1 decode time per token is
+Shapes: prompts of 512 random tokens (--prompt-len), 256 new tokens, greedy, no eos (tiny:
+32 + 16). Each generate runs once to compile, then is timed. Batch-1 decode time per token is
 (t(256 new) - t(1 new)) / 255, so prefill is not counted; the roofline is the bytes one step must
 read (bf16 weights + the KV cache of the mean context, jaxlm.accounting) over a copy bandwidth
 measured here (read + write of a large array); `read_roofline_fraction` uses a read-only
@@ -180,9 +180,11 @@ def bench_model(name: str, args, bandwidth: float, read: Optional[float] = None)
     tiny = name == "tiny"
     # The tiny preset's head_dim 8 is below the Pallas kernels' minimum of 16.
     impl = args.attention_impl or ("xla" if tiny else "pallas")
-    cfg = dataclasses.replace(cfg, param_dtype="bfloat16", compute_dtype="bfloat16",
-                              attention_impl=impl, max_seq_len=max(cfg.max_seq_len, 1024))
     prompt_len, new_tokens = (32, 16) if tiny else (512, 64 if args.quick else 256)
+    prompt_len = args.prompt_len or prompt_len
+    cfg = dataclasses.replace(cfg, param_dtype="bfloat16", compute_dtype="bfloat16",
+                              attention_impl=impl,
+                              max_seq_len=max(cfg.max_seq_len, 1024, prompt_len + new_tokens))
     params = model.init_params(cfg, jax.random.key(0))
     greedy = bench_step(name, cfg, params, prompt_len, new_tokens, bandwidth, read=read)
     steps = [True] * bool(args.pallas_step) + ["chain"] * bool(args.chain_step)
@@ -284,9 +286,14 @@ def main() -> None:
     parser.add_argument("--chain-step", action="store_true",
                         help='batch 1 only: XLA\'s decode step, then generate(pallas_step='
                              '"chain"): the step as one persistent Mosaic GPU kernel')
+    parser.add_argument("--prompt-len", type=int, default=None,
+                        help="prompt tokens (default 512; tiny 32): a longer context reads a "
+                             "bigger cache each step")
     parser.add_argument("--attention-impl", default=None, choices=("xla", "cudnn", "pallas"),
                         help="model attention (default pallas; xla for tiny)")
     args = parser.parse_args()
+    if args.prompt_len is not None and args.prompt_len < 1:
+        parser.error(f"--prompt-len must be at least 1 (got {args.prompt_len})")
     names = args.config or ["125m", "1b"]
     tiny = names == ["tiny"]
     bandwidth = copy_bandwidth(16 << 20 if tiny else 1 << 30)
