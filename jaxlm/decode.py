@@ -260,9 +260,8 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
     cache = _new_cache(cfg, tokens.shape[0], cache_len, quantize)
     logits, cache = _prefill(cfg, params, tokens, cache, lengths)
     plan = _pallas_plan(cfg, cache) if pallas_step and not chain else None
-    first_position = cache["lengths"][0]
     if chain:  # (the loop carries the chain's state, which holds its own copy of the cache)
-        cache = _chain_state(step_weights, cache)
+        first_position, cache = cache["lengths"][0], _chain_state(step_weights, cache)
     token = sample(logits, jax.random.fold_in(key, 0), sampling)
     out = jnp.full((tokens.shape[0], max_new_tokens), PAD, jnp.int32).at[:, 0].set(token)
     log_probs = jnp.zeros(out.shape, jnp.float32)
@@ -378,16 +377,13 @@ def _chain_by_default(cfg: ModelConfig, quantize_cache: bool) -> bool:
     runs and the model computes in bf16 (the chain rounds its weights and activations to
     bf16). It beat the fused step end to end on an H200: 1b 0.83 vs 1.02 ms a token, 125m
     0.18-0.19 vs 0.25 (docs/benchmarks.md, eighteenth session)."""
-    from pallas_kernels import chain_step
-
-    if jnp.dtype(cfg.compute_dtype) != jnp.dtype(jnp.bfloat16):
-        return False
-    return chain_step.unsupported(cfg, 1, cfg.max_seq_len, quantize_cache) is None
+    return (jnp.dtype(cfg.compute_dtype) == jnp.dtype(jnp.bfloat16)
+            and _chain_reason(cfg, 1, quantize_cache, None) is None)
 
 
-def _use_chain_step(cfg: ModelConfig, batch: int, quantize_cache: bool, mesh) -> str:
-    """"chain" where chain_step can run this request (checked with the model's longest
-    cache), else a ValueError with the reasons."""
+def _chain_reason(cfg: ModelConfig, batch: int, quantize_cache: bool, mesh) -> Optional[str]:
+    """Why chain_step cannot run this request (checked with the model's longest cache), or
+    None."""
     from pallas_kernels import chain_step
 
     reason = chain_step.unsupported(cfg, batch, cfg.max_seq_len, quantize_cache,
@@ -396,6 +392,12 @@ def _use_chain_step(cfg: ModelConfig, batch: int, quantize_cache: bool, mesh) ->
         reason = "; ".join(filter(None, [reason, "a GPU other than Hopper (H100, H200)"]))
     if mesh is not None:
         reason = "; ".join(filter(None, [reason, "a mesh (it runs on one device)"]))
+    return reason
+
+
+def _use_chain_step(cfg: ModelConfig, batch: int, quantize_cache: bool, mesh) -> str:
+    """"chain" where chain_step can run this request, else a ValueError with the reasons."""
+    reason = _chain_reason(cfg, batch, quantize_cache, mesh)
     if reason:
         raise ValueError(f"pallas_step='chain' cannot run this request: {reason}; use "
                          "pallas_step=None or False")

@@ -1,14 +1,13 @@
 """A batch-1 decode step as one stage_chain call (pallas_kernels/stage_chain.py, Mosaic GPU):
 a dense model's qkv, attention over the cache, o-proj, MLP and output layer, with its norms,
 RoPE and residual stream, in one persistent kernel whose stages wait for each other by
-polling. Its chain (tools/bench_stage_chain.py, random weights, 1b, a 768-position cache)
-took 853.8-862.1 us on an H200, 69-70% of the copy bandwidth over the weights and the cache it
-reads, against 20% for XLA's chain of the same work (docs/benchmarks.md, seventeenth
-session); this step around it (embedding, the state's conversion once, sampling outside) is
-not yet measured end to end.
+polling. The default batch-1 step on Hopper for the bf16 models it takes (jaxlm.decode): on
+an H200, 1b 0.826-0.828 ms a token end to end (71-72% of the copy bandwidth over the weights
+and the cache it reads; XLA's step 1.24 ms), 125m 0.180-0.187 ms (docs/benchmarks.md,
+eighteenth session).
 
     step = prepare(cfg, params, cache_len)        # tiled bf16 weights, norms, RoPE tables
-    state = init_state(step, cache, length)       # the model cache -> the chain's state
+    state = init_state(step, cache)               # the model cache -> the chain's state
     logits, state = decode_token(step, token, state, pos)
 
 Numerics: weights in bf16, every activation in float32 except the x each product reads

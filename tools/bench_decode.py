@@ -38,12 +38,7 @@ from jaxlm.config import load_config
 def timed(fn, repeats: int = 1) -> float:
     """Median seconds of `repeats` calls after one call that compiles."""
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_seconds(fn) for _ in range(repeats))
 
 
 def best_time(run, x, repeats: int) -> float:
@@ -112,9 +107,7 @@ def bench_generate(cfg, params, batch: int, prompt_len: int, new_tokens: int,
         out["tokens"] = decode.generate(cfg, params, prompts, max_new_tokens=new_tokens,
                                         temperature=0.0, pallas_step=pallas_step)
 
-    start = time.perf_counter()
-    run()
-    first = time.perf_counter() - start
+    first = _seconds(run)
     seconds = statistics.median(_seconds(run) for _ in range(repeats))
     return (seconds, first, prompts, out["tokens"]) if detail else seconds
 
