@@ -836,7 +836,10 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
                 values = poll([r.at[:, pl.ds(0, HEAD_DIM)] for r in rows]
                               + [r.at[:, pl.ds(HEAD_DIM, HEAD_DIM)] for r in rows], heads)
                 outs, lses = values[:len(rows)], values[len(rows):]
-                new_top = lses[0]
+                # The running max over all groups so far: a group of chunks past the cache's
+                # positions (log-sum-exps -inf) then weighs 0, not exp(-inf + inf) = NaN, and
+                # the rescale of what came before is at most 1.
+                new_top = lses[0] if top is None else jnp.maximum(top, lses[0])
                 for lse in lses[1:]:
                     new_top = jnp.maximum(new_top, lse)
                 weights = [jnp.exp(lse - new_top) for lse in lses]

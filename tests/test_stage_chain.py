@@ -309,12 +309,14 @@ def test_interpreted_kernel_matches_the_reference_over_both_parities(name):
                        norms=None if name == "plain" else _norms(plan), interpret=True)
 
 
-def _attention_plan(heads, kv_heads, max_len=256, swizzle_q=False, ctas=2, **options):
+def _attention_plan(heads, kv_heads, max_len=256, swizzle_q=False, ctas=2, merge_splits=None,
+                    **options):
     d = 256
     qkv = (heads + 2 * kv_heads) * 64
+    merge_splits = merge_splits or max(1, heads // 2)
     return sc.ChainPlan(
         layer=(sc.Stage(qkv, d, 2, "norm"), sc.attention_stage(heads, kv_heads, max_len),
-               sc.Stage(d, heads * 64, max(1, heads // 2), "merge"), sc.Stage(512, d, 2, "norm"),
+               sc.Stage(d, heads * 64, merge_splits, "merge"), sc.Stage(512, d, 2, "norm"),
                sc.Stage(d, 256, 2, "swiglu")),
         tail=(sc.Stage(640, d, 1, "norm"),), num_layers=2, ctas=ctas, swizzle_q=swizzle_q,
         **options)
@@ -391,25 +393,29 @@ def test_attention_plans_are_checked():
         sc.chain_plan_for(load_config("1b"), max_len=768)
 
 
-@pytest.mark.parametrize("heads,kv_heads,pos,shared", [
-    (4, 2, 130, False), (2, 2, 5, False), (8, 1, 200, False), (2, 2, 130, True),
-    (8, 1, 200, True)])
+@pytest.mark.parametrize("heads,kv_heads,pos,shared,max_len", [
+    (4, 2, 130, False, 256), (2, 2, 5, False, 256), (8, 1, 200, False, 256),
+    (2, 2, 130, True, 256), (8, 1, 200, True, 256), (8, 1, 300, False, 1024)])
 def test_interpreted_attention_block_matches_the_reference_and_writes_the_cache(
-        heads, kv_heads, pos, shared):
+        heads, kv_heads, pos, shared, max_len):
     """The whole pre-norm block with attention in Mosaic GPU's interpreter: qkv, attention over
     a cache (RoPE, GQA or MHA, a chunk partly filled and one empty), the merge in o-proj's
     prologue, the MLP and a normed head, against the float32 reference; the new token's k
     (after RoPE) and v land in the cache at pos. shared: ChainPlan.shared_staging (MHA, and 8
-    query heads a kv head: rows 8..15 full)."""
+    query heads a kv head: rows 8..15 full). The 1,024-position case merges its 9 chunk
+    partials in two groups (8 heads a split), the second wholly past pos: it hung the GPU (a
+    NaN merge is never ready to its pollers) before the merge kept one running max."""
     plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
     if not hasattr(plgpu, "force_gpu_interpret_mode"):
         pytest.skip("this JAX has no Mosaic GPU interpreter")
-    plan = _attention_plan(heads, kv_heads, shared_staging=shared)
+    plan = _attention_plan(heads, kv_heads, max_len, shared_staging=shared,
+                           merge_splits=1 if max_len > 256 else None)
+    assert sc.check_plan(plan, 2) is None
     rng = np.random.default_rng(21)
     layer_ws, tail_ws = _weights(dataclasses_replace_layer(plan), seed=13)
     layer_ws[1] = None
     norms = _norms(plan)
-    cache = tuple(jnp.asarray(rng.standard_normal((2, kv_heads, 256, 64)), jnp.bfloat16)
+    cache = tuple(jnp.asarray(rng.standard_normal((2, kv_heads, max_len, 64)), jnp.bfloat16)
                   for _ in range(2))
     inv_freq = 1.0 / 10000.0 ** (np.arange(32) / 32)
     x0 = jnp.asarray(rng.standard_normal(256), jnp.float32)
@@ -438,7 +444,7 @@ def test_interpreted_attention_block_matches_the_reference_and_writes_the_cache(
             got = written[layer, :, pos].astype(jnp.float32)
             assert float(jnp.max(jnp.abs(got - new))) < 0.03 * float(jnp.max(jnp.abs(new)))
         for old, now in zip(cache, state["cache"]):  # nothing else written
-            mask = np.ones(256, bool)
+            mask = np.ones(max_len, bool)
             mask[pos] = False
             np.testing.assert_array_equal(np.asarray(now[layer][:, mask], np.float32),
                                           np.asarray(old[layer][:, mask], np.float32))
