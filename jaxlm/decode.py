@@ -319,6 +319,8 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     sampling = Sampling(float(temperature), top_k, top_p, vocab_limit)
     check_request(cfg, prompts, max_new_tokens, sampling, eos_id)
     pallas_step = use_pallas_step(cfg, len(prompts), quantize_cache, mesh, pallas_step)
+    if pallas_step == "chain":
+        check_finite_for_chain(params)
     tokens, lengths, cache_len = _batch(prompts, mesh, 0, max_new_tokens)
     with _maybe_mesh(mesh):
         out = _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize_cache,
@@ -404,6 +406,23 @@ def _use_chain_step(cfg: ModelConfig, batch: int, quantize_cache: bool, mesh) ->
     return "chain"
 
 
+_non_finite = jax.jit(lambda params: jax.tree.map(lambda x: ~jnp.all(jnp.isfinite(x)), params))
+
+
+def check_finite_for_chain(params: dict) -> None:
+    """A ValueError naming the weights that hold NaN or inf. The chain step's stages wait for
+    each other's outputs to turn from NaN (its "not written yet") to a number, so a NaN that
+    a weight spreads through the step would keep it waiting forever (one pass over the
+    weights, about one decode step's reading)."""
+    flags = jax.tree_util.tree_flatten_with_path(_non_finite(params))[0]
+    bad = [jax.tree_util.keystr(path) for path, flag in flags if bool(flag)]
+    if bad:
+        raise ValueError(f"the weights hold NaN or inf in {', '.join(bad[:5])}"
+                         f"{' and more' if len(bad) > 5 else ''}: a diverged or damaged "
+                         "checkpoint? Load a good one (pallas_step=False decodes it with XLA's "
+                         "step, whose logits will be NaN too)")
+
+
 def _chain_prepare(cfg: ModelConfig, params: dict, cache_len: int):
     from pallas_kernels import chain_step
 
@@ -469,6 +488,8 @@ def stream(cfg: ModelConfig, params: dict, prompt: Sequence[int], *, max_new_tok
     sampling = Sampling(float(temperature), top_k, top_p, vocab_limit)
     check_request(cfg, [prompt], max_new_tokens, sampling, eos_id)
     pallas_step = use_pallas_step(cfg, 1, quantize_cache, None, pallas_step)
+    if pallas_step == "chain":
+        check_finite_for_chain(params)
     tokens, lengths, cache_len = _batch([prompt], None, 0, max_new_tokens)
     cache = init_cache(cfg, 1, cache_len, quantize=quantize_cache)
     key = jax.random.key(seed)

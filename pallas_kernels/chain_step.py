@@ -14,6 +14,8 @@ Numerics: weights in bf16, every activation in float32 except the x each product
 (rounded to bf16 in the B tile) and the cache (bf16), so logits differ from `model.forward` in
 bf16 by bf16's rounding of its activations (tests: the float32 model, within 2-3%).
 On CPU (tests) it runs in Mosaic GPU's interpreter (two CTAs, unswizzled q rows): slow.
+The weights must be finite: the stages take NaN for "not written yet", so a NaN spread by a
+weight would keep them waiting forever (jaxlm.decode checks the weights before it runs).
 """
 
 from __future__ import annotations

@@ -107,6 +107,23 @@ def test_generate_and_stream_with_the_chain_step_equal_generate():
         decode.generate(cfg, params, [prompt, prompt], max_new_tokens=2, pallas_step="chain")
 
 
+def test_the_chain_step_refuses_weights_with_nan_or_inf():
+    """A NaN would keep the chain's stages waiting for each other forever (NaN is their
+    "not written yet"): generate and stream name the weights instead of running."""
+    from jaxlm import decode
+
+    cfg = _config()
+    params = _params(cfg)
+    params["blocks"]["mlp"]["down"] = params["blocks"]["mlp"]["down"].at[1, 3, 5].set(jnp.nan)
+    params["final_norm"] = params["final_norm"].at[0].set(jnp.inf)
+    for run in (lambda: decode.generate(cfg, params, [[1, 2]], max_new_tokens=2,
+                                        pallas_step="chain"),
+                lambda: list(decode.stream(cfg, params, [1, 2], max_new_tokens=2,
+                                           pallas_step="chain"))):
+        with pytest.raises(ValueError, match=r"NaN or inf in .*'down'.*'final_norm'"):
+            run()
+
+
 def test_the_default_takes_the_chain_step_for_bf16_models_it_runs(monkeypatch):
     """pallas_step=None: on a Hopper GPU at batch 1, the chain step where it runs and the
     model computes in bf16; the fused step where only it runs; XLA's elsewhere."""
