@@ -389,6 +389,14 @@ def test_attention_plans_are_checked():
     assert [st.prologue for st in plan.layer] == ["norm", "attention", "merge", "norm", "swiglu"]
     assert plan.layer[1].units == 8 * 7 and plan.layer[1].group == 4
     assert sc.shared_memory(plan) <= sc.SHARED_MEMORY and sc.check_plan(plan, 132) is None
+    # The default shares the attention staging only where the separate one leaves the ring
+    # fewer than 6 slots: 1b (5 -> 6), not 125m (6).
+    assert plan.shared_staging and plan.ring == 6
+    separate = sc.chain_plan_for(load_config("1b"), prologues=True, max_len=768, num_ctas=132,
+                                 shared_staging=False)
+    assert not separate.shared_staging and separate.ring == 5
+    small = sc.chain_plan_for(load_config("125m"), prologues=True, max_len=768, num_ctas=132)
+    assert not small.shared_staging and small.ring == 6
     with pytest.raises(ValueError, match="needs prologues"):
         sc.chain_plan_for(load_config("1b"), max_len=768)
 

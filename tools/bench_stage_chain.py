@@ -123,11 +123,12 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=768,
                         help="attention plans: the cache's positions; the token is the last "
                              "(default 768: 512 prompt + 256 new tokens)")
-    parser.add_argument("--staging", choices=("separate", "shared", "both"),
-                        default="separate",
+    parser.add_argument("--staging", choices=("default", "separate", "shared", "both"),
+                        default="default",
                         help="attention plans: outputs and log-sum-exps staged in two buffers "
                              "or one (ChainPlan.shared_staging, which deepens the ring); both: "
-                             "each attention plan both ways")
+                             "each attention plan both ways; default: chain_plan_for's choice "
+                             "(shared where the separate staging leaves the ring < 6 slots)")
     parser.add_argument("--registers", default="232",
                         help="comma-separated: the consumer's registers a thread (ChainPlan."
                              "registers), each plan with each (default 232)")
@@ -154,8 +155,9 @@ def main() -> None:
                     prologues=kind != "plain",
                     max_len=args.max_len if kind == "attention" else None,
                     shared_staging=shared) for shared in (
-                        {"separate": (False,), "shared": (True,), "both": (False, True)}[
-                            args.staging] if kind == "attention" else (False,))]
+                        {"default": (None,), "separate": (False,), "shared": (True,),
+                         "both": (False, True)}[args.staging]
+                        if kind == "attention" else (False,))]
             except (ValueError, FileNotFoundError) as error:
                 parser.error(f"--config {name}: {error}")
             for plan in plans_of_kind:
