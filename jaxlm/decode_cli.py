@@ -17,7 +17,7 @@ import time
 from typing import Optional, Sequence
 
 from jaxlm.checkpoint import load_run, load_tokenizer
-from jaxlm.decode import stream, vocab_limit_of
+from jaxlm.decode import stream, use_pallas_step, vocab_limit_of
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,13 +83,14 @@ def run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, attention_impl=args.attention_impl)
     prompt = _encode(tokenizer, args.prompt)
     eos_id = args.eos_id if args.eos_id is not None else _default_eos(tokenizer)
+    requested = "chain" if args.chain_step else args.pallas_step
+    step = use_pallas_step(cfg, 1, args.int8_cache, None, requested)
     print(args.prompt, end="", flush=True)
     start, times, ids, printed = time.perf_counter(), [], [], ""
     for token in stream(cfg, params, prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         seed=args.seed, eos_id=eos_id, quantize_cache=args.int8_cache,
-                        vocab_limit=vocab_limit_of(cfg, tokenizer),
-                        pallas_step="chain" if args.chain_step else args.pallas_step):
+                        vocab_limit=vocab_limit_of(cfg, tokenizer), pallas_step=requested):
         times.append(time.perf_counter())
         ids.append(token)
         if tokenizer is None:
@@ -102,9 +103,14 @@ def run(args: argparse.Namespace) -> int:
     # The second token compiles the decode step: the rate counts the tokens after it.
     rate = (len(ids) - 2) / (times[-1] - times[1]) if len(ids) > 2 else float("nan")
     print(f"\n\n{len(prompt)} prompt tokens, {len(ids)} new tokens; time to first token "
-          f"{times[0] - start:.3f} s (includes compilation), {rate:.1f} tokens/s decoding",
-          file=sys.stderr)
+          f"{times[0] - start:.3f} s (includes compilation), {rate:.1f} tokens/s decoding "
+          f"({STEP_NAMES[step]})", file=sys.stderr)
     return 0
+
+
+# What decode.use_pallas_step's answer means, for the summary line.
+STEP_NAMES = {"chain": "the chain step: one Mosaic GPU kernel a token",
+              True: "the fused Pallas step: one Triton kernel a token", False: "XLA's step"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

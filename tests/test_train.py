@@ -216,4 +216,4 @@ def test_cli_without_data_trains_on_the_default_corpus(tmp_path):
                             capture_output=True, text=True, timeout=300,
                             env={**os.environ, "XLA_FLAGS": ""})
     assert decode.returncode == 0, decode.stderr[-3000:]
-    assert "tokens/s" in decode.stdout + decode.stderr
+    assert "tokens/s decoding (XLA's step)" in decode.stderr  # (on CPU: XLA's step)
