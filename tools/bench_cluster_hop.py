@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +45,7 @@ from jax._src.lib.mlir.dialects import arith, llvm, vector
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from bench_attention import time_it  # tools/
 from pallas_kernels.grouped_matmul_mosaic import _num_sms
 from pallas_kernels.ring_matvec import _poll_loads
 
@@ -248,16 +247,6 @@ def reference(parts0, rounds: int, exchanges: int):
     return p[:, :, :ROWS]
 
 
-def time_calls(fn, *args, repeats: int = 5) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def run(size: int, exchanges: int, rounds: int, clusters: int, method: str,
         rows: int = 64) -> dict:
     rng = np.random.default_rng(0)
@@ -275,7 +264,7 @@ def run(size: int, exchanges: int, rounds: int, clusters: int, method: str,
                              / max(np.abs(want).max(), 1e-30))
         if row["nan"]:
             return row
-    t = {n: time_calls(f, parts0) for n, f in fns.items()}
+    t = {n: time_it(f, (parts0,), warmup=1, repeats=5) for n, f in fns.items()}
     row["round_us"] = round((t[rounds] - t[rounds // 4]) / (rounds - rounds // 4) * 1e6, 3)
     row["call_us"] = round(t[rounds] * 1e6, 1)
     return row
