@@ -318,9 +318,8 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     """
     sampling = Sampling(float(temperature), top_k, top_p, vocab_limit)
     check_request(cfg, prompts, max_new_tokens, sampling, eos_id)
+    check_finite_weights(params)
     pallas_step = use_pallas_step(cfg, len(prompts), quantize_cache, mesh, pallas_step)
-    if pallas_step == "chain":
-        check_finite_for_chain(params)
     tokens, lengths, cache_len = _batch(prompts, mesh, 0, max_new_tokens)
     with _maybe_mesh(mesh):
         out = _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize_cache,
@@ -409,18 +408,18 @@ def _use_chain_step(cfg: ModelConfig, batch: int, quantize_cache: bool, mesh) ->
 _non_finite = jax.jit(lambda params: jax.tree.map(lambda x: ~jnp.all(jnp.isfinite(x)), params))
 
 
-def check_finite_for_chain(params: dict) -> None:
-    """A ValueError naming the weights that hold NaN or inf. The chain step's stages wait for
-    each other's outputs to turn from NaN (its "not written yet") to a number, so a NaN that
-    a weight spreads through the step would keep it waiting forever (one pass over the
-    weights, about one decode step's reading)."""
+def check_finite_weights(params: dict) -> None:
+    """A ValueError naming the weights that hold NaN or inf (one jitted pass, about one
+    decode step's reading). Every decoding entry point checks: with such weights XLA's and
+    the fused step sample from NaN logits (argmax picks an arbitrary token, silently), and
+    the chain step's stages, which read NaN as "not written yet", would wait for each other
+    until their polls give up."""
     flags = jax.tree_util.tree_flatten_with_path(_non_finite(params))[0]
     bad = [jax.tree_util.keystr(path) for path, flag in flags if bool(flag)]
     if bad:
         raise ValueError(f"the weights hold NaN or inf in {', '.join(bad[:5])}"
                          f"{' and more' if len(bad) > 5 else ''}: a diverged or damaged "
-                         "checkpoint? Load a good one (pallas_step=False decodes it with XLA's "
-                         "step, whose logits will be NaN too)")
+                         "checkpoint? Load a good one")
 
 
 def _chain_prepare(cfg: ModelConfig, params: dict, cache_len: int):
@@ -487,9 +486,8 @@ def stream(cfg: ModelConfig, params: dict, prompt: Sequence[int], *, max_new_tok
     pallas_step: which step decodes, as in `generate`."""
     sampling = Sampling(float(temperature), top_k, top_p, vocab_limit)
     check_request(cfg, [prompt], max_new_tokens, sampling, eos_id)
+    check_finite_weights(params)
     pallas_step = use_pallas_step(cfg, 1, quantize_cache, None, pallas_step)
-    if pallas_step == "chain":
-        check_finite_for_chain(params)
     tokens, lengths, cache_len = _batch([prompt], None, 0, max_new_tokens)
     cache = init_cache(cfg, 1, cache_len, quantize=quantize_cache)
     key = jax.random.key(seed)
@@ -615,6 +613,8 @@ def speculative_generate(target_cfg: ModelConfig, target_params: dict, draft_cfg
     sampling = Sampling(float(temperature), top_k, top_p, vocab_limit)
     check_request(target_cfg, prompts, max_new_tokens, sampling, eos_id)
     check_request(draft_cfg, prompts, max_new_tokens, sampling, eos_id)
+    check_finite_weights(target_params)
+    check_finite_weights(draft_params)
     if target_cfg.vocab_size != draft_cfg.vocab_size:
         raise ValueError(f"the draft's vocab_size {draft_cfg.vocab_size} differs from the "
                          f"target's {target_cfg.vocab_size}")

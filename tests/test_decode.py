@@ -290,3 +290,22 @@ def test_speculative_sampling_matches_target_distribution(small_models):
 def test_bad_requests_raise_clear_errors(params, prompts, kwargs, message):
     with pytest.raises(ValueError, match=message):
         decode.generate(CFG, params, prompts, **kwargs)
+
+
+def test_weights_with_nan_or_inf_are_refused_by_every_entry_point(params):
+    """XLA's step would sample from NaN logits (argmax returns some token, silently): generate,
+    stream and speculative_generate (target and draft) name the bad weights instead."""
+    bad = jax.tree.map(lambda x: x, params)
+    bad["blocks"]["attn"]["q"] = bad["blocks"]["attn"]["q"].at[0, 1, 2].set(jnp.nan)
+    bad["embed"] = bad["embed"].at[3, 4].set(-jnp.inf)
+    calls = [
+        lambda: decode.generate(CFG, bad, [[1, 2]], max_new_tokens=2, pallas_step=False),
+        lambda: list(decode.stream(CFG, bad, [1, 2], max_new_tokens=2, pallas_step=False)),
+        lambda: decode.speculative_generate(CFG, bad, CFG, params, [[1, 2]], max_new_tokens=2),
+        lambda: decode.speculative_generate(CFG, params, CFG, bad, [[1, 2]], max_new_tokens=2),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="a diverged or damaged checkpoint") as error:
+            call()
+        assert "'q'" in str(error.value) and "'embed'" in str(error.value)
+    assert decode.generate(CFG, params, [[1, 2]], max_new_tokens=2, pallas_step=False)
