@@ -151,7 +151,6 @@ def decode_step(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: dict
     return model.forward(cfg, params, tokens, cache=cache)
 
 
-_sample = jax.jit(sample, static_argnums=2)
 _inference_params = jax.jit(model.inference_params, static_argnums=0)
 
 
@@ -246,9 +245,12 @@ def _token_log_prob(logits: jax.Array, token: jax.Array) -> jax.Array:
                    static_argnames=("with_log_probs", "pallas_step"))
 def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, params, tokens,
                    lengths, key, with_log_probs=False, pallas_step=False):
-    """Prefill, then decode until every sequence is done; [B, max_new_tokens] with PAD after.
+    """Prefill, then decode until every sequence is done or some logits are not finite:
+    ([B, max_new_tokens] with PAD after, the first new token whose logits held NaN or inf in
+    a sequence not yet done, or -1).
 
-    with_log_probs: also [B, max_new_tokens] float32 log-probs of the emitted tokens (0 after).
+    with_log_probs: ((tokens, log_probs), that token): also [B, max_new_tokens] float32
+    log-probs of the emitted tokens (0 after).
     pallas_step: decode steps (not prefill) by pallas_kernels/fused_decode.py (batch 1): its
     one-launch form on GPU, one kernel per stage in interpret mode elsewhere; "chain": by
     pallas_kernels/chain_step.py (Mosaic GPU; its interpreter elsewhere).
@@ -268,12 +270,17 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
     if with_log_probs:
         log_probs = log_probs.at[:, 0].set(_token_log_prob(logits, token))
 
+    def non_finite(step, logits, done, bad):
+        """bad, or `step` where a sequence not done has logits holding NaN or inf."""
+        hit = jnp.any(~jnp.isfinite(logits).all(axis=-1) & ~done)
+        return jnp.where((bad < 0) & hit, step, bad)
+
     def cond(state):
-        step, _, done, _, _, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
+        step, _, done, _, _, _, bad = state
+        return (step < max_new_tokens) & ~jnp.all(done) & (bad < 0)
 
     def body(state):
-        step, token, done, out, log_probs, cache = state
+        step, token, done, out, log_probs, cache, bad = state
         if chain:
             logits, cache = _chain_decode(step_weights, token, cache, first_position + step - 1)
         elif pallas_step:
@@ -281,17 +288,28 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
         else:
             logits, cache = model.forward(cfg, params, token[:, None], cache=cache)
             logits = logits[:, 0]
+        bad = non_finite(step, logits, done, bad)
         token = sample(logits, jax.random.fold_in(key, step), sampling)
         out = out.at[:, step].set(jnp.where(done, PAD, token))
         if with_log_probs:
             log_probs = log_probs.at[:, step].set(
                 jnp.where(done, 0.0, _token_log_prob(logits, token)))
         done = done | _is_eos(token, eos_id)
-        return step + 1, token, done, out, log_probs, cache
+        return step + 1, token, done, out, log_probs, cache, bad
 
-    state = (jnp.int32(1), token, _is_eos(token, eos_id), out, log_probs, cache)
+    no_done = jnp.zeros(token.shape, bool)
+    state = (jnp.int32(1), token, _is_eos(token, eos_id), out, log_probs, cache,
+             non_finite(jnp.int32(0), logits, no_done, jnp.int32(-1)))
     state = jax.lax.while_loop(cond, body, state)
-    return (state[3], state[4]) if with_log_probs else state[3]
+    return ((state[3], state[4]) if with_log_probs else state[3]), state[6]
+
+
+def _check_logits(bad: int) -> None:
+    if bad >= 0:
+        raise ValueError(f"the model's logits held NaN or inf at new token {bad} (finite "
+                         "weights: an activation overflowed, e.g. float16 compute or absurd "
+                         "weight scales). Check the checkpoint, or compute in bfloat16 or "
+                         "float32")
 
 
 def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *,
@@ -322,9 +340,10 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     pallas_step = use_pallas_step(cfg, len(prompts), quantize_cache, mesh, pallas_step)
     tokens, lengths, cache_len = _batch(prompts, mesh, 0, max_new_tokens)
     with _maybe_mesh(mesh):
-        out = _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize_cache,
-                             params, tokens, lengths, jax.random.key(seed),
-                             with_log_probs=return_log_probs, pallas_step=pallas_step)
+        out, bad = _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len,
+                                  quantize_cache, params, tokens, lengths, jax.random.key(seed),
+                                  with_log_probs=return_log_probs, pallas_step=pallas_step)
+    _check_logits(int(bad))
     out, log_probs = (np.asarray(out[0]), np.asarray(out[1])) if return_log_probs else (np.asarray(out), None)
     results = [_trim(out[i], max_new_tokens, max_new_tokens, eos_id) for i in range(len(prompts))]
     if not return_log_probs:
@@ -405,6 +424,8 @@ def _use_chain_step(cfg: ModelConfig, batch: int, quantize_cache: bool, mesh) ->
     return "chain"
 
 
+_sample_checked = jax.jit(lambda logits, key, sampling: (
+    sample(logits, key, sampling), jnp.isfinite(logits).all()), static_argnums=2)
 _non_finite = jax.jit(lambda params: jax.tree.map(lambda x: ~jnp.all(jnp.isfinite(x)), params))
 
 
@@ -501,8 +522,10 @@ def stream(cfg: ModelConfig, params: dict, prompt: Sequence[int], *, max_new_tok
     if chain:
         position, cache = int(cache["lengths"][0]), _chain_state_jit(weights, cache)
     for step in range(max_new_tokens):
-        token = _sample(logits, jax.random.fold_in(key, step), sampling)
-        value = int(token[0])
+        token, finite = _sample_checked(logits, jax.random.fold_in(key, step), sampling)
+        value, finite = jax.device_get((token[0], finite))
+        _check_logits(-1 if finite else step)
+        value = int(value)
         yield value
         if value == eos_id or step + 1 == max_new_tokens:
             return
