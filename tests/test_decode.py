@@ -311,14 +311,11 @@ def test_weights_with_nan_or_inf_are_refused_by_every_entry_point(params):
     assert decode.generate(CFG, params, [[1, 2]], max_new_tokens=2, pallas_step=False)
 
 
-def test_non_finite_logits_stop_generation_with_an_error(params):
+def test_non_finite_logits_stop_the_stream_with_an_error(params):
     """Finite weights whose logits overflow (an output layer near float32's largest value):
-    generate and stream stop at the first such token and say so, instead of sampling from NaN."""
+    stream stops at the first such token and says so, instead of sampling from NaN. (generate's
+    loop does not check: it made XLA's step 2-6% slower; docs/design.md.)"""
     huge = jax.tree.map(lambda x: x, params)
     huge["lm_head"] = jnp.full_like(params["lm_head"], 3e38)
-    for call in (lambda: decode.generate(CFG, huge, [[1, 2]], max_new_tokens=3),
-                 lambda: list(decode.stream(CFG, huge, [1, 2], max_new_tokens=3)),
-                 lambda: decode.generate(CFG, huge, [[1, 2]], max_new_tokens=3,
-                                         return_log_probs=True)):
-        with pytest.raises(ValueError, match="logits held NaN or inf at new token 0"):
-            call()
+    with pytest.raises(ValueError, match="logits held NaN or inf at new token 0"):
+        list(decode.stream(CFG, huge, [1, 2], max_new_tokens=3))
