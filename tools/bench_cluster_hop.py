@@ -52,6 +52,9 @@ from pallas_kernels.ring_matvec import _poll_loads
 ROWS = 16  # rows of a [64, 8] slice a CTA polls per partial: 128 floats, as 125m's 768 / 8 ~ 96
 TILE = (64, 8)
 SWIZZLE = (plgpu.TilingTransform((8, 8)), plgpu.SwizzleTransform(32))  # 8 float32 = 32 bytes
+# The hardware cluster barrier, every thread of the CTA: a release of this thread's stores
+# (into peers' shared memory too), then an acquire of the cluster's.
+CLUSTER_BARRIER = "barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;"
 
 
 def _smem_address(ref):
@@ -80,8 +83,7 @@ def _init_bulk_barriers(bars):
                                       has_side_effects=True)
             mgpu_utils.inline_ptx("fence.mbarrier_init.release.cluster;",
                                   has_side_effects=True)
-        mgpu_utils.inline_ptx("barrier.cluster.arrive.release.aligned;\n"
-                              "barrier.cluster.wait.acquire.aligned;", has_side_effects=True)
+        mgpu_utils.inline_ptx(CLUSTER_BARRIER, has_side_effects=True)
 
     init(bars)
 
@@ -151,22 +153,21 @@ def _store_to_cluster(value, slot, size: int):
 
 
 def _cluster_sync():
-    """The hardware cluster barrier, every thread of the CTA: a release of this thread's
-    stores (into peers' shared memory too), then an acquire of the cluster's."""
+    """CLUSTER_BARRIER."""
     @plgpu.inline_mgpu()
     def sync(ctx):
         del ctx
-        mgpu_utils.inline_ptx("barrier.cluster.arrive.release.aligned;\n"
-                              "barrier.cluster.wait.acquire.aligned;", has_side_effects=True)
+        mgpu_utils.inline_ptx(CLUSTER_BARRIER, has_side_effects=True)
 
     sync()
 
 
 def _body(parts, out, slots, tmp, bars, src, *, clusters, size, rounds, exchanges, method,
           rows):
-    """parts [rounds + 1, G, C, 64, 8] float32 (round 0 given, the rest NaN); out [G, C, 64, 8]."""
+    """parts [rounds + 1, G, C, 64, 8] float32 (round 0 given, the rest NaN); out
+    [G, C, ROWS, 8]: rows [0, ROWS) of the last round's partials."""
     g, c = lax.axis_index("clusters"), lax.axis_index("cl")
-    wgmma = _strided(rows) if method == "barrier" else plgpu.Layout.WGMMA
+    layout = _strided(rows) if method == "barrier" else plgpu.Layout.WGMMA
     tmp[...] = jnp.zeros(TILE, jnp.float32)
     if method == "bulk":
         _init_bulk_barriers(bars)
@@ -177,7 +178,7 @@ def _body(parts, out, slots, tmp, bars, src, *, clusters, size, rounds, exchange
         x = sum(polled[1:], polled[0]) * (1.0 / clusters)  # (a mean: values stay near 1)
         tmp.at[:ROWS][...] = x
         plgpu.commit_smem()
-        value = plgpu.load(tmp.at[:rows], layout=wgmma)
+        value = plgpu.load(tmp.at[:rows], layout=layout)
         for e in range(exchanges):
             k = (r * exchanges + e) % 2
             if method == "barrier":
@@ -192,7 +193,7 @@ def _body(parts, out, slots, tmp, bars, src, *, clusters, size, rounds, exchange
                     plgpu.async_store_smem(value, slots.at[k, c], bars.at[k], cluster_idx=peer,
                                            cluster_dim="cl")
                 plgpu.barrier_wait(bars.at[k])
-            value = sum(plgpu.load(slots.at[k, p], layout=wgmma)
+            value = sum(plgpu.load(slots.at[k, p], layout=layout)
                         for p in range(size)) * (1.0 / size)
         parts.at[r + 1, g, c, :rows][...] = value
         return carry
@@ -205,11 +206,13 @@ def _body(parts, out, slots, tmp, bars, src, *, clusters, size, rounds, exchange
 def cluster_hops(parts0, *, size: int, rounds: int, exchanges: int, method: str = "barrier",
                  rows: int = 64):
     """[G, C, ROWS, 8] float32 after `rounds` rounds from parts0 ([G, C, 64, 8]): rows
-    [0, ROWS) of the last round's partials. method: how a
-    tile crosses the cluster: "barrier" (plain stores into the peers' shared memory, then the
-    hardware cluster barrier), "bulk" (one bulk copy a peer, one arrival a CTA) or "st_async"
-    (Pallas' async_store_smem: st.async from every thread, each arriving on the peer's
-    barrier). rows: of the [64, 8] tile a CTA sends (16, 32 or 64; "barrier" only)."""
+    [0, ROWS) of the last round's partials.
+
+    method: how a tile crosses the cluster: "barrier" (plain stores into the peers' shared
+    memory, then the hardware cluster barrier), "bulk" (one bulk copy a peer, one arrival a
+    CTA) or "st_async" (Pallas' async_store_smem: st.async from every thread, each arriving
+    on the peer's barrier). rows: of the [64, 8] tile a CTA sends (16, 32 or 64; "barrier"
+    only)."""
     clusters = parts0.shape[0]
     if rows not in (16, 32, 64) or (rows != 64 and method != "barrier"):
         raise ValueError(f"rows {rows} with method {method}: want 16, 32 or 64 (barrier), 64")
@@ -235,8 +238,9 @@ def cluster_hops(parts0, *, size: int, rounds: int, exchanges: int, method: str 
 
 
 def reference(parts0, rounds: int, exchanges: int):
-    """The same rounds in float64: a round averages rows [0, ROWS) of every cluster's slice c into
-    rows [0, ROWS) of CTA c (the other rows 0), then each exchange averages the cluster's C tiles."""
+    """The same rounds in float64: a round averages rows [0, ROWS) of every cluster's slice c
+    into rows [0, ROWS) of CTA c (the other rows 0), then each exchange averages the
+    cluster's C tiles."""
     p = np.asarray(parts0, np.float64)
     for _ in range(rounds):
         x = np.zeros_like(p)
