@@ -49,5 +49,8 @@ def test_bad_arguments_are_refused():
         hop.cluster_hops(parts0, size=2, rounds=8, exchanges=1, method="dsmem")
     with pytest.raises(ValueError, match="rows 16 with method bulk"):
         hop.cluster_hops(parts0, size=2, rounds=8, exchanges=1, method="bulk", rows=16)
+    for bad in (["--exchanges", "1,x"], ["--exchanges", "-1"], ["--cluster", "3"]):
+        with pytest.raises(SystemExit):
+            hop.main(bad)
     if jax.default_backend() != "gpu":
         assert hop.main(["--cluster", "2"]) == 2  # polls need a GPU: a message, no hang

@@ -274,13 +274,26 @@ def run(size: int, exchanges: int, rounds: int, clusters: int, method: str,
     return row
 
 
+def _counts(text: str) -> list[int]:
+    """--exchanges: comma-separated counts >= 0."""
+    try:
+        counts = [int(v) for v in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: want counts >= 0, comma-separated, "
+                                         "e.g. 0,1,2,3")
+    return counts
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__)
-    parser.add_argument("--cluster", type=int, action="append",
-                        help="CTAs a cluster (repeatable; default 2, 4 and 8)")
-    parser.add_argument("--exchanges", default="0,1,2,3",
+    parser.add_argument("--cluster", type=int, action="append", choices=[1, 2, 4, 8],
+                        help="CTAs a cluster (repeatable; default 2, 4 and 8; 8 is the "
+                             "largest portable cluster)")
+    parser.add_argument("--exchanges", default=[0, 1, 2, 3], type=_counts,
                         help="cluster exchanges a round, comma-separated (default 0,1,2,3)")
     parser.add_argument("--method", action="append", choices=["barrier", "bulk", "st_async"],
                         help="how a tile crosses the cluster (repeatable; default barrier)")
@@ -297,7 +310,7 @@ def main(argv=None) -> int:
     if args.rounds < 8:
         parser.error("--rounds must be at least 8")
     device = jax.devices()[0].device_kind
-    exchanges = [int(v) for v in args.exchanges.split(",")]
+    exchanges = args.exchanges
     for method in args.method or ["barrier"]:
         rows = args.rows if method == "barrier" else 64
         for size in args.cluster or [2, 4, 8]:
