@@ -12,9 +12,10 @@ Building blocks, all pure and built on `model.forward` (no second copy of the mo
 
 Prompts of different lengths are right-padded into one [B, T] batch; each sequence's cache length
 is its own prompt length after prefill (kv_cache.py), so every sequence appends at its own slot.
-`generate` runs prefill and the whole token loop in one jit (`lax.while_loop`, stopping when every
-sequence has emitted eos or max_new_tokens tokens): no host round trip per token. Only `stream`
-loops in Python, to hand each token over as it is made.
+`generate` runs prefill and the whole token loop in one jit, stopping when every sequence has
+emitted eos or max_new_tokens tokens. The stop check (a while loop's predicate, which the GPU
+hands to the host) comes every STEPS_PER_CHECK steps, not every step, and not at all without
+eos_id. Only `stream` loops in Python, to hand each token over as it is made.
 
 Sampling: logits / temperature, then top-k (keep the k largest), then top-p (keep the smallest
 set of most likely tokens whose probability reaches p), then a categorical draw; temperature 0 is
@@ -241,11 +242,22 @@ def _token_log_prob(logits: jax.Array, token: jax.Array) -> jax.Array:
     return jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
 
 
+# Decode steps between two checks of the loop's stop condition (eos). A check is a while loop's
+# predicate, which XLA on a GPU copies to the host and waits for before it launches the next
+# step; steps in between run as a loop of known length, which it queues without a wait.
+STEPS_PER_CHECK = 8
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5),
-                   static_argnames=("with_log_probs", "pallas_step"))
+                   static_argnames=("with_log_probs", "pallas_step", "steps_per_check"))
 def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, params, tokens,
-                   lengths, key, with_log_probs=False, pallas_step=False):
+                   lengths, key, with_log_probs=False, pallas_step=False,
+                   steps_per_check=STEPS_PER_CHECK):
     """Prefill, then decode until every sequence is done; [B, max_new_tokens] with PAD after.
+
+    steps_per_check: decode steps between two checks whether every sequence is done (with no
+    eos_id, one loop of known length). Up to steps_per_check - 1 steps may run after the last
+    sequence ends; their tokens are PAD like any after eos.
 
     with_log_probs: also [B, max_new_tokens] float32 log-probs of the emitted tokens (0 after).
     pallas_step: decode steps (not prefill) by pallas_kernels/fused_decode.py (batch 1): its
@@ -267,10 +279,6 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
     if with_log_probs:
         log_probs = log_probs.at[:, 0].set(_token_log_prob(logits, token))
 
-    def cond(state):
-        step, _, done, _, _, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
-
     def body(state):
         step, token, done, out, log_probs, cache = state
         if chain:
@@ -288,8 +296,19 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
         done = done | _is_eos(token, eos_id)
         return step + 1, token, done, out, log_probs, cache
 
+    def run(state, count: int):  # count steps, a loop of known length
+        return jax.lax.fori_loop(0, count, lambda _, s: body(s), state) if count else state
+
     state = (jnp.int32(1), token, _is_eos(token, eos_id), out, log_probs, cache)
-    state = jax.lax.while_loop(cond, body, state)
+    steps = max_new_tokens - 1
+    if eos_id is None:
+        state = run(state, steps)
+    else:
+        block = max(1, min(steps_per_check, steps))
+        blocks, rest = divmod(steps, block)
+        state = jax.lax.while_loop(lambda s: (s[0] < 1 + blocks * block) & ~jnp.all(s[2]),
+                                   lambda s: run(s, block), state)
+        state = jax.lax.cond(jnp.all(state[2]), lambda s: s, lambda s: run(s, rest), state)
     return (state[3], state[4]) if with_log_probs else state[3]
 
 
@@ -323,7 +342,8 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     with _maybe_mesh(mesh):
         out = _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize_cache,
                              params, tokens, lengths, jax.random.key(seed),
-                             with_log_probs=return_log_probs, pallas_step=pallas_step)
+                             with_log_probs=return_log_probs, pallas_step=pallas_step,
+                             steps_per_check=STEPS_PER_CHECK)
     out, log_probs = (np.asarray(out[0]), np.asarray(out[1])) if return_log_probs else (np.asarray(out), None)
     results = [_trim(out[i], max_new_tokens, max_new_tokens, eos_id) for i in range(len(prompts))]
     if not return_log_probs:

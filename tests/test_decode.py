@@ -214,7 +214,11 @@ def test_greedy_generate_equals_transformers():
     assert out == fixture["continuations"]
 
 
-def test_eos_and_max_length(params):
+@pytest.mark.parametrize("steps_per_check", [1, 2, 8])
+def test_eos_and_max_length(params, steps_per_check, monkeypatch):
+    """Also for each loop form: the stop check after every step, every 2 (5 steps: two blocks
+    and a rest of one, the eos inside the first) and every 8 (one block of 5)."""
+    monkeypatch.setattr(decode, "STEPS_PER_CHECK", steps_per_check)
     greedy = decode.generate(CFG, params, PROMPTS, max_new_tokens=6, temperature=0.0)
     eos = greedy[0][2]
     out = decode.generate(CFG, params, PROMPTS, max_new_tokens=6, temperature=0.0, eos_id=eos)
@@ -226,6 +230,10 @@ def test_eos_and_max_length(params):
     streamed = list(decode.stream(CFG, params, PROMPTS[0], max_new_tokens=6, temperature=0.0,
                                   eos_id=eos))
     assert streamed == out[0]
+    # Sampled: the same tokens whatever the loop form (each step's key is folded from its index).
+    sampled = decode.generate(CFG, params, PROMPTS, max_new_tokens=6, seed=3, eos_id=eos)
+    monkeypatch.setattr(decode, "STEPS_PER_CHECK", 1)
+    assert sampled == decode.generate(CFG, params, PROMPTS, max_new_tokens=6, seed=3, eos_id=eos)
 
 
 @pytest.fixture(scope="module")

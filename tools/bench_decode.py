@@ -97,15 +97,16 @@ def read_bandwidth(nbytes: int, repeats: int = 10) -> float:
 
 
 def bench_generate(cfg, params, batch: int, prompt_len: int, new_tokens: int,
-                   repeats: int = 1, pallas_step=None, detail: bool = False):
+                   repeats: int = 1, pallas_step=None, detail: bool = False, **options):
     """Seconds of a greedy generate (median of `repeats` after a call that compiles); with
-    detail, (seconds, seconds of the first call, compile included, the prompts, the tokens)."""
+    detail, (seconds, seconds of the first call, compile included, the prompts, the tokens).
+    options: more keywords for generate (eos_id, vocab_limit)."""
     prompts = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
     out = {}
 
     def run():
         out["tokens"] = decode.generate(cfg, params, prompts, max_new_tokens=new_tokens,
-                                        temperature=0.0, pallas_step=pallas_step)
+                                        temperature=0.0, pallas_step=pallas_step, **options)
 
     first = _seconds(run)
     seconds = statistics.median(_seconds(run) for _ in range(repeats))
@@ -147,6 +148,30 @@ def bench_step(name: str, cfg, params, prompt_len: int, new_tokens: int, bandwid
     return tokens
 
 
+def bench_loop_forms(name: str, cfg, params, prompt_len: int, new_tokens: int, pallas_step,
+                     rounds: int = 2) -> None:
+    """Batch-1 step time of generate's loop forms, alternated in one process: the stop check
+    (eos) after every step (the loop before STEPS_PER_CHECK), after every 8, and no eos (one
+    loop of known length). The eos id is the vocabulary's last, which vocab_limit keeps from
+    being emitted, so every form runs all its steps (and all forms mask that one logit)."""
+    eos, limit = cfg.vocab_size - 1, cfg.vocab_size - 1
+    forms = {"check_each_step": (eos, 1), "check_every_8": (eos, 8), "no_eos": (None, 8)}
+    default = decode.STEPS_PER_CHECK
+    try:
+        for round_ in range(rounds):
+            for form, (eos_id, every) in forms.items():
+                decode.STEPS_PER_CHECK = every
+                kw = dict(pallas_step=pallas_step, eos_id=eos_id, vocab_limit=limit, repeats=3)
+                one = bench_generate(cfg, params, 1, prompt_len, 1, **kw)
+                full = bench_generate(cfg, params, 1, prompt_len, new_tokens, **kw)
+                print(json.dumps({"model": name, "loop": form, "round": round_,
+                                  "pallas_step": pallas_step,
+                                  "step_ms": round((full - one) / (new_tokens - 1) * 1e3, 4)}),
+                      flush=True)
+    finally:
+        decode.STEPS_PER_CHECK = default
+
+
 def float32_check(cfg, params, prompt, tokens) -> dict:
     """The greedy tokens against one float32 forward over prompt + tokens (teacher-forced):
     how many are the float32 argmax at their position, the largest gap (float32 max logit -
@@ -181,6 +206,10 @@ def bench_model(name: str, args, bandwidth: float, read: Optional[float] = None)
     params = model.init_params(cfg, jax.random.key(0))
     greedy = bench_step(name, cfg, params, prompt_len, new_tokens, bandwidth, read=read)
     steps = [True] * bool(args.pallas_step) + ["chain"] * bool(args.chain_step)
+    if args.loop_forms:
+        for step in [False] + steps:
+            bench_loop_forms(name, cfg, params, prompt_len, new_tokens, step)
+        return
     for step in steps:  # the Pallas decode steps, batch 1, against XLA's just above
         bench_step(name, cfg, params, prompt_len, new_tokens, bandwidth, pallas_step=step,
                    read=read, greedy=greedy)
@@ -279,6 +308,10 @@ def main() -> None:
     parser.add_argument("--chain-step", action="store_true",
                         help='batch 1 only: XLA\'s decode step, then generate(pallas_step='
                              '"chain"): the step as one persistent Mosaic GPU kernel')
+    parser.add_argument("--loop-forms", action="store_true",
+                        help="batch 1 only: the step time of generate's loop forms (stop "
+                             "check after each step, every 8, none), XLA's step and those "
+                             "chosen by --pallas-step/--chain-step")
     parser.add_argument("--prompt-len", type=int, default=None,
                         help="prompt tokens (default 512; tiny 32): a longer context reads a "
                              "bigger cache each step")
