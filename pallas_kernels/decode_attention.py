@@ -1,5 +1,7 @@
-"""Split-K decode attention (flash decoding) in Pallas for the Triton GPU backend, with a jnp
-reference.
+"""Split-K decode attention (flash decoding) in Pallas, with a jnp reference: a Triton kernel
+(here, the default) for every case, and on request (backend="mosaic") the Mosaic GPU kernel of
+decode_attention_mosaic.py for the cases it takes (Hopper; bf16/fp16, head_dim 64 or 128, up
+to 64 query rows a kv head, no int8), slower than this one today.
 
 Layouts follow jaxlm/kv_cache.py: q [B, T, N, H] holds the T new tokens of each sequence (1 for a
 decode step, gamma + 1 for speculative verification); k, v [B, K, S, H] is one layer of the cache,
@@ -57,6 +59,7 @@ class _Static:
     sm_scale: float
     quantized: bool
     num_warps: int
+    num_stages: int
     interpret: bool
     layer: Optional[int]  # k, v are the stacked [L, B, K, S, H] cache; read this layer
 
@@ -148,10 +151,18 @@ def _call(q, k, v, k_scale, v_scale, offsets, st: _Static):
         out_shape=[jax.ShapeDtypeStruct((batch, num_kv_heads, splits, st.rows, head_dim),
                                         jnp.float32),
                    jax.ShapeDtypeStruct((batch, num_kv_heads, splits, st.rows), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=st.num_warps, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages),
         interpret=st.interpret,
         name="decode_attention",
     )(*args)
+
+
+def _triton_stages(programs: int) -> int:
+    """Triton's pipelining depth: 4 up to about two waves of programs (each then streams a long
+    split: the deeper pipeline keeps more of it in flight), 2 past that (more programs an SM
+    instead). Measured on an H200, three calls (docs/benchmarks.md, twenty-first session): at
+    256 programs 29-35 us against 42-51 with 2; at 512, 41-49 against 41-46."""
+    return 4 if programs <= TARGET_PROGRAMS else 2
 
 
 def _choose_splits(batch: int, num_kv_heads: int, kv_len: int, block_k: int, target: int) -> int:
@@ -162,12 +173,32 @@ def _choose_splits(batch: int, num_kv_heads: int, kv_len: int, block_k: int, tar
     return max(d for d in range(1, want + 1) if blocks % d == 0)
 
 
+BACKENDS = ("auto", "mosaic", "triton")
+
+
+def _backend(requested: str, q_len: int, group: int, head_dim: int, dtype,
+             quantized: bool) -> str:
+    """"mosaic" or "triton". auto: Triton, faster or on par on an H200 at every shape measured
+    (docs/benchmarks.md, twenty-first session); "mosaic" that cannot run is an error."""
+    from pallas_kernels import decode_attention_mosaic as mosaic
+
+    if requested not in BACKENDS:
+        raise ValueError(f"backend {requested!r}: one of {BACKENDS}")
+    problem = mosaic.supports(q_len, group, head_dim, dtype, quantized)
+    if requested == "mosaic" and problem:
+        raise ValueError(f"the Mosaic GPU decode kernel does not take {problem}; use "
+                         "backend='triton' or 'auto'")
+    return "triton" if requested == "auto" else requested
+
+
 @functools.partial(jax.jit, static_argnames=("layer", "sliding_window", "sm_scale", "block_k",
-                                             "splits", "interpret"))
+                                             "splits", "num_warps", "num_stages", "backend",
+                                             "interpret"))
 def decode_attention(q, k, v, q_offsets, *, k_scale=None, v_scale=None, layer: Optional[int] = None,
                      sliding_window: Optional[int] = None, sm_scale: Optional[float] = None,
                      block_k: Optional[int] = None, splits: Optional[int] = None,
-                     interpret: bool = False):
+                     num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+                     backend: str = "auto", interpret: bool = False):
     """Attention [B, T, N, H] over a cache layer [B, K, S, H] -> [B, T, N, H] (module rules).
 
     q_offsets [B]: slot of query 0 of each sequence. k_scale, v_scale [B, K, S]: int8 cache
@@ -175,6 +206,12 @@ def decode_attention(q, k, v, q_offsets, *, k_scale=None, v_scale=None, layer: O
     reads this layer where it lies (slicing it out first would copy it, every step).
     block_k (default 64, or less for short caches) and splits (default: fill the GPU) tune the
     grid; S is padded to a multiple of block_k * splits only if it is not one already.
+    num_warps (Triton's; default 4, 8 past head_dim 128) and num_stages (Triton's software
+    pipelining of the key loop, default 4 up to TARGET_PROGRAMS programs, else 2; the Mosaic
+    kernel's K/V slots, default 2) tune each program (tools/sweep_decode_attention.py times
+    the choices). backend: "auto" (Triton), "triton" or "mosaic" (decode_attention_mosaic.py:
+    Hopper, the cases its `supports` takes; correct, slower today). The Mosaic kernel streams
+    block_k (default 128) keys a step.
     """
     batch, q_len, num_heads, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[-3], k.shape[-2]
@@ -182,11 +219,20 @@ def decode_attention(q, k, v, q_offsets, *, k_scale=None, v_scale=None, layer: O
         raise ValueError(f"kv heads {num_kv_heads} must divide query heads {num_heads}")
     quantized = k_scale is not None
     group = num_heads // num_kv_heads
+    backend = _backend(backend, q_len, group, head_dim, q.dtype, quantized)
+    mosaic = backend == "mosaic"
+    sm_scale = float(head_dim ** -0.5 if sm_scale is None else sm_scale)
+    if mosaic:
+        from pallas_kernels import decode_attention_mosaic as dm
+
+        block_k = block_k or (64 if kv_len <= 64 else dm.BLOCK_KV)
     block_k = block_k or min(64, max(16, pl.next_power_of_2(kv_len)))
+    blocks = -(-kv_len // block_k)
     # NOTE: interpret mode (CPU) runs programs one by one: two splits still test the combine.
+    if not splits and mosaic:
+        splits = min(2, blocks) if interpret else dm.choose_splits(batch, num_kv_heads, blocks)
     target = 2 if interpret else TARGET_PROGRAMS
-    splits = splits or _choose_splits(batch, num_kv_heads, -(-kv_len // block_k) * block_k,
-                                      block_k, target)
+    splits = splits or _choose_splits(batch, num_kv_heads, blocks * block_k, block_k, target)
     padded = -(-kv_len // (block_k * splits)) * block_k * splits
     if padded != kv_len and layer is not None:  # pad this layer only, not the whole stack
         k, v = k[layer], v[layer]
@@ -197,16 +243,24 @@ def decode_attention(q, k, v, q_offsets, *, k_scale=None, v_scale=None, layer: O
         k, v = jnp.pad(k, widths + [(0, 0)]), jnp.pad(v, widths + [(0, 0)])
         if quantized:
             k_scale, v_scale = jnp.pad(k_scale, widths), jnp.pad(v_scale, widths)
-    rows = max(MIN_ROWS, pl.next_power_of_2(q_len * group))
-    st = _Static(group=group, q_len=q_len, rows=rows, block_k=block_k, chunk=padded // splits,
-                 window=sliding_window, quantized=quantized,
-                 sm_scale=float(head_dim ** -0.5 if sm_scale is None else sm_scale),
-                 num_warps=4 if head_dim <= 128 else 8, interpret=interpret, layer=layer)
+    rows = dm.ROWS if mosaic else max(MIN_ROWS, pl.next_power_of_2(q_len * group))
     # [B, T, K, G, H] -> [B, K, T * G, H]: the query heads of one kv head, all tokens, one tile.
     q_tile = q.reshape(batch, q_len, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
     q_tile = q_tile.reshape(batch, num_kv_heads, q_len * group, head_dim)
     q_tile = jnp.pad(q_tile, ((0, 0), (0, 0), (0, rows - q_len * group), (0, 0)))
-    partial_out, lse = _call(q_tile, k, v, k_scale, v_scale, jnp.asarray(q_offsets, jnp.int32), st)
+    offsets = jnp.asarray(q_offsets, jnp.int32)
+    if mosaic:
+        partial_out, lse = dm.mosaic_partials(
+            q_tile, k, v, offsets, group=group, q_len=q_len, splits=splits, sm_scale=sm_scale,
+            window=sliding_window, layer=layer, block_kv=block_k,
+            stages=num_stages or dm.STAGES, interpret=interpret)
+    else:
+        st = _Static(group=group, q_len=q_len, rows=rows, block_k=block_k,
+                     chunk=padded // splits, window=sliding_window, quantized=quantized,
+                     sm_scale=sm_scale, num_warps=num_warps or (4 if head_dim <= 128 else 8),
+                     num_stages=num_stages or _triton_stages(batch * num_kv_heads * splits),
+                     interpret=interpret, layer=layer)
+        partial_out, lse = _call(q_tile, k, v, k_scale, v_scale, offsets, st)
     out = _combine(partial_out, lse)[:, :, :q_len * group]  # [B, K, T * G, H]
     out = out.reshape(batch, num_kv_heads, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)
     return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)

@@ -96,3 +96,63 @@ def test_decode_attention_reads_one_layer_of_a_stacked_cache():
     expected = _numpy_reference(q, k8 * scale_k[..., None], v8 * scale_v[..., None],
                                 np.asarray(offsets))
     assert _rel_error(out8, expected) <= 1e-5
+
+
+def _bf16(*xs):
+    return tuple(x.astype(jnp.bfloat16) for x in xs)
+
+
+# The Mosaic GPU kernel (decode_attention_mosaic.py) in Mosaic GPU's interpreter: (G, T, window,
+# S). S = 45 pads to one 64-key block; 300 streams 128-key blocks over 2 splits, where the
+# short sequence (offset 3) leaves the second split without a visible key (weight 0).
+@pytest.mark.parametrize("group,q_len,window,kv_len", [(1, 1, None, 45), (4, 5, None, 300),
+                                                       (8, 3, 40, 200)])
+def test_mosaic_kernel_matches_float64(group, q_len, window, kv_len):
+    num_kv_heads = 2
+    q, k, v = _bf16(*_inputs(group + 20, 3, q_len, group * num_kv_heads, num_kv_heads, kv_len,
+                             64))
+    offsets = np.array([3, kv_len // 2, kv_len - q_len])
+    out = decode_attention(q, k, v, jnp.asarray(offsets), sliding_window=window,
+                           backend="mosaic", interpret=True)
+    assert out.shape == q.shape and out.dtype == jnp.bfloat16
+    # bf16 inputs exactly; the kernel rounds P to bf16 for P V (and its output to bf16).
+    assert _rel_error(out, _numpy_reference(q, k, v, offsets, window)) <= 1e-2
+    k_garbage = k.at[0, :, 3 + q_len:].set(1e4)  # never visible to sequence 0
+    again = decode_attention(q, k_garbage, v, jnp.asarray(offsets), sliding_window=window,
+                             backend="mosaic", interpret=True)
+    np.testing.assert_array_equal(np.asarray(again[0], np.float32), np.asarray(out[0], np.float32))
+
+
+def test_mosaic_kernel_reads_one_layer_of_a_stacked_cache():
+    q, k, v = _bf16(*_inputs(6, 2, 1, 8, 2, 128, 128))  # head_dim 128
+    offsets = jnp.array([20, 127])
+    garbage = jnp.full_like(k, 1e4)
+    out = decode_attention(q, jnp.stack([garbage, k]), jnp.stack([garbage, v]), offsets,
+                           layer=1, backend="mosaic", interpret=True)
+    assert _rel_error(out, _numpy_reference(q, k, v, np.asarray(offsets))) <= 1e-2
+
+
+def test_backend_choice_and_what_mosaic_refuses(hopper_lowering):
+    """auto is Triton (measured faster), "mosaic" lowers to Mosaic GPU (for CUDA on CPU, no PTX);
+    an explicit "mosaic" that cannot run names what it does not take."""
+    def lowered(q, k, **kw):
+        fn = lambda q, k, v, o: decode_attention(q, k, v, o, **kw)
+        offsets = jax.ShapeDtypeStruct((q.shape[0],), jnp.int32)
+        return jax.jit(fn).trace(q, k, k, offsets).lower(lowering_platforms=("cuda",)).as_text()
+
+    q = jax.ShapeDtypeStruct((2, 1, 8, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 2, 512, 64), jnp.bfloat16)
+    assert "mosaic_gpu" in lowered(q, k, backend="mosaic")
+    assert "mosaic_gpu" not in lowered(q, k) and "decode_attention" in lowered(q, k)
+    wide = jnp.zeros((2, 17, 8, 64), jnp.bfloat16)  # 17 x 4 = 68 rows a kv head > 64
+    with pytest.raises(ValueError, match="68 rows"):
+        decode_attention(wide, *_bf16(*_inputs(1, 2, 1, 8, 2, 512, 64)[1:]), jnp.array([0, 0]),
+                         backend="mosaic", interpret=True)
+    qf, kf, vf = _inputs(1, 1, 1, 2, 1, 64, 16)
+    with pytest.raises(ValueError, match="head_dim 16"):
+        decode_attention(*_bf16(qf, kf, vf), jnp.array([5]), backend="mosaic", interpret=True)
+    with pytest.raises(ValueError, match="dtype float32"):
+        decode_attention(*_inputs(1, 1, 1, 2, 1, 64, 64), jnp.array([5]), backend="mosaic",
+                         interpret=True)
+    with pytest.raises(ValueError, match="backend 'cuda'"):
+        decode_attention(qf, kf, vf, jnp.array([5]), backend="cuda", interpret=True)
