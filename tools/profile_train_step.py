@@ -52,15 +52,22 @@ def kernel_events(trace: dict) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
 
 
-def summarize_trace(out_dir: str, repeats: int, top: int, unit: str) -> None:
-    """Print kernel time per `unit` (the trace holds `repeats` of them) by category and name."""
+def load_kernel_events(out_dir: str) -> list[dict]:
+    """The GPU kernel events of the trace jax.profiler wrote under out_dir (of its Perfetto and
+    TensorBoard files, the one with more of them; none on a machine without a GPU)."""
     files = glob.glob(os.path.join(out_dir, "**", "*trace.json.gz"), recursive=True)
     print("trace files:", files)
     events = []
-    for file in files:  # the Perfetto and the TensorBoard trace: keep the one with more GPU events
+    for file in files:
         with gzip.open(file, "rt") as handle:
             found = kernel_events(json.load(handle))
         events = found if len(found) > len(events) else events
+    return events
+
+
+def summarize_trace(out_dir: str, repeats: int, top: int, unit: str) -> None:
+    """Print kernel time per `unit` (the trace holds `repeats` of them) by category and name."""
+    events = load_kernel_events(out_dir)
     by_name: dict[str, float] = collections.Counter()
     by_category: dict[str, float] = collections.Counter()
     ops_of: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)

@@ -20,6 +20,8 @@ more (untimed, "ragged") with each sequence at its own length and a sliding wind
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import functools
 import itertools
 import json
@@ -109,6 +111,30 @@ def _xla(q, k, v, *, offsets):
     return attention_cached_xla(q, k, v, offsets)
 
 
+def kernel_times(program, args, calls: int, cache_bytes: int, bandwidth: float,
+                 out_dir: str) -> dict:
+    """From one profiled run of the chained program: the longest kernel's time a call (the
+    attention kernel itself, without the layout and combine kernels around it and the gaps
+    between launches), all kernels' time a call, and launches a call. Empty without GPU
+    events (a CPU run)."""
+    from profile_train_step import load_kernel_events
+
+    with jax.profiler.trace(out_dir):
+        program(*args).block_until_ready()
+    with contextlib.redirect_stdout(sys.stderr):  # (stdout is JSON lines)
+        events = load_kernel_events(out_dir)
+    if not events:
+        return {}
+    per_name = collections.Counter()
+    for event in events:
+        per_name[event["name"]] += event["dur"] * 1e-6 / calls  # (us in the trace)
+    name, seconds = per_name.most_common(1)[0]
+    return {"kernel": name[:60], "kernel_us": round(seconds * 1e6, 2),
+            "kernel_fraction_of_copy": round(cache_bytes / seconds / bandwidth, 3),
+            "all_kernels_us": round(sum(per_name.values()) * 1e6, 2),
+            "launches_per_call": round(len(events) / calls, 1)}
+
+
 def ragged_error(shape, fn) -> float:
     """fn's largest error over the output's scale, against the reference, with sequence b at
     length (b + 1) / B of the cache (so some splits see no key) and a window of S / 3."""
@@ -135,7 +161,8 @@ def sweep(args) -> None:
         scale = float(np.max(np.abs(reference)))
         cache_bytes = 2 * k.size * k.dtype.itemsize
         layouts = {"cudnn": (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))}
-        for label, tiles, fn in candidates(args, offsets, shape[-1], interpret):
+        for index, (label, tiles, fn) in enumerate(candidates(args, offsets, shape[-1],
+                                                              interpret)):
             row = {"shape": list(shape), "impl": label, **tiles}
             kv = layouts.get(label, (k, v))
             try:
@@ -149,10 +176,13 @@ def sweep(args) -> None:
             except Exception as exc:  # noqa: BLE001: report the candidate and go on
                 print(json.dumps({**row, "error": str(exc).splitlines()[0][:200]}), flush=True)
                 continue
-            print(json.dumps({**row, "error_over_scale": round(error, 4),
-                              "us": round(seconds * 1e6, 2),
-                              "fraction_of_copy": round(cache_bytes / seconds / bandwidth, 3)}),
-                  flush=True)
+            row.update({"error_over_scale": round(error, 4), "us": round(seconds * 1e6, 2),
+                        "fraction_of_copy": round(cache_bytes / seconds / bandwidth, 3)})
+            if args.profile:
+                trace_dir = os.path.join(args.profile, "_".join(map(str, shape)), str(index))
+                row.update(kernel_times(program, (q, *kv), args.calls, cache_bytes, bandwidth,
+                                        trace_dir))
+            print(json.dumps(row), flush=True)
 
 
 def main(argv=None) -> None:
@@ -171,6 +201,10 @@ def main(argv=None) -> None:
     parser.add_argument("--num-stages", type=lambda t: _ints(t, "--num-stages"), default=[0],
                         help="Triton's pipelining stages, or the Mosaic kernel's K/V slots "
                              "(default 0: the kernel's own)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="also trace one run of each candidate's program under DIR and "
+                             "report its longest kernel's time a call (the attention kernel "
+                             "alone), all kernels' time and launches a call")
     parser.add_argument("--calls", type=int, default=20, help="dependent calls a program")
     parser.add_argument("--repeats", type=int, default=10, help="timed programs (median)")
     args = parser.parse_args(argv)
