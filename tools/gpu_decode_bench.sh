@@ -3,8 +3,10 @@
 # device calls of under 10 minutes each (on an H200 part 1 took about 4 minutes, part 2 5):
 #   part 1: the default chain step against XLA's end to end (1b, 125m; 512-token prompts),
 #           then the chain alone with its attention staging both ways, profiled;
-#   part 2: 350m end to end, then 1b at a long context (3,840-token prompt, cache 4,096).
-# Usage: OUT=results_dir bash tools/gpu_decode_bench.sh 1|2
+#   part 2: 350m end to end, then 1b at a long context (3,840-token prompt, cache 4,096);
+#   part 3: the decode-attention kernels (Triton, Mosaic GPU, cuDNN, XLA) at their default
+#           tiles, each also profiled for the attention kernel's own time (about 3 minutes).
+# Usage: OUT=results_dir bash tools/gpu_decode_bench.sh 1|2|3
 set -uo pipefail
 OUT=${OUT:-bench_out}
 PART=${1:-1}
@@ -16,6 +18,8 @@ if [ "$PART" = 1 ]; then
     timeout 330 python3 tools/bench_decode.py --config 1b --config 125m --chain-step 2>&1 | keep
     timeout 220 python3 tools/bench_stage_chain.py --repeats 3 --config 1b --plans attention \
         --staging both --profile "$OUT/prof" 2>&1 | keep
+elif [ "$PART" = 3 ]; then
+    timeout 400 python3 tools/sweep_decode_attention.py --profile "$OUT/attention" 2>&1 | keep
 else
     timeout 280 python3 tools/bench_decode.py --config 350m --chain-step 2>&1 | keep
     timeout 280 python3 tools/bench_decode.py --config 1b --chain-step --prompt-len 3840 \
