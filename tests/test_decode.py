@@ -219,6 +219,7 @@ def test_eos_and_max_length(params, steps_per_check, monkeypatch):
     """Also for each loop form: the stop check after every step, every 2 (5 steps: two blocks
     and a rest of one, the eos inside the first) and every 8 (one block of 5)."""
     monkeypatch.setattr(decode, "STEPS_PER_CHECK", steps_per_check)
+    monkeypatch.setattr(decode, "BATCHED_STEPS_PER_CHECK", steps_per_check)
     greedy = decode.generate(CFG, params, PROMPTS, max_new_tokens=6, temperature=0.0)
     eos = greedy[0][2]
     out = decode.generate(CFG, params, PROMPTS, max_new_tokens=6, temperature=0.0, eos_id=eos)
@@ -230,9 +231,12 @@ def test_eos_and_max_length(params, steps_per_check, monkeypatch):
     streamed = list(decode.stream(CFG, params, PROMPTS[0], max_new_tokens=6, temperature=0.0,
                                   eos_id=eos))
     assert streamed == out[0]
+    # One prompt goes through STEPS_PER_CHECK (a batch through BATCHED_STEPS_PER_CHECK).
+    assert decode.generate(CFG, params, PROMPTS[:1], max_new_tokens=6, temperature=0.0,
+                           eos_id=eos) == out[:1]
     # Sampled: the same tokens whatever the loop form (each step's key is folded from its index).
     sampled = decode.generate(CFG, params, PROMPTS, max_new_tokens=6, seed=3, eos_id=eos)
-    monkeypatch.setattr(decode, "STEPS_PER_CHECK", 1)
+    monkeypatch.setattr(decode, "BATCHED_STEPS_PER_CHECK", 1)
     assert sampled == decode.generate(CFG, params, PROMPTS, max_new_tokens=6, seed=3, eos_id=eos)
 
 
