@@ -3,7 +3,8 @@
     partial_out, lse = mosaic_partials(q_tile, k, v, offsets, group=G, q_len=T, splits=P, ...)
 
 The same split-K contract as pallas_kernels/decode_attention.py's Triton kernel, whose
-`decode_attention` calls this one where `supports` says it applies (and the GPU is a Hopper):
+`decode_attention(..., backend="mosaic")` calls this one (Hopper; the cases `supports` takes;
+slower than the Triton kernel today, docs/benchmarks.md, twenty-first session):
 q_tile [B, K, 64, H] holds the T * G query rows of each kv head (row r = t * G + g, padded to
 one wgmma M tile of 64); k, v [B, K, S, H] (or the stacked [L, B, K, S, H] cache with `layer`);
 offsets [B] the slot of each sequence's first new token. Bottom-right causal per sequence, an
@@ -24,6 +25,7 @@ Triton kernel takes those).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import jax
@@ -32,14 +34,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-LOG2E = 1.4426950408889634
+LOG2E = math.log2(math.e)
 MASK_VALUE = -1e30  # a hidden key's score (finite: no inf - inf)
 M_FLOOR = -1e29  # the running max starts here: exp2(MASK_VALUE - M_FLOOR) is 0
 ROWS = 64  # the query tile: one wgmma M tile
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
 BLOCK_KV = 128
-STAGES = 2  # K/V slots: 2 (88 KB with the tiles, two CTAs an SM) measured faster than 4
+STAGES = 2  # K/V slots: 2 (88 KB with the tiles at H = 64) measured faster than 4
 
 
 def supports(q_len: int, group: int, head_dim: int, dtype, quantized: bool) -> Optional[str]:
@@ -61,8 +63,8 @@ def out_rows(q_len: int, group: int) -> int:
 
 
 def choose_splits(batch: int, num_kv_heads: int, blocks: int, num_sms: int = 132) -> int:
-    """About one wave: enough splits that batch x kv heads x splits fills the SMs (one CTA an
-    SM: the K/V slots take most of its shared memory), each split a whole number of blocks."""
+    """About one wave: enough splits that batch x kv heads x splits fills the SMs, each split
+    a whole number of blocks (2 and 4 times as many splits measured slower at batch 8)."""
     want = max(1, min(blocks, -(-num_sms // (batch * num_kv_heads))))
     return max(d for d in range(1, want + 1) if blocks % d == 0)
 
