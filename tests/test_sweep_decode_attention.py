@@ -4,6 +4,8 @@ The timings need the GPU (docs/benchmarks.md, twenty-first session)."""
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
 import pathlib
 import sys
@@ -52,8 +54,6 @@ def test_bad_arguments_are_refused_with_a_message(argv, message, capsys):
 def test_kernel_times_from_a_trace_with_gpu_events(tmp_path, monkeypatch):
     """The GPU side of --profile on a synthetic trace: the GPU process's kernels are read
     (the host's are not), the longest kernel a call is the attention kernel's time."""
-    import gzip
-
     import jax.numpy as jnp
 
     trace = {"traceEvents": [
@@ -66,7 +66,7 @@ def test_kernel_times_from_a_trace_with_gpu_events(tmp_path, monkeypatch):
     path.mkdir(parents=True)
     with gzip.open(path / "x.trace.json.gz", "wt") as handle:
         json.dump(trace, handle)
-    monkeypatch.setattr(sweep.jax.profiler, "trace", lambda _: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(sweep.jax.profiler, "trace", lambda _: contextlib.nullcontext())
     got = sweep.kernel_times(lambda x: x, (jnp.zeros(1),), calls=4, cache_bytes=30_000_000,
                              bandwidth=2e12, out_dir=str(tmp_path))
     assert got == {"kernel": "decode_attention", "kernel_us": 30.0,

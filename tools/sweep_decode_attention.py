@@ -7,14 +7,16 @@ cuDNN and XLA on the same shapes, one JSON line per (shape, implementation, tile
 
 Backends: the kernel's Triton form (every --block-k x --splits x --num-warps x --num-stages)
 and its Mosaic GPU form (Hopper; --block-k x --splits x --num-stages, stages being its K/V
-slots; 0 in any list is the kernel's default), then cuDNN and XLA. A shape is B,N,K,S,H,T: batch, query heads, kv heads, cached positions, head dim, new tokens
-(1 for a decode step, gamma + 1 for speculative verification), every query at the end of the
-cache. Splits 0 is the kernel's own choice. Each time is the median over --repeats of a jitted
-program of --calls dependent calls (each query depends on the previous output, so no two calls
-share a read of the cache), divided by --calls; the fraction is the K/V bytes over the copy
-bandwidth measured in the same process (tools/bench_decode.py's copy loop). Every candidate's
-output is checked against decode_attention_reference (float32) before it is timed, and once
-more (untimed, "ragged") with each sequence at its own length and a sliding window.
+slots; 0 in any list is the kernel's default), then cuDNN and XLA. A shape is B,N,K,S,H,T:
+batch, query heads, kv heads, cached positions, head dim, new tokens (1 for a decode step,
+gamma + 1 for speculative verification), every query at the end of the cache. Each time is
+the median over --repeats of a jitted program of --calls dependent calls (each query depends
+on the previous output, so no two calls share a read of the cache), divided by --calls; the
+fraction is the K/V bytes over the copy bandwidth measured in the same process
+(tools/bench_decode.py's copy loop). Every candidate's output is checked against
+decode_attention_reference (float32) before it is timed, and once more (untimed, "ragged")
+with each sequence at its own length and a sliding window. --profile DIR adds the attention
+kernel's own time from a trace (see kernel_times).
 """
 
 from __future__ import annotations
@@ -54,14 +56,16 @@ def _ints(text: str, name: str) -> list[int]:
 def _backends(text: str) -> list[str]:
     names = text.split(",")
     if not names or any(name not in ("mosaic", "triton") for name in names):
-        raise argparse.ArgumentTypeError(f"--backend: comma-separated mosaic, triton; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--backend: comma-separated mosaic, triton; got {text!r}")
     return names
 
 
 def _shape(text: str) -> tuple[int, ...]:
     values = _ints(text, "--shape")
     if len(values) != 6 or 0 in values:
-        raise argparse.ArgumentTypeError(f"--shape is B,N,K,S,H,T with every value > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--shape is B,N,K,S,H,T with every value > 0, got {text!r}")
     batch, heads, kv_heads, length, head_dim, q_len = values
     if heads % kv_heads or q_len > length:
         raise argparse.ArgumentTypeError(f"--shape {text!r}: K must divide N and T <= S")
