@@ -103,6 +103,12 @@ def test_generate_and_stream_with_the_chain_step_equal_generate():
     assert got == want and len(want[0]) == 3
     assert list(decode.stream(cfg, params, prompt, max_new_tokens=3, temperature=0.0,
                               pallas_step="chain")) == want[0]
+    # With eos: the steps run in a loop of known length inside the stop check's while loop
+    # (decode.STEPS_PER_CHECK), the chain's state carried through both.
+    eos = want[0][1]
+    assert decode.generate(cfg, params, [prompt], max_new_tokens=3, temperature=0.0,
+                           eos_id=eos, pallas_step="chain") == [
+        want[0][:want[0].index(eos) + 1]]
     with pytest.raises(ValueError, match="batch 2"):
         decode.generate(cfg, params, [prompt, prompt], max_new_tokens=2, pallas_step="chain")
 
