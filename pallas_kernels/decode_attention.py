@@ -229,9 +229,7 @@ def decode_attention(q, k, v, q_offsets, *, k_scale=None, v_scale=None, layer: O
     block_k = block_k or min(64, max(16, pl.next_power_of_2(kv_len)))
     blocks = -(-kv_len // block_k)
     # NOTE: interpret mode (CPU) runs programs one by one: two splits still test the combine.
-    if not splits and mosaic:
-        splits = min(2, blocks) if interpret else dm.choose_splits(batch, num_kv_heads, blocks)
-    target = 2 if interpret else TARGET_PROGRAMS
+    target = 2 if interpret else dm.TARGET_CTAS if mosaic else TARGET_PROGRAMS
     splits = splits or _choose_splits(batch, num_kv_heads, blocks * block_k, block_k, target)
     padded = -(-kv_len // (block_k * splits)) * block_k * splits
     if padded != kv_len and layer is not None:  # pad this layer only, not the whole stack

@@ -25,7 +25,6 @@ Triton kernel takes those).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import jax
@@ -34,8 +33,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-LOG2E = math.log2(math.e)
-MASK_VALUE = -1e30  # a hidden key's score (finite: no inf - inf)
+# (the Triton kernel's constants: its combine reads MASK_VALUE as weight 0 here too)
+from pallas_kernels.decode_attention import LOG2E, MASK_VALUE
+from pallas_kernels.flash_attention_mosaic import _smem_transforms
+
 M_FLOOR = -1e29  # the running max starts here: exp2(MASK_VALUE - M_FLOOR) is 0
 ROWS = 64  # the query tile: one wgmma M tile
 HEAD_DIMS = (64, 128)
@@ -62,17 +63,9 @@ def out_rows(q_len: int, group: int) -> int:
     return -(-q_len * group // 8) * 8
 
 
-def choose_splits(batch: int, num_kv_heads: int, blocks: int, num_sms: int = 132) -> int:
-    """About one wave: enough splits that batch x kv heads x splits fills the SMs, each split
-    a whole number of blocks (2 and 4 times as many splits measured slower at batch 8)."""
-    want = max(1, min(blocks, -(-num_sms // (batch * num_kv_heads))))
-    return max(d for d in range(1, want + 1) if blocks % d == 0)
-
-
-def _smem_transforms(head_dim: int, dtype):
-    swizzle = plgpu.find_swizzle(head_dim * jnp.dtype(dtype).itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-            plgpu.SwizzleTransform(swizzle))
+# CTAs decode_attention aims its splits at: one wave on 132 SMs (2 and 4 times as many
+# splits measured slower at batch 8, docs/benchmarks.md).
+TARGET_CTAS = 132
 
 
 @functools.partial(jax.jit, static_argnames=("group", "q_len", "splits", "block_kv", "stages",

@@ -103,8 +103,9 @@ def _bf16(*xs):
 
 
 # The Mosaic GPU kernel (decode_attention_mosaic.py) in Mosaic GPU's interpreter: (G, T, window,
-# S). S = 45 pads to one 64-key block; 300 streams 128-key blocks over 2 splits, where the
-# short sequence (offset 3) leaves the second split without a visible key (weight 0).
+# S). S = 45 pads to one 64-key block; 300 streams three 128-key blocks; 200 streams two over
+# 2 splits, where the short sequence (offset 3) leaves the second split without a visible key
+# (weight 0).
 @pytest.mark.parametrize("group,q_len,window,kv_len", [(1, 1, None, 45), (4, 5, None, 300),
                                                        (8, 3, 40, 200)])
 def test_mosaic_kernel_matches_float64(group, q_len, window, kv_len):
