@@ -264,6 +264,10 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
     eos_id, one loop of known length). Up to steps_per_check - 1 steps may run after the last
     sequence ends; their tokens are PAD like any after eos.
 
+    Also returns the first new token's index whose logits held NaN or inf in a sequence not
+    yet done (-1 if none): carried through the loop, not a stop condition (a stop flag would
+    add a host wait a step; docs/design.md), so generate raises once the loop is over.
+
     with_log_probs: also [B, max_new_tokens] float32 log-probs of the emitted tokens (0 after).
     pallas_step: decode steps (not prefill) by pallas_kernels/fused_decode.py (batch 1): its
     one-launch form on GPU, one kernel per stage in interpret mode elsewhere; "chain": by
@@ -279,13 +283,14 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
     if chain:  # (the loop carries the chain's state, which holds its own copy of the cache)
         first_position, cache = cache["lengths"][0], _chain_state(step_weights, cache)
     token = sample(logits, jax.random.fold_in(key, 0), sampling)
+    first_bad = jnp.where(_non_finite_rows(logits, jnp.zeros(token.shape, bool)), 0, -1)
     out = jnp.full((tokens.shape[0], max_new_tokens), PAD, jnp.int32).at[:, 0].set(token)
     log_probs = jnp.zeros(out.shape, jnp.float32)
     if with_log_probs:
         log_probs = log_probs.at[:, 0].set(_token_log_prob(logits, token))
 
     def body(state):
-        step, token, done, out, log_probs, cache = state
+        step, token, done, out, log_probs, first_bad, cache = state
         if chain:
             logits, cache = _chain_decode(step_weights, token, cache, first_position + step - 1)
         elif pallas_step:
@@ -294,17 +299,18 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
             logits, cache = model.forward(cfg, params, token[:, None], cache=cache)
             logits = logits[:, 0]
         token = sample(logits, jax.random.fold_in(key, step), sampling)
+        first_bad = jnp.where((first_bad < 0) & _non_finite_rows(logits, done), step, first_bad)
         out = out.at[:, step].set(jnp.where(done, PAD, token))
         if with_log_probs:
             log_probs = log_probs.at[:, step].set(
                 jnp.where(done, 0.0, _token_log_prob(logits, token)))
         done = done | _is_eos(token, eos_id)
-        return step + 1, token, done, out, log_probs, cache
+        return step + 1, token, done, out, log_probs, first_bad, cache
 
     def run(state, count: int):  # count steps, a loop of known length
         return jax.lax.fori_loop(0, count, lambda _, s: body(s), state) if count else state
 
-    state = (jnp.int32(1), token, _is_eos(token, eos_id), out, log_probs, cache)
+    state = (jnp.int32(1), token, _is_eos(token, eos_id), out, log_probs, first_bad, cache)
     steps = max_new_tokens - 1
     if eos_id is None:
         state = run(state, steps)
@@ -314,7 +320,7 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
         state = jax.lax.while_loop(lambda s: (s[0] < 1 + blocks * block) & ~jnp.all(s[2]),
                                    lambda s: run(s, block), state)
         state = jax.lax.cond(jnp.all(state[2]), lambda s: s, lambda s: run(s, rest), state)
-    return (state[3], state[4]) if with_log_probs else state[3]
+    return (state[3], state[4], state[5]) if with_log_probs else (state[3], state[5])
 
 
 def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *,
@@ -350,7 +356,11 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
                              with_log_probs=return_log_probs, pallas_step=pallas_step,
                              steps_per_check=(STEPS_PER_CHECK if len(prompts) == 1
                                               else BATCHED_STEPS_PER_CHECK))
-    out, log_probs = (np.asarray(out[0]), np.asarray(out[1])) if return_log_probs else (np.asarray(out), None)
+    out, log_probs, first_bad = (out if return_log_probs else (out[0], None, out[1]))
+    if int(first_bad) >= 0:
+        raise ValueError(_overflow_message(int(first_bad)))
+    out = np.asarray(out)
+    log_probs = None if log_probs is None else np.asarray(log_probs)
     results = [_trim(out[i], max_new_tokens, max_new_tokens, eos_id) for i in range(len(prompts))]
     if not return_log_probs:
         return results
@@ -435,6 +445,17 @@ _sample_checked = jax.jit(lambda logits, key, sampling: (
 _non_finite = jax.jit(lambda params: jax.tree.map(lambda x: ~jnp.all(jnp.isfinite(x)), params))
 
 
+def _non_finite_rows(logits: jax.Array, done: jax.Array) -> jax.Array:
+    """Whether any sequence not yet done has a NaN or inf logit (a scalar)."""
+    return jnp.any(~jnp.all(jnp.isfinite(logits), axis=-1) & ~done)
+
+
+def _overflow_message(step: int) -> str:
+    return (f"the model's logits held NaN or inf at new token {step} (finite weights: an "
+            "activation overflowed, e.g. float16 compute or absurd weight scales). Check the "
+            "checkpoint, or compute in bfloat16 or float32")
+
+
 def check_finite_weights(params: dict) -> None:
     """A ValueError naming the weights that hold NaN or inf (one jitted pass, about one
     decode step's reading). Every decoding entry point checks: with such weights XLA's and
@@ -510,9 +531,9 @@ def stream(cfg: ModelConfig, params: dict, prompt: Sequence[int], *, max_new_tok
            pallas_step: Optional[bool | str] = None) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are made (same tokens as `generate`).
 
-    pallas_step: which step decodes, as in `generate`. Unlike `generate`, whose loop does not
-    check (XLA's step measured 2-6% slower with it), a step whose logits hold NaN or inf
-    stops the stream with a ValueError; the check rides on the sync each token needs anyway."""
+    pallas_step: which step decodes, as in `generate`. A step whose logits hold NaN or inf
+    stops the stream with a ValueError (generate raises the same after its loop); the check
+    rides on the sync each token needs anyway."""
     sampling = Sampling(float(temperature), top_k, top_p, vocab_limit)
     check_request(cfg, [prompt], max_new_tokens, sampling, eos_id)
     check_finite_weights(params)
@@ -533,10 +554,7 @@ def stream(cfg: ModelConfig, params: dict, prompt: Sequence[int], *, max_new_tok
         token, finite = _sample_checked(logits, jax.random.fold_in(key, step), sampling)
         value, finite = jax.device_get((token[0], finite))
         if not finite:
-            raise ValueError(f"the model's logits held NaN or inf at new token {step} (finite "
-                             "weights: an activation overflowed, e.g. float16 compute or "
-                             "absurd weight scales). Check the checkpoint, or compute in "
-                             "bfloat16 or float32")
+            raise ValueError(_overflow_message(step))
         value = int(value)
         yield value
         if value == eos_id or step + 1 == max_new_tokens:

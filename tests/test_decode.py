@@ -323,11 +323,49 @@ def test_weights_with_nan_or_inf_are_refused_by_every_entry_point(params):
     assert decode.generate(CFG, params, [[1, 2]], max_new_tokens=2, pallas_step=False)
 
 
-def test_non_finite_logits_stop_the_stream_with_an_error(params):
+def test_non_finite_logits_are_an_error_not_tokens(params):
     """Finite weights whose logits overflow (an output layer near float32's largest value):
-    stream stops at the first such token and says so, instead of sampling from NaN. (generate's
-    loop does not check: it made XLA's step 2-6% slower; docs/design.md.)"""
+    stream stops at the first such token and generate raises after its loop, each naming the
+    token, instead of returning tokens sampled from NaN."""
     huge = jax.tree.map(lambda x: x, params)
     huge["lm_head"] = jnp.full_like(params["lm_head"], 3e38)
     with pytest.raises(ValueError, match="logits held NaN or inf at new token 0"):
         list(decode.stream(CFG, huge, [1, 2], max_new_tokens=3))
+    for kwargs in ({}, {"eos_id": 5}, {"return_log_probs": True, "temperature": 0.0}):
+        with pytest.raises(ValueError, match="logits held NaN or inf at new token 0"):
+            decode.generate(CFG, huge, [[1, 2], [3]], max_new_tokens=3, pallas_step=False,
+                            **kwargs)
+
+
+def test_generate_names_the_first_decode_step_whose_logits_overflow(params, monkeypatch):
+    """Finite logits at first, non-finite ones from a later step on: the error names that
+    step, not 0, and a sequence already done (past eos) is not checked. The fault is injected
+    into the model's decode steps: logits all NaN where the token fed in is the greedy
+    output's second token (so from new token 2 on), under a config of this test's own (its
+    jit cache entry is not shared)."""
+    from jaxlm import model
+
+    prompt = [1, 2]
+    got = decode.generate(CFG, params, [prompt], max_new_tokens=4, temperature=0.0,
+                          pallas_step=False)[0]
+    assert got[1] not in prompt + got[:1]  # (so only decode step 2 is fed it)
+    forward = model.forward
+
+    def faulty(cfg, p, tokens, **kwargs):
+        logits, cache = forward(cfg, p, tokens, **kwargs)
+        if tokens.shape[1] == 1:  # decode steps, not the prefill
+            logits = jnp.where((tokens == got[1])[..., None], jnp.nan, logits)
+        return logits, cache
+
+    monkeypatch.setattr(model, "forward", faulty)
+    cfg = dataclasses.replace(CFG, max_seq_len=CFG.max_seq_len + 1)
+    with pytest.raises(ValueError, match="at new token 2 "):
+        decode.generate(cfg, params, [prompt], max_new_tokens=4, temperature=0.0,
+                        pallas_step=False)
+    # A batch: the error comes from the sequence that overflows, whatever the others do.
+    with pytest.raises(ValueError, match="at new token 2 "):
+        decode.generate(cfg, params, [prompt, [7, 8, 9]], max_new_tokens=4, temperature=0.0,
+                        pallas_step=False)
+    # Done before the overflow: eos is the first new token, so nothing after it is checked.
+    assert decode.generate(cfg, params, [prompt], max_new_tokens=4, temperature=0.0,
+                           eos_id=got[0], pallas_step=False) == [[got[0]]]
