@@ -9,6 +9,7 @@ polls and unswizzled B-tile view are checked on the GPU by tools/bench_stage_cha
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import sys
 
@@ -503,3 +504,65 @@ def test_whole_step_kernel_lowers_for_hopper_and_checks_its_inputs(shared):
         sc.stage_chain(plan, tiled, x0, norms=norms, state=state, pos=768, rope=rope)
     with pytest.raises(ValueError, match="want .* bfloat16"):
         sc.init_chain_state(plan, (jnp.zeros((2, 8, 768, 64)),) * 2)
+
+
+def test_stage_timeline_puts_all_ctas_on_the_global_clock():
+    """A trace written by Mosaic GPU's ProfilerSpec.dump (two CTAs; events in SM cycles from
+    each CTA's global-timer start), read by the benchmark's stage_timeline: units matched to
+    (layer, stage) by the round robin, times in ns on one clock, per-stage medians. Expected
+    values worked by hand at 2 cycles a ns (the comments below)."""
+    import io
+    import json
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
+    import bench_stage_chain as bench
+
+    profiler = pytest.importorskip("jax.experimental.mosaic.gpu.profiler")
+    # Stage 0: 2 units (one a CTA); stage 1: 1 unit (CTA 0's); three layers.
+    plan = sc.ChainPlan(layer=(sc.Stage(128, 128, 1), sc.Stage(64, 128, 1)), num_layers=3,
+                        ctas=2)
+    assert bench.unit_sequence(plan, 0, 2) == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert bench.unit_sequence(plan, 1, 2) == [(0, 0), (1, 0), (2, 0)]
+    # (first cycle, ready, last cycle) a unit; scopes 1 cycle apart or more (the dump then
+    # takes no profiling overhead off).
+    cycles = {0: [(0, 100, 400), (402, 1000, 1200), (1202, 1400, 1600), (1602, 2400, 2600),
+                  (2602, 2800, 3000), (3002, 3800, 4000)],  # (layer 2: layer 1, 1,400 on)
+              1: [(0, 300, 500), (502, 1600, 1900), (1902, 3000, 3300)]}
+    starts = {0: 1000, 1: 1100}  # global timer (ns) at each CTA's start
+
+    def dump(cycles):
+        spec = profiler.ProfilerSpec(128)
+        ids = {name: spec.intern_name(name) for name in ("x", "products", "store")}
+        buffer = np.zeros((2, 2, 128), np.uint32)  # [CTA, warpgroup, entries]
+        for cta, units in cycles.items():
+            events = []
+            for begin, ready, end in units:
+                for name, lo, hi in (("x", begin, ready), ("products", ready + 1, end - 1),
+                                     ("store", end, end + 1)):
+                    events += [ids[name] | spec.ENTER, lo, ids[name] | spec.EXIT, hi]
+            buffer[cta, 0, :3] = (starts[cta], cta, len(events))
+            buffer[cta, 0, 3:3 + len(events)] = events
+            # the producer warpgroup: a scope of its own, no units (left out)
+            buffer[cta, 1, :7] = (starts[cta], cta, 4, ids["x"] | spec.ENTER, 5,
+                                  ids["x"] | spec.EXIT, 9)
+        out = io.StringIO()
+        spec.dump(buffer.reshape(-1), out, grid=(2,), block=(256,))
+        return json.loads(out.getvalue())
+
+    got = bench.stage_timeline(dump(cycles), plan, clock_ghz=2.0)
+    # In ns from 1000 (a unit's end is its store's end, cycle end + 1; CTA 1 starts 100 later):
+    # stage 0's ends: layer 0 {200.5, 350.5}, layer 1 {800.5, 1050.5}; stage 1's: 600.5, 1300.5.
+    # Readies: stage 0 layer 1 {700, 900}; stage 1 {500, 1200}. Layer 2 is layer 1 700 later.
+    assert got["0:sum"] == {"done_after_prev_us": 0.45, "ready_after_prev_us": 0.3,
+                            "spread_us": 0.25}
+    assert got["1:sum"] == {"done_after_prev_us": 0.25, "ready_after_prev_us": 0.15,
+                            "spread_us": 0.0}
+    assert got["layer_us"] == 0.7
+    # A trace cut short (the profiler keeps a CTA's first scopes only): CTA 1's layer-2 unit
+    # is missing, so layer 2's stage 0 is not counted (with only CTA 0's end it would read
+    # 0.2 us, and its median with layer 1's 0.325).
+    cut = bench.stage_timeline(dump({0: cycles[0], 1: cycles[1][:2]}), plan, clock_ghz=2.0)
+    assert cut["0:sum"] == got["0:sum"] and cut["layer_us"] == 0.7
+    with pytest.raises(ValueError, match="CTA 0 of 2 ran more units"):
+        bench.stage_timeline(dump(cycles), dataclasses.replace(plan, num_layers=2),
+                             clock_ghz=2.0)

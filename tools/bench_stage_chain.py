@@ -18,13 +18,15 @@ chain of the same work, each as per-call time from (40 calls - 8 calls) / 32 in 
 loop and as a fraction of the copy and read bandwidth over the bytes read (weights, and with
 attention the K and V before the token; measured in the same process), and per stage. With
 --profile DIR: the consumer's phases (poll and prologue, products, store, attention units; in
-SM cycles, medians over CTAs and units) from one profiled call, whose trace stays in DIR. One
+SM cycles, medians over CTAs and units) from one profiled call, whose trace stays in DIR, and
+the stages' timeline across CTAs (stage_timeline: each stage's share of the critical path). One
 JSON object per line.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import json
@@ -32,6 +34,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bench_decode import copy_bandwidth, per_pass_rate, read_bandwidth  # tools/
@@ -133,7 +136,11 @@ def main() -> None:
                         help="comma-separated: the consumer's registers a thread (ChainPlan."
                              "registers), each plan with each (default 232)")
     parser.add_argument("--profile", metavar="DIR",
-                        help="also run one profiled call and report the consumer's phases")
+                        help="also run one profiled call and report the consumer's phases "
+                             "and the stages' timeline between CTAs (stage_timeline)")
+    parser.add_argument("--clock-ghz", type=float, default=1.98,
+                        help="--profile: the SM clock that turns the profiler's cycles into "
+                             "ns (default 1.98, an H200's and H100 SXM's boost clock)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1 (got {args.repeats})")
@@ -179,6 +186,111 @@ def main() -> None:
                           "registers": registers, **row}),
               flush=True)
         del layer_ws, tail_ws
+
+
+def unit_sequence(plan: sc.ChainPlan, cta: int, num_ctas: int) -> list:
+    """(layer, stage) of CTA cta's units in the order it runs them (stage_chain's round robin:
+    unit u of a stage runs on CTA u % num_ctas); tail stages come as layer 0."""
+    stages = plan.layer + plan.tail
+
+    def count(k):
+        return max(0, -(-(stages[k].units - cta) // num_ctas))
+
+    n_layer = len(plan.layer)
+    order = [(layer, k) for layer in range(plan.num_layers) for k in range(n_layer)
+             for _ in range(count(k))]
+    return order + [(0, k) for k in range(n_layer, len(stages)) for _ in range(count(k))]
+
+
+UNIT_ENDS = ("store", "att_store")  # the consumer scopes that close a unit
+READY = ("x", "att_q", "att_new")  # the scopes that end when a unit's input is there
+
+
+def stage_timeline(trace: dict, plan: sc.ChainPlan, clock_ghz: float) -> dict:
+    """Where a profiled chain's time goes between CTAs, from the consumer's scopes.
+
+    Mosaic GPU's profiler stamps each CTA's start with the global timer (ns, the same clock
+    on every SM) and its events with the SM's cycle counter, so an event's time in ns is the
+    start plus its cycles over clock_ghz. Each CTA's units are matched to (layer, stage) by
+    unit_sequence. Only stages whose units were all recorded count: the profiler keeps a
+    CTA's first PROFILE_REGIONS scopes, which at 1b end in the middle of the layers.
+    Caution: the CTAs' clocks drift apart as the call goes on. On an H200 at 1b, o-proj's
+    merge read as ready up to 1.9 us before the last attention unit it waits for had ended
+    by layer 14, which cannot be; in the first layers no such inversion was seen. So the
+    early layers' numbers are the ones to trust, and a difference between CTAs of a few us
+    late in the call may be drift. Per stage of a layer, medians over the layers (the first
+    layer's first stage has no stage before it and is left out):
+      done_after_prev_us: its last unit's end after the previous stage's last unit's end
+        (the stage's share of the critical path; they add up to a layer);
+      ready_after_prev_us: the last time any of its units had its input (the end of its "x"
+        poll, or att_q / att_new), after the previous stage's last end;
+      spread_us: its last unit's end after its first's.
+    Also "layer_us", the median time between two layers' last ends."""
+    threads: dict = {}
+    for event in trace["traceEvents"]:
+        threads.setdefault((event["pid"], event["tid"]), []).append(event)
+    # The consumers' traces (the ones with units), in CTA order (the profiler's tid grows
+    # with the CTA).
+    ctas = sorted((t for t, events in threads.items()
+                   if any(e["name"] in UNIT_ENDS for e in events)), key=lambda t: t[1])
+    stages = plan.layer + plan.tail
+    n_layer = len(plan.layer)
+    ends: dict = {}
+    readies: dict = {}
+    for cta, thread in enumerate(ctas):
+        events = threads[thread]
+        base = events[0]["ts"] * 1e3
+        units = iter(unit_sequence(plan, cta, len(ctas)))
+        depth, ready = 0, None
+        for event in events:
+            if event["ph"] == "B":
+                depth += 1
+                continue
+            depth -= 1
+            if depth:
+                continue
+            ns = base + (event["ts"] * 1e3 - base) / clock_ghz
+            if event["name"] in READY:
+                ready = ns
+            elif event["name"] in UNIT_ENDS:
+                try:
+                    key = next(units)
+                except StopIteration:
+                    names = collections.Counter(e["name"] for e in events if e["ph"] == "B")
+                    raise ValueError(
+                        f"CTA {cta} of {len(ctas)} ran more units than the plan gives it "
+                        f"({len(unit_sequence(plan, cta, len(ctas)))}); its scopes: "
+                        f"{dict(names)}") from None
+                ends.setdefault(key, []).append(ns)
+                if ready is not None:
+                    readies.setdefault(key, []).append(ready)
+                ready = None
+    order = [(layer, k) for layer in range(plan.num_layers) for k in range(n_layer)]
+    order += [(0, k) for k in range(n_layer, len(stages))]
+    complete = {key for key in order if len(ends.get(key, ())) == stages[key[1]].units}
+    rows: dict = {}
+    for prev, key in zip(order, order[1:]):
+        if prev not in complete or key not in complete:
+            continue
+        last_prev = max(ends[prev])
+        row = rows.setdefault(key[1], {"done": [], "ready": [], "spread": []})
+        row["done"].append(max(ends[key]) - last_prev)
+        if key in readies:
+            row["ready"].append(max(readies[key]) - last_prev)
+        row["spread"].append(max(ends[key]) - min(ends[key]))
+    last = {layer: max(ends[(layer, n_layer - 1)]) for layer in range(plan.num_layers)
+            if (layer, n_layer - 1) in complete}
+
+    def median_us(values):
+        return round(float(np.median(values)) / 1e3, 2) if len(values) else None
+
+    out = {f"{k}:{stages[k].prologue}": {"done_after_prev_us": median_us(row["done"]),
+                                         "ready_after_prev_us": median_us(row["ready"]),
+                                         "spread_us": median_us(row["spread"])}
+           for k, row in sorted(rows.items())}
+    out["layer_us"] = median_us([last[layer] - last[layer - 1] for layer in last
+                                 if layer - 1 in last])
+    return out
 
 
 def attention_inputs(plan: sc.ChainPlan, max_len: int, seed: int):
@@ -262,8 +374,13 @@ def measure(name, plan, layer_ws, tail_ws, norms, args, copy_bw, read_bw) -> dic
         jax.effects_barrier()  # the trace is written by a host callback
         traces = sorted(out.glob("*-trace.json"))
         if traces:
-            phases = ring_matvec.profile_phases(json.loads(traces[-1].read_text()))
+            trace = json.loads(traces[-1].read_text())
+            phases = ring_matvec.profile_phases(trace)
             row["phases_cycles"] = {k: round(v["cycles"]) for k, v in phases.items()}
+            try:
+                row["timeline"] = stage_timeline(trace, plan, args.clock_ghz)
+            except ValueError as error:  # (the phases above still stand)
+                row["timeline_error"] = str(error)
         else:
             row["phases_error"] = f"the profiled call wrote no trace into {out}"
     return row
