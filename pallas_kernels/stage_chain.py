@@ -293,8 +293,14 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
         position = jnp.max(plgpu.load(pos_ref, layout=strided128)) if n_att else None
 
         def attention_unit_of(st, unit):
-            """(kv head, chunk) of an attention unit; chunk st.chunks is the new token."""
-            return lax.div(unit, st.chunks + 1), lax.rem(unit, st.chunks + 1)
+            """(kv head, chunk) of an attention unit; chunk st.chunks is the new token. The
+            kv heads' new-token units come first: they are the longest (the poll of q, k and
+            v, the cache write) and every merge waits for them, so they go to CTAs as their
+            first attention unit. (Head-major, 1b at 4,096 positions ran the new-token units
+            of heads h and h + 4 one after the other on one CTA: 33 units a head, 132 CTAs.)"""
+            cached = jnp.maximum(unit - st.kv_heads, 0)
+            return (jnp.where(unit < st.kv_heads, unit, lax.div(cached, st.chunks)),
+                    jnp.where(unit < st.kv_heads, st.chunks, lax.rem(cached, st.chunks)))
 
         def attention_geometry(st, unit):
             """(kv head, chunk, whether the unit is the new token's, its first position,
