@@ -95,6 +95,13 @@ class ChainPlan:
     # The consumer warpgroup's registers a thread (setmaxnreg: a multiple of 8, at most 256;
     # the producer keeps 40). At 232 ptxas spilled 232 bytes of the 1b plan's consumer.
     registers: int = 232
+    # Values a thread polls at once in o-proj's merge: a split of h query heads takes h a
+    # chunk partial (outputs and log-sum-exps), so a poll takes merge_values // h partials.
+    # Each poll is a dependent round trip; at 1b with 4,096 positions the 33 partials take 5
+    # polls at 64 (about 6.5 us a layer from the last partial to the merged x, against 1.7
+    # with one poll at 768 positions; H200 profile, twenty-second session), 3 at 128, at
+    # the price of registers. 64 until timed on a GPU.
+    merge_values: int = MAX_POLLED_VALUES
 
     @property
     def attention(self) -> int | None:
@@ -116,6 +123,8 @@ def check_plan(plan: ChainPlan, num_ctas: int) -> str | None:
         return f"k_slot {plan.k_slot} (a multiple of {K_STEP} up to 256)"
     if plan.registers % 8 or not 232 <= plan.registers <= 256:
         return f"registers {plan.registers} (a multiple of 8 from 232 to 256)"
+    if not 8 <= plan.merge_values <= 192:
+        return f"merge_values {plan.merge_values} (from 8 to 192: registers)"
     stages = list(plan.layer) + list(plan.tail)
     problem = _check_attention(plan)
     if problem:
@@ -180,6 +189,9 @@ def _check_attention(plan: ChainPlan) -> str | None:
     merge = stages[i + 1]
     if merge.cols != st.rows or merge.part % 128:
         return f"merge stage {i + 1}: it reads the {st.rows} attention outputs in splits of 128s"
+    if merge.part // HEAD_DIM > plan.merge_values:
+        return (f"merge stage {i + 1}: one chunk's partial is {merge.part // HEAD_DIM} values a "
+                f"thread, over merge_values {plan.merge_values}")
     return None
 
 

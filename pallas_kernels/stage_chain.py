@@ -181,7 +181,7 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
     operand from registers); it stores its G rows of normalized output and log-sum-exp by
     TMA. Chunk `chunks` is the new token: its k (after RoPE) and v go into row 0 of the tiles
     and, by TMA, into the cache at pos. The merge stage's units poll all chunks' partials of
-    their heads (the new token's first, in groups of at most MAX_POLLED_VALUES a thread) and
+    their heads (the new token's first, in groups of at most plan.merge_values a thread) and
     merge them by their log-sum-exps.
 
     profile_dir: a Mosaic GPU profiler trace of the consumer's phases ("arm" without state,
@@ -463,7 +463,7 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
             heads = st.part // HEAD_DIM
             source = parts[k - 1].at[layer]  # [chunks + 1, heads, 128]
             order = [at.chunks] + list(range(at.chunks))
-            group = max(1, MAX_POLLED_VALUES // heads)
+            group = plan.merge_values // heads  # partials a poll (check_plan: at least 1)
             top = total = acc = None
             for g0 in range(0, len(order), group):
                 chunk_ids = order[g0:g0 + group]

@@ -398,27 +398,40 @@ def test_attention_plans_are_checked():
     assert not separate.shared_staging and separate.ring == 5
     small = sc.chain_plan_for(load_config("125m"), prologues=True, max_len=768, num_ctas=132)
     assert not small.shared_staging and small.ring == 6
+    # o-proj's merge polls merge_values a thread at once: a split of 8 heads (1b) takes 8 a
+    # chunk partial, so at least 8, and at most 192 (registers).
+    assert "merge_values 4 " in sc.check_plan(dataclasses.replace(plan, merge_values=4), 132)
+    assert "merge_values 256 " in sc.check_plan(dataclasses.replace(plan, merge_values=256), 132)
+    fewer = dataclasses.replace(plan, layer=(plan.layer[0], plan.layer[1],
+                                             dataclasses.replace(plan.layer[2], splits=1),
+                                             *plan.layer[3:]))
+    assert "32 values a thread, over merge_values 16" in sc.check_plan(
+        dataclasses.replace(fewer, merge_values=16), 132)
+    assert sc.check_plan(dataclasses.replace(plan, merge_values=128), 132) is None
     with pytest.raises(ValueError, match="needs prologues"):
         sc.chain_plan_for(load_config("1b"), max_len=768)
 
 
-@pytest.mark.parametrize("heads,kv_heads,pos,shared,max_len", [
-    (4, 2, 130, False, 256), (2, 2, 5, False, 256), (8, 1, 200, False, 256),
-    (2, 2, 130, True, 256), (8, 1, 200, True, 256), (8, 1, 300, False, 1024)])
+@pytest.mark.parametrize("heads,kv_heads,pos,shared,max_len,merge_values", [
+    (4, 2, 130, False, 256, 64), (2, 2, 5, False, 256, 64), (8, 1, 200, False, 256, 64),
+    (2, 2, 130, True, 256, 64), (8, 1, 200, True, 256, 64), (8, 1, 300, False, 1024, 64),
+    (8, 1, 900, False, 1024, 24), (8, 1, 900, False, 1024, 128)])
 def test_interpreted_attention_block_matches_the_reference_and_writes_the_cache(
-        heads, kv_heads, pos, shared, max_len):
+        heads, kv_heads, pos, shared, max_len, merge_values):
     """The whole pre-norm block with attention in Mosaic GPU's interpreter: qkv, attention over
     a cache (RoPE, GQA or MHA, a chunk partly filled and one empty), the merge in o-proj's
     prologue, the MLP and a normed head, against the float32 reference; the new token's k
     (after RoPE) and v land in the cache at pos. shared: ChainPlan.shared_staging (MHA, and 8
     query heads a kv head: rows 8..15 full). The 1,024-position case merges its 9 chunk
     partials in two groups (8 heads a split), the second wholly past pos: it hung the GPU (a
-    NaN merge is never ready to its pollers) before the merge kept one running max."""
+    NaN merge is never ready to its pollers) before the merge kept one running max. With
+    ChainPlan.merge_values 24 the partials come in three groups of 3 (at pos 900, every
+    chunk but the last full), with 128 in one."""
     plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
     if not hasattr(plgpu, "force_gpu_interpret_mode"):
         pytest.skip("this JAX has no Mosaic GPU interpreter")
     plan = _attention_plan(heads, kv_heads, max_len, shared_staging=shared,
-                           merge_splits=1 if max_len > 256 else None)
+                           merge_splits=1 if max_len > 256 else None, merge_values=merge_values)
     assert sc.check_plan(plan, 2) is None
     rng = np.random.default_rng(21)
     layer_ws, tail_ws = _weights(dataclasses_replace_layer(plan), seed=13)
@@ -467,12 +480,15 @@ def dataclasses_replace_layer(plan):
     return dataclasses.replace(plan, layer=tuple(layer))
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_whole_step_kernel_lowers_for_hopper_and_checks_its_inputs(shared):
-    """1b's step with attention (GQA, swizzled q rows, 768 positions) up to the Mosaic GPU
-    module; and its attention inputs are checked."""
-    plan = sc.chain_plan_for(load_config("1b"), prologues=True, max_len=768, num_ctas=132,
+@pytest.mark.parametrize("shared,max_len,merge_values", [(False, 768, 64), (True, 768, 64),
+                                                         (True, 4096, 128)])
+def test_whole_step_kernel_lowers_for_hopper_and_checks_its_inputs(shared, max_len,
+                                                                   merge_values):
+    """1b's step with attention (GQA, swizzled q rows, 768 or 4,096 positions) up to the
+    Mosaic GPU module; and its attention inputs are checked."""
+    plan = sc.chain_plan_for(load_config("1b"), prologues=True, max_len=max_len, num_ctas=132,
                              num_layers=2, shared_staging=shared)
+    plan = dataclasses.replace(plan, merge_values=merge_values)
     assert plan.ring == (6 if shared else 5)  # (the one staging leaves a slot more)
     stages = plan.layer + plan.tail
     tiled = [None if not st.weighted else jax.ShapeDtypeStruct(
@@ -501,9 +517,9 @@ def test_whole_step_kernel_lowers_for_hopper_and_checks_its_inputs(shared):
         sc.stage_chain(plan, tiled, x0, norms=norms, state=state, pos=3,
                        rope=(rope[0], rope[1][:-1]))
     with pytest.raises(ValueError, match="outside the cache"):
-        sc.stage_chain(plan, tiled, x0, norms=norms, state=state, pos=768, rope=rope)
+        sc.stage_chain(plan, tiled, x0, norms=norms, state=state, pos=max_len, rope=rope)
     with pytest.raises(ValueError, match="want .* bfloat16"):
-        sc.init_chain_state(plan, (jnp.zeros((2, 8, 768, 64)),) * 2)
+        sc.init_chain_state(plan, (jnp.zeros((2, 8, max_len, 64)),) * 2)
 
 
 def test_stage_timeline_puts_all_ctas_on_the_global_clock():

@@ -5,8 +5,11 @@
 #           then the chain alone with its attention staging both ways, profiled;
 #   part 2: 350m end to end, then 1b at a long context (3,840-token prompt, cache 4,096);
 #   part 3: the decode-attention kernels (Triton, Mosaic GPU, cuDNN, XLA) at their default
-#           tiles, each also profiled for the attention kernel's own time (about 3 minutes).
-# Usage: OUT=results_dir bash tools/gpu_decode_bench.sh 1|2|3
+#           tiles, each also profiled for the attention kernel's own time (about 1 minute);
+#   part 4: the chain at a long context (1b, 4,096 positions) with o-proj's merge polling 64
+#           or 128 values a thread at once (ChainPlan.merge_values), twice in turn, then
+#           profiled with 128 (about 5 minutes).
+# Usage: OUT=results_dir bash tools/gpu_decode_bench.sh 1|2|3|4
 set -uo pipefail
 OUT=${OUT:-bench_out}
 PART=${1:-1}
@@ -20,6 +23,13 @@ if [ "$PART" = 1 ]; then
         --staging both --profile "$OUT/prof" 2>&1 | keep
 elif [ "$PART" = 3 ]; then
     timeout 400 python3 tools/sweep_decode_attention.py --profile "$OUT/attention" 2>&1 | keep
+elif [ "$PART" = 4 ]; then
+    for _ in 1 2; do
+        timeout 120 python3 tools/bench_stage_chain.py --config 1b --plans attention \
+            --max-len 4096 --repeats 3 --merge-values 64,128 2>&1 | keep
+    done
+    timeout 120 python3 tools/bench_stage_chain.py --config 1b --plans attention \
+        --max-len 4096 --repeats 2 --merge-values 128 --profile "$OUT/prof" 2>&1 | keep
 else
     timeout 280 python3 tools/bench_decode.py --config 350m --chain-step 2>&1 | keep
     timeout 280 python3 tools/bench_decode.py --config 1b --chain-step --prompt-len 3840 \
