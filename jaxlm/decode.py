@@ -256,9 +256,13 @@ BATCHED_STEPS_PER_CHECK = 1
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5),
                    static_argnames=("with_log_probs", "pallas_step", "steps_per_check"))
 def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, params, tokens,
-                   lengths, key, with_log_probs=False, pallas_step=False,
+                   lengths, key, real, with_log_probs=False, pallas_step=False,
                    steps_per_check=STEPS_PER_CHECK):
     """Prefill, then decode until every sequence is done; [B, max_new_tokens] with PAD after.
+
+    real: None, or [B] bool, False for the mesh's padding rows, which count as done from the
+    start (their tokens are PAD; they neither keep the loop going nor raise the overflow
+    error). None without padding, so the loop's done flags stay constants without eos_id.
 
     steps_per_check: decode steps between two checks whether every sequence is done (with no
     eos_id, one loop of known length). Up to steps_per_check - 1 steps may run after the last
@@ -283,8 +287,10 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
     if chain:  # (the loop carries the chain's state, which holds its own copy of the cache)
         first_position, cache = cache["lengths"][0], _chain_state(step_weights, cache)
     token = sample(logits, jax.random.fold_in(key, 0), sampling)
-    first_bad = jnp.where(_non_finite_rows(logits, jnp.zeros(token.shape, bool)), 0, -1)
-    out = jnp.full((tokens.shape[0], max_new_tokens), PAD, jnp.int32).at[:, 0].set(token)
+    padding = jnp.zeros(token.shape, bool) if real is None else ~real
+    first_bad = jnp.where(_non_finite_rows(logits, padding), 0, -1)
+    out = jnp.full((tokens.shape[0], max_new_tokens), PAD, jnp.int32).at[:, 0].set(
+        jnp.where(padding, PAD, token))
     log_probs = jnp.zeros(out.shape, jnp.float32)
     if with_log_probs:
         log_probs = log_probs.at[:, 0].set(_token_log_prob(logits, token))
@@ -310,7 +316,8 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
     def run(state, count: int):  # count steps, a loop of known length
         return jax.lax.fori_loop(0, count, lambda _, s: body(s), state) if count else state
 
-    state = (jnp.int32(1), token, _is_eos(token, eos_id), out, log_probs, first_bad, cache)
+    state = (jnp.int32(1), token, _is_eos(token, eos_id) | padding, out, log_probs, first_bad,
+             cache)
     steps = max_new_tokens - 1
     if eos_id is None:
         state = run(state, steps)
@@ -351,8 +358,10 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     pallas_step = use_pallas_step(cfg, len(prompts), quantize_cache, mesh, pallas_step)
     tokens, lengths, cache_len = _batch(prompts, mesh, 0, max_new_tokens)
     with _maybe_mesh(mesh):
+        real = (None if tokens.shape[0] == len(prompts) else  # (the mesh's padding rows: no)
+                jnp.arange(tokens.shape[0]) < len(prompts))
         out = _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize_cache,
-                             params, tokens, lengths, jax.random.key(seed),
+                             params, tokens, lengths, jax.random.key(seed), real,
                              with_log_probs=return_log_probs, pallas_step=pallas_step,
                              steps_per_check=(STEPS_PER_CHECK if len(prompts) == 1
                                               else BATCHED_STEPS_PER_CHECK))

@@ -369,3 +369,31 @@ def test_generate_names_the_first_decode_step_whose_logits_overflow(params, monk
     # Done before the overflow: eos is the first new token, so nothing after it is checked.
     assert decode.generate(cfg, params, [prompt], max_new_tokens=4, temperature=0.0,
                            eos_id=got[0], pallas_step=False) == [[got[0]]]
+
+
+def test_the_mesh_padding_rows_are_done_from_the_start(params, monkeypatch):
+    """3 prompts on a batch of 4 shards: the fourth row is padding. NaN logits in that row
+    alone (a fault injected into the decode steps) raise nothing, and the real rows' tokens
+    are the single-device ones; the same NaN in a real row raises."""
+    from jaxlm import model
+
+    cfg = dataclasses.replace(CFG, max_seq_len=CFG.max_seq_len + 2)  # (its own jit entries)
+    expected = decode.generate(cfg, params, PROMPTS, max_new_tokens=4, temperature=0.0)
+    forward = model.forward
+    row = {"bad": 3}
+
+    def faulty(c, p, tokens, **kwargs):
+        logits, cache = forward(c, p, tokens, **kwargs)
+        if tokens.shape[1] == 1:  # decode steps
+            rows = jnp.arange(tokens.shape[0])[:, None, None]
+            logits = jnp.where(rows == row["bad"], jnp.nan, logits)
+        return logits, cache
+
+    monkeypatch.setattr(model, "forward", faulty)
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    sharded = jax.device_put(params, model.param_shardings(cfg, mesh))
+    assert decode.generate(cfg, sharded, PROMPTS, max_new_tokens=4, temperature=0.0,
+                           mesh=mesh) == expected
+    row["bad"] = 1  # (a real row; a new trace: the where is baked in at tracing)
+    with pytest.raises(ValueError, match="at new token 1 "):
+        decode.generate(cfg, sharded, PROMPTS, max_new_tokens=5, temperature=0.0, mesh=mesh)
