@@ -579,6 +579,10 @@ def test_stage_timeline_puts_all_ctas_on_the_global_clock():
     # 0.2 us, and its median with layer 1's 0.325).
     cut = bench.stage_timeline(dump({0: cycles[0], 1: cycles[1][:2]}), plan, clock_ghz=2.0)
     assert cut["0:sum"] == got["0:sum"] and cut["layer_us"] == 0.7
+    # The first layer only: stage 1 (after layer 0's stage 0), no stage 0 (nothing before
+    # it), no layer step.
+    first = bench.stage_timeline(dump(cycles), plan, clock_ghz=2.0, layers=1)
+    assert first == {"1:sum": got["1:sum"], "layer_us": None}
     with pytest.raises(ValueError, match="CTA 0 of 2 ran more units"):
         bench.stage_timeline(dump(cycles), dataclasses.replace(plan, num_layers=2),
                              clock_ghz=2.0)

@@ -213,10 +213,12 @@ def unit_sequence(plan: sc.ChainPlan, cta: int, num_ctas: int) -> list:
 
 
 UNIT_ENDS = ("store", "att_store")  # the consumer scopes that close a unit
+TIMELINE_LAYERS = 4  # the layers stage_timeline's medians take (its clocks drift later)
 READY = ("x", "att_q", "att_new")  # the scopes that end when a unit's input is there
 
 
-def stage_timeline(trace: dict, plan: sc.ChainPlan, clock_ghz: float) -> dict:
+def stage_timeline(trace: dict, plan: sc.ChainPlan, clock_ghz: float,
+                   layers: int | None = None) -> dict:
     """Where a profiled chain's time goes between CTAs, from the consumer's scopes.
 
     Mosaic GPU's profiler stamps each CTA's start with the global timer (ns, the same clock
@@ -224,16 +226,18 @@ def stage_timeline(trace: dict, plan: sc.ChainPlan, clock_ghz: float) -> dict:
     start plus its cycles over clock_ghz. Each CTA's units are matched to (layer, stage) by
     unit_sequence. Only stages whose units were all recorded count: the profiler keeps a
     CTA's first PROFILE_REGIONS scopes, which at 1b end in the middle of the layers.
-    Caution: the CTAs' clocks drift apart as the call goes on. On an H200 at 1b, o-proj's
-    merge read as ready up to 1.9 us before the last attention unit it waits for had ended
-    by layer 14, which cannot be; in the first layers no such inversion was seen. So the
-    early layers' numbers are the ones to trust, and a difference between CTAs of a few us
-    late in the call may be drift. Per stage of a layer, medians over the layers (the first
-    layer's first stage has no stage before it and is left out):
+    Caution: the CTAs' times drift apart as the call goes on. In a 1b call on an H200 (768
+    positions) each CTA's span from its first scope to its last differed by up to 2.6%
+    between CTAs, the ones with fewer scopes longer, though all of them end in the head,
+    within its spread: about 20 us by the end of the call. So `layers` keeps the medians to
+    the first layers (the benchmark: TIMELINE_LAYERS), where it is a few us at most. Per
+    stage of a layer, medians over the layers (the first layer's first stage has no stage
+    before it and is left out; with `layers`, so is the tail):
       done_after_prev_us: its last unit's end after the previous stage's last unit's end
         (the stage's share of the critical path; they add up to a layer);
       ready_after_prev_us: the last time any of its units had its input (the end of its "x"
-        poll, or att_q / att_new), after the previous stage's last end;
+        poll, or att_q / att_new, as thread 0 of the unit saw it), after the previous
+        stage's last end;
       spread_us: its last unit's end after its first's.
     Also "layer_us", the median time between two layers' last ends."""
     threads: dict = {}
@@ -275,8 +279,10 @@ def stage_timeline(trace: dict, plan: sc.ChainPlan, clock_ghz: float) -> dict:
                 if ready is not None:
                     readies.setdefault(key, []).append(ready)
                 ready = None
-    order = [(layer, k) for layer in range(plan.num_layers) for k in range(n_layer)]
-    order += [(0, k) for k in range(n_layer, len(stages))]
+    order = [(layer, k) for layer in range(min(plan.num_layers, layers or plan.num_layers))
+             for k in range(n_layer)]
+    if layers is None:
+        order += [(0, k) for k in range(n_layer, len(stages))]
     complete = {key for key in order if len(ends.get(key, ())) == stages[key[1]].units}
     rows: dict = {}
     for prev, key in zip(order, order[1:]):
@@ -288,7 +294,7 @@ def stage_timeline(trace: dict, plan: sc.ChainPlan, clock_ghz: float) -> dict:
         if key in readies:
             row["ready"].append(max(readies[key]) - last_prev)
         row["spread"].append(max(ends[key]) - min(ends[key]))
-    last = {layer: max(ends[(layer, n_layer - 1)]) for layer in range(plan.num_layers)
+    last = {layer: max(ends[(layer, n_layer - 1)]) for layer, _ in order
             if (layer, n_layer - 1) in complete}
 
     def median_us(values):
@@ -389,7 +395,8 @@ def measure(name, plan, layer_ws, tail_ws, norms, args, copy_bw, read_bw) -> dic
             phases = ring_matvec.profile_phases(trace)
             row["phases_cycles"] = {k: round(v["cycles"]) for k, v in phases.items()}
             try:
-                row["timeline"] = stage_timeline(trace, plan, args.clock_ghz)
+                row["timeline"] = stage_timeline(trace, plan, args.clock_ghz,
+                                                 layers=TIMELINE_LAYERS)
             except ValueError as error:  # (the phases above still stand)
                 row["timeline_error"] = str(error)
         else:
