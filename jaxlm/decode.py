@@ -606,7 +606,9 @@ def _verify(p, q, drafted, key):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _speculative_loop(target_cfg, draft_cfg, sampling, gamma, max_new_tokens, eos_id, cache_len,
-                      target_params, draft_params, tokens, lengths, key):
+                      target_params, draft_params, tokens, lengths, key, real):
+    """As _generate_loop (real, and the first overflowed new token or -1, included), with a
+    draft proposing gamma tokens a target forward."""
     target_params = model.inference_params(target_cfg, target_params)
     draft_params = model.inference_params(draft_cfg, draft_params)
     target_cache = _new_cache(target_cfg, tokens.shape[0], cache_len, False)
@@ -616,9 +618,11 @@ def _speculative_loop(target_cfg, draft_cfg, sampling, gamma, max_new_tokens, eo
     batch = tokens.shape[0]
     token = sample(logits, jax.random.fold_in(key, 0), sampling)
     width = max_new_tokens + gamma + 1
-    out = jnp.full((batch, width), PAD, jnp.int32).at[:, 0].set(token)
+    padding = jnp.zeros(token.shape, bool) if real is None else ~real
+    first_bad = jnp.where(_non_finite_rows(logits, padding), 0, -1)
+    out = jnp.full((batch, width), PAD, jnp.int32).at[:, 0].set(jnp.where(padding, PAD, token))
     count = jnp.ones((batch,), jnp.int32)
-    done = _is_eos(token, eos_id) | (count >= max_new_tokens)
+    done = _is_eos(token, eos_id) | (count >= max_new_tokens) | padding
 
     def draft(carry, step_key):
         token, cache = carry
@@ -627,7 +631,8 @@ def _speculative_loop(target_cfg, draft_cfg, sampling, gamma, max_new_tokens, eo
         return (token, cache), (token, probabilities(logits[:, 0], sampling))
 
     def body(state):
-        step, token, done, count, out, target_cache, draft_cache, accepted, drafted = state
+        step, token, done, count, out, target_cache, draft_cache, accepted, drafted, first_bad = (
+            state)
         keys = jax.random.split(jax.random.fold_in(key, step), gamma + 2)
         start = target_cache["lengths"]
         # gamma + 1 draft steps: the last one only writes x_{gamma-1} into the draft cache.
@@ -640,6 +645,14 @@ def _speculative_loop(target_cfg, draft_cfg, sampling, gamma, max_new_tokens, eo
         emitted = jnp.where(j < num_accepted[:, None], jnp.pad(xs, ((0, 0), (0, 1))),
                             next_token[:, None])
         valid = (j <= num_accepted[:, None]) & ~done[:, None]
+        # NaN or inf in the target's logits or the draft's probabilities at a window position
+        # whose token is emitted (the rejection test there compares NaN): that new token,
+        # count + j, is the first it spoils.
+        bad = ~jnp.all(jnp.isfinite(logits), axis=-1) | jnp.pad(
+            ~jnp.all(jnp.isfinite(qs), axis=-1), ((0, 0), (0, 1)))
+        kept = valid & (count[:, None] + j < max_new_tokens)
+        spoiled = jnp.min(jnp.where(bad & kept, count[:, None] + j, width))
+        first_bad = jnp.where((first_bad < 0) & (spoiled < width), spoiled, first_bad)
         slots = jnp.where(valid, count[:, None] + j, width)  # width: dropped
         out = out.at[jnp.arange(batch)[:, None], slots].set(emitted, mode="drop")
         new_lengths = jnp.where(done, start, start + 1 + num_accepted)
@@ -650,13 +663,14 @@ def _speculative_loop(target_cfg, draft_cfg, sampling, gamma, max_new_tokens, eo
         count = count + jnp.where(done, 0, num_accepted + 1)
         token = jnp.where(done, token, next_token)
         done = done | jnp.any(valid & _is_eos(emitted, eos_id), axis=1) | (count >= max_new_tokens)
-        return step + 1, token, done, count, out, target_cache, draft_cache, accepted, drafted
+        return (step + 1, token, done, count, out, target_cache, draft_cache, accepted,
+                drafted, first_bad)
 
     state = (jnp.int32(1), token, done, count, out, target_cache, draft_cache, jnp.int32(0),
-             jnp.int32(0))
+             jnp.int32(0), first_bad)
     state = jax.lax.while_loop(lambda s: ~jnp.all(s[2]), body, state)
-    step, _, _, count, out, _, _, accepted, drafted = state
-    return out, count, accepted, drafted, step - 1
+    step, _, _, count, out, _, _, accepted, drafted, first_bad = state
+    return out, count, accepted, drafted, step - 1, first_bad
 
 
 def speculative_generate(target_cfg: ModelConfig, target_params: dict, draft_cfg: ModelConfig,
@@ -684,9 +698,13 @@ def speculative_generate(target_cfg: ModelConfig, target_params: dict, draft_cfg
         raise ValueError(f"gamma must be a positive integer, got {gamma!r}")
     tokens, lengths, cache_len = _batch(prompts, mesh, gamma + 1, max_new_tokens)
     with _maybe_mesh(mesh):
-        out, count, accepted, drafted, calls = _speculative_loop(
+        real = (None if tokens.shape[0] == len(prompts) else  # (the mesh's padding rows: no)
+                jnp.arange(tokens.shape[0]) < len(prompts))
+        out, count, accepted, drafted, calls, first_bad = _speculative_loop(
             target_cfg, draft_cfg, sampling, gamma, max_new_tokens, eos_id, cache_len,
-            target_params, draft_params, tokens, lengths, jax.random.key(seed))
+            target_params, draft_params, tokens, lengths, jax.random.key(seed), real)
+    if int(first_bad) >= 0:
+        raise ValueError(_overflow_message(int(first_bad)))
     out, count = np.asarray(out), np.asarray(count)
     results = [_trim(out[i], int(count[i]), max_new_tokens, eos_id) for i in range(len(prompts))]
     accepted, drafted = int(accepted), int(drafted)

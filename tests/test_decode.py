@@ -397,3 +397,35 @@ def test_the_mesh_padding_rows_are_done_from_the_start(params, monkeypatch):
     row["bad"] = 1  # (a real row; a new trace: the where is baked in at tracing)
     with pytest.raises(ValueError, match="at new token 1 "):
         decode.generate(cfg, sharded, PROMPTS, max_new_tokens=5, temperature=0.0, mesh=mesh)
+
+
+def test_speculative_padding_rows_and_overflow(params, monkeypatch):
+    """speculative_generate on a mesh whose batch is padded (3 prompts, 4 shards): the padding
+    row is done from the start, so the greedy tokens and the acceptance counts equal the
+    single device's (padding rows used to count). And NaN in a real row's verification
+    logits is a ValueError naming the first new token it spoils (1: the first verified)."""
+    from jaxlm import model
+
+    cfg = dataclasses.replace(CFG, max_seq_len=CFG.max_seq_len + 3)  # (its own jit entries)
+    draft_cfg = dataclasses.replace(cfg, num_layers=1, embed_dim=24, mlp_dim=40)
+    draft = model.init_params(draft_cfg, jax.random.key(9))
+    kwargs = dict(gamma=3, max_new_tokens=6, temperature=0.0)
+    single = decode.speculative_generate(cfg, params, draft_cfg, draft, PROMPTS, **kwargs)
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    sharded = jax.device_put(params, model.param_shardings(cfg, mesh))
+    draft_sharded = jax.device_put(draft, model.param_shardings(draft_cfg, mesh))
+    assert decode.speculative_generate(cfg, sharded, draft_cfg, draft_sharded, PROMPTS,
+                                       mesh=mesh, **kwargs) == single
+    forward = model.forward
+
+    def faulty(c, p, tokens, **kw):
+        logits, cache = forward(c, p, tokens, **kw)
+        if c is cfg and tokens.shape[1] == 4:  # the target's verification (gamma + 1)
+            rows = jnp.arange(tokens.shape[0])[:, None, None]
+            logits = jnp.where(rows == 2, jnp.nan, logits)
+        return logits, cache
+
+    monkeypatch.setattr(model, "forward", faulty)
+    with pytest.raises(ValueError, match="at new token 1 "):
+        decode.speculative_generate(cfg, params, draft_cfg, draft, PROMPTS, gamma=3,
+                                    max_new_tokens=7, temperature=0.0)
