@@ -8,7 +8,7 @@
 #           tiles, each also profiled for the attention kernel's own time (about 1 minute);
 #   part 4: the chain at a long context (1b, 4,096 positions) with o-proj's merge polling 64
 #           or 128 values a thread at once (ChainPlan.merge_values), twice in turn, then
-#           profiled with 128 (about 5 minutes).
+#           profiled with 128, its trace kept gzipped in OUT (about 5 minutes).
 # Usage: OUT=results_dir bash tools/gpu_decode_bench.sh 1|2|3|4
 set -uo pipefail
 OUT=${OUT:-bench_out}
@@ -29,7 +29,10 @@ elif [ "$PART" = 4 ]; then
             --max-len 4096 --repeats 3 --merge-values 64,128 2>&1 | keep
     done
     timeout 120 python3 tools/bench_stage_chain.py --config 1b --plans attention \
-        --max-len 4096 --repeats 2 --merge-values 128 --profile "$OUT/prof" 2>&1 | keep
+        --max-len 4096 --repeats 2 --merge-values 128 --profile /tmp/prof 2>&1 | keep
+    # the trace, gzipped, as one file at the top of OUT
+    trace=$(ls -t /tmp/prof/*/*-trace.json 2>/dev/null | head -1)
+    [ -n "$trace" ] && gzip -c "$trace" > "$OUT/trace_1b_4096_merge128.json.gz"
 else
     timeout 280 python3 tools/bench_decode.py --config 350m --chain-step 2>&1 | keep
     timeout 280 python3 tools/bench_decode.py --config 1b --chain-step --prompt-len 3840 \
