@@ -213,8 +213,8 @@ def unit_sequence(plan: sc.ChainPlan, cta: int, num_ctas: int) -> list:
 
 
 UNIT_ENDS = ("store", "att_store")  # the consumer scopes that close a unit
-TIMELINE_LAYERS = 4  # the layers stage_timeline's medians take (its clocks drift later)
 READY = ("x", "att_q", "att_new")  # the scopes that end when a unit's input is there
+TIMELINE_LAYERS = 4  # the layers stage_timeline's medians take (its clocks drift later)
 
 
 def stage_timeline(trace: dict, plan: sc.ChainPlan, clock_ghz: float,
@@ -225,7 +225,8 @@ def stage_timeline(trace: dict, plan: sc.ChainPlan, clock_ghz: float,
     on every SM) and its events with the SM's cycle counter, so an event's time in ns is the
     start plus its cycles over clock_ghz. Each CTA's units are matched to (layer, stage) by
     unit_sequence. Only stages whose units were all recorded count: the profiler keeps a
-    CTA's first PROFILE_REGIONS scopes, which at 1b end in the middle of the layers.
+    CTA's first PROFILE_REGIONS scopes, which at 1b with 4,096 positions end in the last
+    layer.
     Caution: the CTAs' times drift apart as the call goes on. In a 1b call on an H200 (768
     positions) each CTA's span from its first scope to its last differed by up to 2.6%
     between CTAs, the ones with fewer scopes longer, though all of them end in the head,
