@@ -196,8 +196,9 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 def _batch(prompts, mesh: Optional[Mesh], extra_slots: int, max_new_tokens: int):
-    """Right-padded tokens [B, T], lengths [B] and the cache length; B padded to the mesh's
-    batch shards with one-token dummy prompts."""
+    """Right-padded tokens [B, T], lengths [B], the cache length, and which rows are real: B
+    is padded to the mesh's batch shards with one-token dummy prompts ([B] bool, False for
+    those; None when there are none)."""
     shards = 1 if mesh is None else sharding.batch_shards(mesh)
     batch = _round_up(len(prompts), shards)
     longest = max(len(p) for p in prompts)
@@ -207,7 +208,8 @@ def _batch(prompts, mesh: Optional[Mesh], extra_slots: int, max_new_tokens: int)
     for i, prompt in enumerate(prompts):
         tokens[i, :len(prompt)] = prompt
         lengths[i] = len(prompt)
-    return jnp.asarray(tokens), jnp.asarray(lengths), cache_len
+    real = None if batch == len(prompts) else jnp.arange(batch) < len(prompts)
+    return jnp.asarray(tokens), jnp.asarray(lengths), cache_len, real
 
 
 def _trim(row: np.ndarray, count: int, max_new_tokens: int, eos_id: Optional[int]) -> list[int]:
@@ -356,10 +358,8 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     check_request(cfg, prompts, max_new_tokens, sampling, eos_id)
     check_finite_weights(params)
     pallas_step = use_pallas_step(cfg, len(prompts), quantize_cache, mesh, pallas_step)
-    tokens, lengths, cache_len = _batch(prompts, mesh, 0, max_new_tokens)
+    tokens, lengths, cache_len, real = _batch(prompts, mesh, 0, max_new_tokens)
     with _maybe_mesh(mesh):
-        real = (None if tokens.shape[0] == len(prompts) else  # (the mesh's padding rows: no)
-                jnp.arange(tokens.shape[0]) < len(prompts))
         out = _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize_cache,
                              params, tokens, lengths, jax.random.key(seed), real,
                              with_log_probs=return_log_probs, pallas_step=pallas_step,
@@ -547,7 +547,7 @@ def stream(cfg: ModelConfig, params: dict, prompt: Sequence[int], *, max_new_tok
     check_request(cfg, [prompt], max_new_tokens, sampling, eos_id)
     check_finite_weights(params)
     pallas_step = use_pallas_step(cfg, 1, quantize_cache, None, pallas_step)
-    tokens, lengths, cache_len = _batch([prompt], None, 0, max_new_tokens)
+    tokens, lengths, cache_len, _ = _batch([prompt], None, 0, max_new_tokens)
     cache = init_cache(cfg, 1, cache_len, quantize=quantize_cache)
     key = jax.random.key(seed)
     chain = pallas_step == "chain"
@@ -696,10 +696,8 @@ def speculative_generate(target_cfg: ModelConfig, target_params: dict, draft_cfg
                          f"target's {target_cfg.vocab_size}")
     if not isinstance(gamma, int) or gamma < 1:
         raise ValueError(f"gamma must be a positive integer, got {gamma!r}")
-    tokens, lengths, cache_len = _batch(prompts, mesh, gamma + 1, max_new_tokens)
+    tokens, lengths, cache_len, real = _batch(prompts, mesh, gamma + 1, max_new_tokens)
     with _maybe_mesh(mesh):
-        real = (None if tokens.shape[0] == len(prompts) else  # (the mesh's padding rows: no)
-                jnp.arange(tokens.shape[0]) < len(prompts))
         out, count, accepted, drafted, calls, first_bad = _speculative_loop(
             target_cfg, draft_cfg, sampling, gamma, max_new_tokens, eos_id, cache_len,
             target_params, draft_params, tokens, lengths, jax.random.key(seed), real)
