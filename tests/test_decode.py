@@ -337,27 +337,30 @@ def test_non_finite_logits_are_an_error_not_tokens(params):
                             **kwargs)
 
 
+def _inject_nan_logits(monkeypatch, mask):
+    """model.forward, with NaN logits wherever mask(cfg, tokens) (broadcast to tokens' [B, T])
+    is true. Callers use a config of their own: a cached trace would skip the fault."""
+    forward = model.forward
+
+    def faulty(cfg, p, tokens, **kwargs):
+        logits, cache = forward(cfg, p, tokens, **kwargs)
+        return jnp.where(mask(cfg, tokens)[..., None], jnp.nan, logits), cache
+
+    monkeypatch.setattr(model, "forward", faulty)
+
+
 def test_generate_names_the_first_decode_step_whose_logits_overflow(params, monkeypatch):
     """Finite logits at first, non-finite ones from a later step on: the error names that
     step, not 0, and a sequence already done (past eos) is not checked. The fault is injected
     into the model's decode steps: logits all NaN where the token fed in is the greedy
     output's second token (so from new token 2 on), under a config of this test's own (its
     jit cache entry is not shared)."""
-    from jaxlm import model
-
     prompt = [1, 2]
     got = decode.generate(CFG, params, [prompt], max_new_tokens=4, temperature=0.0,
                           pallas_step=False)[0]
     assert got[1] not in prompt + got[:1]  # (so only decode step 2 is fed it)
-    forward = model.forward
-
-    def faulty(cfg, p, tokens, **kwargs):
-        logits, cache = forward(cfg, p, tokens, **kwargs)
-        if tokens.shape[1] == 1:  # decode steps, not the prefill
-            logits = jnp.where((tokens == got[1])[..., None], jnp.nan, logits)
-        return logits, cache
-
-    monkeypatch.setattr(model, "forward", faulty)
+    # (decode steps only, not the prefill)
+    _inject_nan_logits(monkeypatch, lambda c, tokens: (tokens == got[1]) & (tokens.shape[1] == 1))
     cfg = dataclasses.replace(CFG, max_seq_len=CFG.max_seq_len + 1)
     with pytest.raises(ValueError, match="at new token 2 "):
         decode.generate(cfg, params, [prompt], max_new_tokens=4, temperature=0.0,
@@ -375,21 +378,11 @@ def test_the_mesh_padding_rows_are_done_from_the_start(params, monkeypatch):
     """3 prompts on a batch of 4 shards: the fourth row is padding. NaN logits in that row
     alone (a fault injected into the decode steps) raise nothing, and the real rows' tokens
     are the single-device ones; the same NaN in a real row raises."""
-    from jaxlm import model
-
     cfg = dataclasses.replace(CFG, max_seq_len=CFG.max_seq_len + 2)  # (its own jit entries)
     expected = decode.generate(cfg, params, PROMPTS, max_new_tokens=4, temperature=0.0)
-    forward = model.forward
     row = {"bad": 3}
-
-    def faulty(c, p, tokens, **kwargs):
-        logits, cache = forward(c, p, tokens, **kwargs)
-        if tokens.shape[1] == 1:  # decode steps
-            rows = jnp.arange(tokens.shape[0])[:, None, None]
-            logits = jnp.where(rows == row["bad"], jnp.nan, logits)
-        return logits, cache
-
-    monkeypatch.setattr(model, "forward", faulty)
+    _inject_nan_logits(monkeypatch, lambda c, tokens: (  # (decode steps)
+        (jnp.arange(tokens.shape[0])[:, None] == row["bad"]) & (tokens.shape[1] == 1)))
     mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
     sharded = jax.device_put(params, model.param_shardings(cfg, mesh))
     assert decode.generate(cfg, sharded, PROMPTS, max_new_tokens=4, temperature=0.0,
@@ -404,8 +397,6 @@ def test_speculative_padding_rows_and_overflow(params, monkeypatch):
     row is done from the start, so the greedy tokens and the acceptance counts equal the
     single device's (padding rows used to count). And NaN in a real row's verification
     logits is a ValueError naming the first new token it spoils (1: the first verified)."""
-    from jaxlm import model
-
     cfg = dataclasses.replace(CFG, max_seq_len=CFG.max_seq_len + 3)  # (its own jit entries)
     draft_cfg = dataclasses.replace(cfg, num_layers=1, embed_dim=24, mlp_dim=40)
     draft = model.init_params(draft_cfg, jax.random.key(9))
@@ -416,16 +407,8 @@ def test_speculative_padding_rows_and_overflow(params, monkeypatch):
     draft_sharded = jax.device_put(draft, model.param_shardings(draft_cfg, mesh))
     assert decode.speculative_generate(cfg, sharded, draft_cfg, draft_sharded, PROMPTS,
                                        mesh=mesh, **kwargs) == single
-    forward = model.forward
-
-    def faulty(c, p, tokens, **kw):
-        logits, cache = forward(c, p, tokens, **kw)
-        if c is cfg and tokens.shape[1] == 4:  # the target's verification (gamma + 1)
-            rows = jnp.arange(tokens.shape[0])[:, None, None]
-            logits = jnp.where(rows == 2, jnp.nan, logits)
-        return logits, cache
-
-    monkeypatch.setattr(model, "forward", faulty)
+    _inject_nan_logits(monkeypatch, lambda c, tokens: (  # the target's verification (gamma + 1)
+        (jnp.arange(tokens.shape[0])[:, None] == 2) & (c is cfg and tokens.shape[1] == 4)))
     with pytest.raises(ValueError, match="at new token 1 "):
         decode.speculative_generate(cfg, params, draft_cfg, draft, PROMPTS, gamma=3,
                                     max_new_tokens=7, temperature=0.0)

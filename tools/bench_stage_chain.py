@@ -241,9 +241,7 @@ def stage_timeline(trace: dict, plan: sc.ChainPlan, clock_ghz: float,
         stage's last end;
       spread_us: its last unit's end after its first's.
     Also "layer_us", the median time between two layers' last ends."""
-    threads: dict = {}
-    for event in trace["traceEvents"]:
-        threads.setdefault((event["pid"], event["tid"]), []).append(event)
+    threads = ring_matvec._by_thread(trace["traceEvents"])
     # The consumers' traces (the ones with units), in CTA order (the profiler's tid grows
     # with the CTA).
     ctas = sorted((t for t, events in threads.items()
