@@ -279,15 +279,11 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
     one-launch form on GPU, one kernel per stage in interpret mode elsewhere; "chain": by
     pallas_kernels/chain_step.py (Mosaic GPU; its interpreter elsewhere).
     """
-    chain = pallas_step == "chain"
-    step_weights = (_chain_prepare(cfg, params, cache_len) if chain else
-                    _pallas_weights(cfg, params) if pallas_step else None)
-    params = model.inference_params(cfg, params)  # one copy per call, none per step
+    inference = model.inference_params(cfg, params)  # one copy per call, none per step
     cache = _new_cache(cfg, tokens.shape[0], cache_len, quantize)
-    logits, cache = _prefill(cfg, params, tokens, cache, lengths)
-    plan = _pallas_plan(cfg, cache) if pallas_step and not chain else None
-    if chain:  # (the loop carries the chain's state, which holds its own copy of the cache)
-        first_position, cache = cache["lengths"][0], _chain_state(step_weights, cache)
+    logits, cache = _prefill(cfg, inference, tokens, cache, lengths)
+    first_position = cache["lengths"][0]
+    decode_one, cache = _token_stepper(cfg, params, inference, cache, cache_len, pallas_step)
     token = sample(logits, jax.random.fold_in(key, 0), sampling)
     padding = jnp.zeros(token.shape, bool) if real is None else ~real
     first_bad = jnp.where(_non_finite_rows(logits, padding), 0, -1)
@@ -299,13 +295,7 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
 
     def body(state):
         step, token, done, out, log_probs, first_bad, cache = state
-        if chain:
-            logits, cache = _chain_decode(step_weights, token, cache, first_position + step - 1)
-        elif pallas_step:
-            logits, cache = _pallas_decode(cfg, plan, step_weights, token, cache)
-        else:
-            logits, cache = model.forward(cfg, params, token[:, None], cache=cache)
-            logits = logits[:, 0]
+        logits, cache = decode_one(token, cache, first_position + step - 1)
         token = sample(logits, jax.random.fold_in(key, step), sampling)
         first_bad = jnp.where((first_bad < 0) & _non_finite_rows(logits, done), step, first_bad)
         out = out.at[:, step].set(jnp.where(done, PAD, token))
@@ -330,6 +320,28 @@ def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, p
                                    lambda s: run(s, block), state)
         state = jax.lax.cond(jnp.all(state[2]), lambda s: s, lambda s: run(s, rest), state)
     return (state[3], state[4], state[5]) if with_log_probs else (state[3], state[5])
+
+
+def _token_stepper(cfg, params, inference, cache, cache_len, pallas_step):
+    """One-token decode steps after prefill, inside a jitted loop: (step, state) with
+    step(token [B], state, position) -> (logits [B, V], state). position is the token's index
+    (a scalar: batch 1), read by the chain step only, whose state holds its own copy of the
+    cache: entries past position are never read, so a caller rolls it back by position alone.
+    The other steps' state is the model's cache (kv_cache.set_lengths rolls it back).
+    params: as given (the Pallas steps make their own copies); inference: model.inference_params.
+    """
+    if pallas_step == "chain":
+        weights = _chain_prepare(cfg, params, cache_len)
+        return functools.partial(_chain_decode, weights), _chain_state(weights, cache)
+    if pallas_step:
+        weights, plan = _pallas_weights(cfg, params), _pallas_plan(cfg, cache)
+        return (lambda token, state, _: _pallas_decode(cfg, plan, weights, token, state)), cache
+
+    def xla_step(token, state, _):
+        logits, state = model.forward(cfg, inference, token[:, None], cache=state)
+        return logits[:, 0], state
+
+    return xla_step, cache
 
 
 def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *,
@@ -604,17 +616,19 @@ def _verify(p, q, drafted, key):
     return num_accepted, token
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6), static_argnames="pallas_step")
 def _speculative_loop(target_cfg, draft_cfg, sampling, gamma, max_new_tokens, eos_id, cache_len,
-                      target_params, draft_params, tokens, lengths, key, real):
+                      target_params, draft_params, tokens, lengths, key, real, pallas_step=False):
     """As _generate_loop (real, and the first overflowed new token or -1, included), with a
-    draft proposing gamma tokens a target forward."""
+    draft proposing gamma tokens a target forward; pallas_step: the draft's decode steps."""
     target_params = model.inference_params(target_cfg, target_params)
-    draft_params = model.inference_params(draft_cfg, draft_params)
+    draft_inference = model.inference_params(draft_cfg, draft_params)
     target_cache = _new_cache(target_cfg, tokens.shape[0], cache_len, False)
     draft_cache = _new_cache(draft_cfg, tokens.shape[0], cache_len, False)
     logits, target_cache = _prefill(target_cfg, target_params, tokens, target_cache, lengths)
-    _, draft_cache = _prefill(draft_cfg, draft_params, tokens, draft_cache, lengths)
+    _, draft_cache = _prefill(draft_cfg, draft_inference, tokens, draft_cache, lengths)
+    draft_one, draft_cache = _token_stepper(draft_cfg, draft_params, draft_inference, draft_cache,
+                                            cache_len, pallas_step)
     batch = tokens.shape[0]
     token = sample(logits, jax.random.fold_in(key, 0), sampling)
     width = max_new_tokens + gamma + 1
@@ -625,10 +639,10 @@ def _speculative_loop(target_cfg, draft_cfg, sampling, gamma, max_new_tokens, eo
     done = _is_eos(token, eos_id) | (count >= max_new_tokens) | padding
 
     def draft(carry, step_key):
-        token, cache = carry
-        logits, cache = model.forward(draft_cfg, draft_params, token[:, None], cache=cache)
-        token = sample(logits[:, 0], step_key, sampling)
-        return (token, cache), (token, probabilities(logits[:, 0], sampling))
+        token, cache, position = carry
+        logits, cache = draft_one(token, cache, position)
+        token = sample(logits, step_key, sampling)
+        return (token, cache, position + 1), (token, probabilities(logits, sampling))
 
     def body(state):
         step, token, done, count, out, target_cache, draft_cache, accepted, drafted, first_bad = (
@@ -636,7 +650,8 @@ def _speculative_loop(target_cfg, draft_cfg, sampling, gamma, max_new_tokens, eo
         keys = jax.random.split(jax.random.fold_in(key, step), gamma + 2)
         start = target_cache["lengths"]
         # gamma + 1 draft steps: the last one only writes x_{gamma-1} into the draft cache.
-        (_, draft_cache), (xs, qs) = jax.lax.scan(draft, (token, draft_cache), keys[:gamma + 1])
+        (_, draft_cache, _), (xs, qs) = jax.lax.scan(draft, (token, draft_cache, start[0]),
+                                                     keys[:gamma + 1])
         xs, qs = xs[:gamma].T, jnp.swapaxes(qs[:gamma], 0, 1)  # [B, gamma], [B, gamma, V]
         verify = jnp.concatenate([token[:, None], xs], axis=1)  # [B, gamma + 1]
         logits, target_cache = model.forward(target_cfg, target_params, verify, cache=target_cache)
@@ -657,7 +672,8 @@ def _speculative_loop(target_cfg, draft_cfg, sampling, gamma, max_new_tokens, eo
         out = out.at[jnp.arange(batch)[:, None], slots].set(emitted, mode="drop")
         new_lengths = jnp.where(done, start, start + 1 + num_accepted)
         target_cache = kv_cache.set_lengths(target_cache, new_lengths)
-        draft_cache = kv_cache.set_lengths(draft_cache, new_lengths)
+        if pallas_step != "chain":  # (the chain's state is rolled back by position alone)
+            draft_cache = kv_cache.set_lengths(draft_cache, new_lengths)
         accepted += jnp.sum(jnp.where(done, 0, num_accepted))
         drafted += jnp.sum(jnp.where(done, 0, gamma))
         count = count + jnp.where(done, 0, num_accepted + 1)
@@ -678,9 +694,14 @@ def speculative_generate(target_cfg: ModelConfig, target_params: dict, draft_cfg
                          max_new_tokens: int, temperature: float = 1.0,
                          top_k: Optional[int] = None, top_p: Optional[float] = None,
                          seed: int = 0, eos_id: Optional[int] = None,
-                         mesh: Optional[Mesh] = None,
-                         vocab_limit: Optional[int] = None) -> tuple[list[list[int]], dict]:
+                         mesh: Optional[Mesh] = None, vocab_limit: Optional[int] = None,
+                         pallas_step: Optional[bool | str] = None
+                         ) -> tuple[list[list[int]], dict]:
     """`generate` with a draft model proposing `gamma` tokens per target forward.
+
+    pallas_step: which step the draft's one-token steps run as, with `generate`'s choices and
+    default (a Pallas step at batch 1 on a Hopper GPU: the chain step for bf16 drafts it takes);
+    the target verifies gamma + 1 tokens a forward, always by `model.forward`.
 
     Returns the new tokens (distributed exactly as the target's `generate`; equal to its greedy
     output at temperature 0) and stats: acceptance_rate (accepted / drafted tokens),
@@ -696,11 +717,13 @@ def speculative_generate(target_cfg: ModelConfig, target_params: dict, draft_cfg
                          f"target's {target_cfg.vocab_size}")
     if not isinstance(gamma, int) or gamma < 1:
         raise ValueError(f"gamma must be a positive integer, got {gamma!r}")
+    pallas_step = use_pallas_step(draft_cfg, len(prompts), False, mesh, pallas_step)
     tokens, lengths, cache_len, real = _batch(prompts, mesh, gamma + 1, max_new_tokens)
     with _maybe_mesh(mesh):
         out, count, accepted, drafted, calls, first_bad = _speculative_loop(
             target_cfg, draft_cfg, sampling, gamma, max_new_tokens, eos_id, cache_len,
-            target_params, draft_params, tokens, lengths, jax.random.key(seed), real)
+            target_params, draft_params, tokens, lengths, jax.random.key(seed), real,
+            pallas_step=pallas_step)
     if int(first_bad) >= 0:
         raise ValueError(_overflow_message(int(first_bad)))
     out, count = np.asarray(out), np.asarray(count)

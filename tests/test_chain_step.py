@@ -113,6 +113,33 @@ def test_generate_and_stream_with_the_chain_step_equal_generate():
         decode.generate(cfg, params, [prompt, prompt], max_new_tokens=2, pallas_step="chain")
 
 
+def test_speculative_decoding_with_a_chain_step_draft():
+    """speculative_generate with the draft's steps by the chain (its state rolled back by
+    position alone after a rejection): greedy tokens equal the target's, and the draft proposes
+    what XLA's step for the draft proposes (the same acceptance counts), for the target itself
+    as the draft (every token accepted) and a perturbed copy (some rejected)."""
+    from jaxlm import decode
+
+    cfg = _config()
+    params = _params(cfg)
+    prompt = [int(t) for t in jax.random.randint(jax.random.key(4), (6,), 0, cfg.vocab_size)]
+    want = decode.generate(cfg, params, [prompt], max_new_tokens=6, temperature=0.0,
+                           pallas_step=False)
+    # (A perturbation this small, 3%, leaves near-ties where the chain's bf16 rounding and
+    # XLA's float32 propose differently; at 10% they agree.)
+    perturbed = jax.tree.map(lambda w, n: w + 0.1 * n if w.ndim >= 2 else w, params,
+                             _params(cfg, seed=1))
+    accepted = []
+    for draft in (params, perturbed):
+        runs = [decode.speculative_generate(cfg, params, cfg, draft, [prompt], gamma=2,
+                                            max_new_tokens=6, temperature=0.0, pallas_step=step)
+                for step in (False, "chain")]
+        assert runs[0][0] == runs[1][0] == want
+        assert runs[0][1] == runs[1][1]
+        accepted.append(runs[1][1]["accepted"] / runs[1][1]["drafted"])
+    assert accepted[0] == 1.0 and 0 < accepted[1] < 1
+
+
 def test_the_chain_step_refuses_weights_with_nan_or_inf():
     """A NaN would keep the chain's stages waiting for each other forever (NaN is their
     "not written yet"): generate and stream name the weights instead of running."""

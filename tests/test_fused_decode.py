@@ -142,6 +142,25 @@ def test_generate_and_stream_with_the_pallas_step_equal_generate():
     assert streamed == expected[0]
 
 
+def test_speculative_decoding_with_a_pallas_step_draft():
+    """speculative_generate with the draft's steps by the fused step (its cache rolled back by
+    kv_cache.set_lengths after a rejection): greedy tokens equal the target's, and the draft
+    proposes what XLA's step for it proposes (the same acceptance counts), with some drafted
+    tokens accepted and some rejected."""
+    cfg = _config(2)
+    params = _params(cfg, seed=3)
+    prompt = [[5, 17, 42, 99, 3, 250]]
+    expected = decode.generate(cfg, params, prompt, max_new_tokens=8, temperature=0.0)
+    draft = jax.tree.map(lambda w, n: w + 0.05 * n if w.ndim >= 2 else w, params,
+                         _params(cfg, seed=4))
+    runs = [decode.speculative_generate(cfg, params, cfg, draft, prompt, gamma=3,
+                                        max_new_tokens=8, temperature=0.0, pallas_step=step)
+            for step in (False, True)]
+    assert runs[0][0] == runs[1][0] == expected
+    assert runs[0][1] == runs[1][1]
+    assert 0 < runs[1][1]["accepted"] < runs[1][1]["drafted"]
+
+
 @pytest.mark.parametrize("change,call,message", [
     ({}, {"prompts": [[1, 2], [3]]}, "batch 2"),
     ({}, {"quantize_cache": True}, "int8 cache"),
