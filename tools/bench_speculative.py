@@ -8,8 +8,9 @@ Both models train on the built-in corpus with the same cached BPE tokenizer (sam
 corpus bytes, so the CLI trains it once). Prompts are random windows of the corpus's last 200 KB
 (in-domain text, possibly seen in training: what matters is how often draft and target agree,
 as on real in-domain requests). Batch 1, greedy and temperature 1, median of repeats after a
-compile call; prints JSON lines: tokens/s of each, the speedup and the acceptance rate. The
-training runs resume if their folders already hold checkpoints.
+compile call; prints JSON lines: tokens/s of the target alone (generate's default step) and of
+speculative decoding with the draft's default step and with XLA's, the speedups and the
+acceptance rate. The training runs resume if their folders already hold checkpoints.
 """
 
 from __future__ import annotations
@@ -49,12 +50,15 @@ def main(argv=None) -> int:
     parser.add_argument("--gamma", type=int, default=4)
     parser.add_argument("--new", type=int, default=None, help="new tokens (default 256; tiny 24)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-train", action="store_true",
+                        help="use the runs already in --work as they are (for repeated timings)")
     args = parser.parse_args(argv)
     target_overrides, draft_overrides, steps, batch, seq = SHAPES["tiny" if args.tiny else "gpu"]
     new_tokens = args.new or (24 if args.tiny else 256)
     runs = {name: os.path.join(args.work, name) for name in ("target", "draft")}
-    train(runs["target"], target_overrides, steps, batch, seq)
-    train(runs["draft"], draft_overrides, steps, batch, seq)
+    if not args.no_train:
+        train(runs["target"], target_overrides, steps, batch, seq)
+        train(runs["draft"], draft_overrides, steps, batch, seq)
 
     import jax  # after the training subprocesses: they need the accelerator alone
 
@@ -71,26 +75,30 @@ def main(argv=None) -> int:
             x.size for x in jax.tree.leaves(draft_params))), "gamma": args.gamma,
         "new_tokens": new_tokens, "prompts": len(starts)}), flush=True)
     for temperature in (0.0, 1.0):
-        plain_s, spec_s, rates = [], [], []
+        seconds = {"plain": [], "speculative": [], "speculative_xla_draft": []}
+        rates = []
         for start in starts:
             prompt = [list(ids[start:start + prompt_len])]
-            plain_s.append(timed(lambda: decode.generate(
-                target_cfg, target_params, prompt, max_new_tokens=new_tokens,
-                temperature=temperature), args.repeats))
-            spec_s.append(timed(lambda: decode.speculative_generate(
-                target_cfg, target_params, draft_cfg, draft_params, prompt, gamma=args.gamma,
-                max_new_tokens=new_tokens, temperature=temperature), args.repeats))
+            common = dict(max_new_tokens=new_tokens, temperature=temperature)
+            speculative = {"speculative": None, "speculative_xla_draft": False}  # draft's step
+            seconds["plain"].append(timed(lambda: decode.generate(
+                target_cfg, target_params, prompt, **common), args.repeats))
+            for name, step in speculative.items():
+                seconds[name].append(timed(lambda: decode.speculative_generate(
+                    target_cfg, target_params, draft_cfg, draft_params, prompt, gamma=args.gamma,
+                    pallas_step=step, **common), args.repeats))
             _, stats = decode.speculative_generate(target_cfg, target_params, draft_cfg,
                                                    draft_params, prompt, gamma=args.gamma,
-                                                   max_new_tokens=new_tokens,
-                                                   temperature=temperature)
+                                                   **common)
             rates.append(stats["acceptance_rate"])
-        plain, spec = sum(plain_s), sum(spec_s)
-        print(json.dumps({"temperature": temperature,
-                          "plain_tokens_per_s": round(len(starts) * new_tokens / plain, 1),
-                          "speculative_tokens_per_s": round(len(starts) * new_tokens / spec, 1),
-                          "speedup": round(plain / spec, 3),
-                          "acceptance_rate": round(float(np.mean(rates)), 3)}), flush=True)
+        total = {name: sum(times) for name, times in seconds.items()}
+        record = {"temperature": temperature}
+        for name, time in total.items():
+            record[f"{name}_tokens_per_s"] = round(len(starts) * new_tokens / time, 1)
+        record["speedup"] = round(total["plain"] / total["speculative"], 3)
+        record["speedup_xla_draft"] = round(total["plain"] / total["speculative_xla_draft"], 3)
+        record["acceptance_rate"] = round(float(np.mean(rates)), 3)
+        print(json.dumps(record), flush=True)
     return 0
 
 
