@@ -438,6 +438,12 @@ def _chain_by_default(cfg: ModelConfig, quantize_cache: bool) -> bool:
             and _chain_reason(cfg, 1, quantize_cache, None) is None)
 
 
+# On CPU the chain step runs in Mosaic GPU's interpreter, its warpgroups as threads that poll
+# each other. On a 2-core host, generate's loop with it never finished with 1-4 emulated host
+# devices and ran with 5-8 (the tests run with 8): refused below 8 instead of hanging.
+INTERPRETER_MIN_DEVICES = 8
+
+
 def _chain_reason(cfg: ModelConfig, batch: int, quantize_cache: bool, mesh) -> Optional[str]:
     """Why chain_step cannot run this request (checked with the model's longest cache), or
     None."""
@@ -447,6 +453,11 @@ def _chain_reason(cfg: ModelConfig, batch: int, quantize_cache: bool, mesh) -> O
                                     num_ctas=None if _measured_gpu() else 2)
     if jax.default_backend() == "gpu" and not _measured_gpu():  # (elsewhere: the interpreter)
         reason = "; ".join(filter(None, [reason, "a GPU other than Hopper (H100, H200)"]))
+    if jax.default_backend() == "cpu" and jax.device_count() < INTERPRETER_MIN_DEVICES:
+        reason = "; ".join(filter(None, [reason, (
+            f"its CPU interpreter with {jax.device_count()} host device(s): set XLA_FLAGS="
+            f"--xla_force_host_platform_device_count={INTERPRETER_MIN_DEVICES} "
+            "before JAX starts")]))
     if mesh is not None:
         reason = "; ".join(filter(None, [reason, "a mesh (it runs on one device)"]))
     return reason

@@ -140,6 +140,17 @@ def test_speculative_decoding_with_a_chain_step_draft():
     assert accepted[0] == 1.0 and 0 < accepted[1] < 1
 
 
+def test_the_chain_step_names_the_host_devices_its_interpreter_needs(monkeypatch):
+    """With too few emulated host devices the CPU interpreter's polling threads were seen to
+    wait forever: refused with the flag to set instead (the tests run with 8)."""
+    from jaxlm import decode
+
+    cfg = _config()
+    monkeypatch.setattr(decode, "INTERPRETER_MIN_DEVICES", jax.device_count() + 1)
+    with pytest.raises(ValueError, match="xla_force_host_platform_device_count"):
+        decode.generate(cfg, _params(cfg), [[1, 2]], max_new_tokens=2, pallas_step="chain")
+
+
 def test_the_chain_step_refuses_weights_with_nan_or_inf():
     """A NaN would keep the chain's stages waiting for each other forever (NaN is their
     "not written yet"): generate and stream name the weights instead of running."""
