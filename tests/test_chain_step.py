@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import kv_cache, model
+from jaxlm import decode_steps, kv_cache, model
 from jaxlm.config import ModelConfig, RopeScaling
 from pallas_kernels import chain_step
 
@@ -146,7 +146,7 @@ def test_the_chain_step_names_the_host_devices_its_interpreter_needs(monkeypatch
     from jaxlm import decode
 
     cfg = _config()
-    monkeypatch.setattr(decode, "INTERPRETER_MIN_DEVICES", jax.device_count() + 1)
+    monkeypatch.setattr(decode_steps, "INTERPRETER_MIN_DEVICES", jax.device_count() + 1)
     with pytest.raises(ValueError, match="xla_force_host_platform_device_count"):
         decode.generate(cfg, _params(cfg), [[1, 2]], max_new_tokens=2, pallas_step="chain")
 
@@ -175,7 +175,7 @@ def test_the_default_takes_the_chain_step_for_bf16_models_it_runs(monkeypatch):
 
     bf16 = dataclasses.replace(_config(), compute_dtype="bfloat16", param_dtype="bfloat16")
     assert decode.use_pallas_step(bf16, 1) is False  # on CPU: XLA's step
-    monkeypatch.setattr(decode, "_measured_gpu", lambda: True)  # as on an H100 or H200
+    monkeypatch.setattr(decode_steps, "measured_gpu", lambda: True)  # as on an H100 or H200
     assert decode.use_pallas_step(bf16, 1) == "chain"
     assert decode.use_pallas_step(_config(), 1) is True  # float32 compute: the fused step
     assert decode.use_pallas_step(dataclasses.replace(bf16, head_dim=32), 1) is True

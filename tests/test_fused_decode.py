@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import decode, kv_cache, model
+from jaxlm import decode, decode_steps, kv_cache, model
 from jaxlm.config import ModelConfig, RopeScaling
 from pallas_kernels import fused_decode
 
@@ -180,7 +180,7 @@ def test_generate_refuses_what_the_step_cannot_run(change, call, message):
 def test_the_default_picks_the_pallas_step_only_where_it_runs_and_is_faster(monkeypatch):
     small = _config(2)
     assert not decode.use_pallas_step(small, 1)  # on CPU: XLA's step (interpret mode is slow)
-    monkeypatch.setattr(decode, "_measured_gpu", lambda: True)  # as on an H100 or H200
+    monkeypatch.setattr(decode_steps, "measured_gpu", lambda: True)  # as on an H100 or H200
     assert decode.use_pallas_step(small, 1)
     assert not decode.use_pallas_step(small, 2)  # batch 2
     assert not decode.use_pallas_step(small, 1, quantize_cache=True)  # int8 cache: unsupported
