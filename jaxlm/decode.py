@@ -187,7 +187,6 @@ def _token_log_prob(logits: jax.Array, token: jax.Array) -> jax.Array:
     return jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
 
 
-
 # Decode steps between two checks of the loop's stop condition (eos). A check is a while loop's
 # predicate, which XLA on a GPU copies to the host and waits for before it launches the next
 # step (0.018-0.025 ms on an H200); steps in between run as a loop of known length, which it
@@ -312,7 +311,6 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     return results, [[float(x) for x in log_probs[i, :len(row)]] for i, row in enumerate(results)]
 
 
-
 _sample_checked = jax.jit(lambda logits, key, sampling: (
     sample(logits, key, sampling), jnp.isfinite(logits).all()), static_argnums=2)
 _non_finite = jax.jit(lambda params: jax.tree.map(lambda x: ~jnp.all(jnp.isfinite(x)), params))
@@ -341,7 +339,6 @@ def check_finite_weights(params: dict) -> None:
         raise ValueError(f"the weights hold NaN or inf in {', '.join(bad[:5])}"
                          f"{' and more' if len(bad) > 5 else ''}: a diverged or damaged "
                          "checkpoint? Load a good one")
-
 
 
 def on_mesh(mesh: Optional[Mesh]):
@@ -394,7 +391,6 @@ def stream(cfg: ModelConfig, params: dict, prompt: Sequence[int], *, max_new_tok
         else:
             logits, cache = decode_step(cfg, params, token[:, None], cache)
             logits = logits[:, 0]
-
 
 
 # ---------------------------------------------------------------------------------------------

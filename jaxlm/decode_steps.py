@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jaxlm import model
+from jaxlm import kv_cache, model
 from jaxlm.config import ModelConfig
 
 
@@ -104,13 +104,12 @@ def _use_chain_step(cfg: ModelConfig, batch: int, quantize_cache: bool, mesh) ->
     return "chain"
 
 
-
 def token_stepper(cfg, params, inference, cache, cache_len, pallas_step):
     """One-token decode steps after prefill, inside a jitted loop: (step, state) with
     step(token [B], state, position) -> (logits [B, V], state). position is the token's index
     (a scalar: batch 1), read by the chain step only, whose state holds its own copy of the
-    cache: entries past position are never read, so a caller rolls it back by position alone.
-    The other steps' state is the model's cache (kv_cache.set_lengths rolls it back).
+    cache: entries past position are never read. The other steps' state is the model's cache.
+    `rewind` cuts either back after rejected tokens.
     params: as given (the Pallas steps make their own copies); inference: model.inference_params.
     """
     if pallas_step == "chain":
@@ -126,6 +125,12 @@ def token_stepper(cfg, params, inference, cache, cache_len, pallas_step):
 
     return xla_step, cache
 
+
+def rewind(pallas_step, state, lengths: jax.Array):
+    """token_stepper's state with each sequence's cache cut back to `lengths` [B] (entries past
+    them are overwritten before they are read): the chain step's state as it is, since the
+    position it is given is all it reads by; the model's cache by kv_cache.set_lengths."""
+    return state if pallas_step == "chain" else kv_cache.set_lengths(state, lengths)
 
 
 def _chain_prepare(cfg: ModelConfig, params: dict, cache_len: int):

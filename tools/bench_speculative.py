@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_decode import timed  # noqa: E402  (tools/ is not a package)
 
+CORPUS_BYTES = 20_000_000
 SHAPES = {  # (target overrides, draft overrides, steps, batch, seq)
     "gpu": (["--config", "1b", "--model.vocab_size=4096", "--model.max_seq_len=1024"],
             ["--config", "125m", "--model.vocab_size=4096", "--model.num_layers=4",
@@ -38,9 +39,18 @@ SHAPES = {  # (target overrides, draft overrides, steps, batch, seq)
 def train(run_dir: str, overrides: list[str], steps: int, batch: int, seq: int) -> None:
     command = [sys.executable, "-m", "jaxlm.train", "--run-dir", run_dir, "--steps", str(steps),
                *overrides, f"--train.batch_size={batch}", f"--train.seq_len={seq}",
-               "--train.default_corpus_bytes=20000000", f"--train.checkpoint_every={steps}",
+               f"--train.default_corpus_bytes={CORPUS_BYTES}", f"--train.checkpoint_every={steps}",
                f"--train.eval_every={steps}"]
     subprocess.run(command, check=True)
+
+
+def in_domain_prompts(tokenizer, length: int, count: int) -> list[list[int]]:
+    """count windows of `length` token ids from the built-in corpus's last 200 KB (seed 0)."""
+    from jaxlm import data
+
+    ids = tokenizer.encode(data.default_corpus(CORPUS_BYTES)[-200_000:])
+    starts = np.random.default_rng(0).integers(0, len(ids) - length, count)
+    return [[int(t) for t in ids[start:start + length]] for start in starts]
 
 
 def main(argv=None) -> int:
@@ -62,25 +72,22 @@ def main(argv=None) -> int:
 
     import jax  # after the training subprocesses: they need the accelerator alone
 
-    from jaxlm import checkpoint, data, decode
+    from jaxlm import checkpoint, decode
 
     target_cfg, target_params, tokenizer = checkpoint.load_run(runs["target"])
     draft_cfg, draft_params, _ = checkpoint.load_run(runs["draft"])
-    corpus = data.default_corpus(20_000_000)
-    ids = tokenizer.encode(corpus[-200_000:])
-    prompt_len = 32 if args.tiny else 128
-    starts = np.random.default_rng(0).integers(0, len(ids) - prompt_len, 4)
+    prompts = in_domain_prompts(tokenizer, 32 if args.tiny else 128, 4)
     print(json.dumps({"device": jax.devices()[0].device_kind, "target_params": int(sum(
         x.size for x in jax.tree.leaves(target_params))), "draft_params": int(sum(
             x.size for x in jax.tree.leaves(draft_params))), "gamma": args.gamma,
-        "new_tokens": new_tokens, "prompts": len(starts)}), flush=True)
+        "new_tokens": new_tokens, "prompts": len(prompts)}), flush=True)
+    speculative = {"speculative": None, "speculative_xla_draft": False}  # the draft's step
     for temperature in (0.0, 1.0):
         seconds = {"plain": [], "speculative": [], "speculative_xla_draft": []}
         rates = []
-        for start in starts:
-            prompt = [list(ids[start:start + prompt_len])]
+        for one in prompts:
+            prompt = [one]
             common = dict(max_new_tokens=new_tokens, temperature=temperature)
-            speculative = {"speculative": None, "speculative_xla_draft": False}  # draft's step
             seconds["plain"].append(timed(lambda: decode.generate(
                 target_cfg, target_params, prompt, **common), args.repeats))
             for name, step in speculative.items():
@@ -94,7 +101,7 @@ def main(argv=None) -> int:
         total = {name: sum(times) for name, times in seconds.items()}
         record = {"temperature": temperature}
         for name, time in total.items():
-            record[f"{name}_tokens_per_s"] = round(len(starts) * new_tokens / time, 1)
+            record[f"{name}_tokens_per_s"] = round(len(prompts) * new_tokens / time, 1)
         record["speedup"] = round(total["plain"] / total["speculative"], 3)
         record["speedup_xla_draft"] = round(total["plain"] / total["speculative_xla_draft"], 3)
         record["acceptance_rate"] = round(float(np.mean(rates)), 3)

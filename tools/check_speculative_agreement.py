@@ -21,6 +21,9 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_speculative import in_domain_prompts  # noqa: E402  (tools/ is not a package)
+
 
 def first_difference(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
@@ -38,16 +41,14 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from jaxlm import checkpoint, data, decode, model
+    from jaxlm import checkpoint, decode, model
 
     target_cfg, target_params, tokenizer = checkpoint.load_run(os.path.join(args.work, "target"))
     draft_cfg, draft_params, _ = checkpoint.load_run(os.path.join(args.work, "draft"))
-    ids = tokenizer.encode(data.default_corpus(20_000_000)[-200_000:])  # as bench_speculative
-    starts = np.random.default_rng(0).integers(0, len(ids) - args.prompt_len, args.prompts)
+    prompts = in_domain_prompts(tokenizer, args.prompt_len, args.prompts)
     forward = jax.jit(lambda cfg, params, tokens: jnp.argmax(model.forward(
         cfg, model.inference_params(cfg, params), tokens)[0][0], -1), static_argnums=0)
-    for start in starts:
-        prompt = [int(t) for t in ids[start:start + args.prompt_len]]
+    for index, prompt in enumerate(prompts):
         common = dict(max_new_tokens=args.new, temperature=0.0)
         default = decode.generate(target_cfg, target_params, [prompt], **common)[0]
         xla = decode.generate(target_cfg, target_params, [prompt], pallas_step=False, **common)[0]
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
         agreement = float(np.mean(draft == target))
         expected = sum(agreement ** i for i in range(1, args.gamma + 1)) / args.gamma
         print(json.dumps({
-            "prompt_start": int(start), "acceptance_rate": round(stats["acceptance_rate"], 3),
+            "prompt": index, "acceptance_rate": round(stats["acceptance_rate"], 3),
             "draft_agrees": round(agreement, 3), "expected_rate": round(expected, 3),
             "first_difference_from_xla": {
                 "default_step": first_difference(default, xla),
