@@ -522,18 +522,45 @@ def test_whole_step_kernel_lowers_for_hopper_and_checks_its_inputs(shared, max_l
         sc.init_chain_state(plan, (jnp.zeros((2, 8, max_len, 64)),) * 2)
 
 
+def _profiled(units, starts, inset=1, counter=None):
+    """A trace as Mosaic GPU's ProfilerSpec.dump writes it from a raw event buffer: per CTA
+    (units: {cta: [(begin, ready, end), ...]}) an "x" scope to ready, "products" from ready +
+    inset to end - inset and a one-tick "store" at end, in times that counter(cta, t) turns
+    into the CTA's cycles (default: the times are cycles); starts: {cta: global timer, ns}.
+    The producer warpgroup records one scope 1 cycle long, so the least gap between two
+    events is 1 and the dump takes no profiling overhead off."""
+    import io
+    import json
+
+    profiler = pytest.importorskip("jax.experimental.mosaic.gpu.profiler")
+    counter = counter or (lambda cta, t: t)
+    spec = profiler.ProfilerSpec(256)
+    ids = {name: spec.intern_name(name) for name in ("x", "products", "store")}
+    buffer = np.zeros((len(units), 2, 256), np.uint32)  # [CTA, warpgroup, entries]
+    for cta, triples in units.items():
+        events = []
+        for begin, ready, end in triples:
+            for name, lo, hi in (("x", begin, ready), ("products", ready + inset, end - inset),
+                                 ("store", end, end + 1)):
+                events += [ids[name] | spec.ENTER, counter(cta, lo),
+                           ids[name] | spec.EXIT, counter(cta, hi)]
+        buffer[cta, 0, :3] = (starts[cta], cta, len(events))
+        buffer[cta, 0, 3:3 + len(events)] = events
+        buffer[cta, 1, :7] = (starts[cta], cta, 4, ids["x"] | spec.ENTER, 5,
+                              ids["x"] | spec.EXIT, 6)
+    out = io.StringIO()
+    spec.dump(buffer.reshape(-1), out, grid=(len(units),), block=(256,))
+    return json.loads(out.getvalue())
+
+
 def test_stage_timeline_puts_all_ctas_on_the_global_clock():
     """A trace written by Mosaic GPU's ProfilerSpec.dump (two CTAs; events in SM cycles from
     each CTA's global-timer start), read by the benchmark's stage_timeline: units matched to
     (layer, stage) by the round robin, times in ns on one clock, per-stage medians. Expected
     values worked by hand at 2 cycles a ns (the comments below)."""
-    import io
-    import json
-
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
     import bench_stage_chain as bench
 
-    profiler = pytest.importorskip("jax.experimental.mosaic.gpu.profiler")
     # Stage 0: 2 units (one a CTA); stage 1: 1 unit (CTA 0's); three layers.
     plan = sc.ChainPlan(layer=(sc.Stage(128, 128, 1), sc.Stage(64, 128, 1)), num_layers=3,
                         ctas=2)
@@ -547,23 +574,7 @@ def test_stage_timeline_puts_all_ctas_on_the_global_clock():
     starts = {0: 1000, 1: 1100}  # global timer (ns) at each CTA's start
 
     def dump(cycles):
-        spec = profiler.ProfilerSpec(128)
-        ids = {name: spec.intern_name(name) for name in ("x", "products", "store")}
-        buffer = np.zeros((2, 2, 128), np.uint32)  # [CTA, warpgroup, entries]
-        for cta, units in cycles.items():
-            events = []
-            for begin, ready, end in units:
-                for name, lo, hi in (("x", begin, ready), ("products", ready + 1, end - 1),
-                                     ("store", end, end + 1)):
-                    events += [ids[name] | spec.ENTER, lo, ids[name] | spec.EXIT, hi]
-            buffer[cta, 0, :3] = (starts[cta], cta, len(events))
-            buffer[cta, 0, 3:3 + len(events)] = events
-            # the producer warpgroup: a scope of its own, no units (left out)
-            buffer[cta, 1, :7] = (starts[cta], cta, 4, ids["x"] | spec.ENTER, 5,
-                                  ids["x"] | spec.EXIT, 9)
-        out = io.StringIO()
-        spec.dump(buffer.reshape(-1), out, grid=(2,), block=(256,))
-        return json.loads(out.getvalue())
+        return _profiled(cycles, starts)
 
     got = bench.stage_timeline(dump(cycles), plan, clock_ghz=2.0)
     # In ns from 1000 (a unit's end is its store's end, cycle end + 1; CTA 1 starts 100 later):
@@ -582,7 +593,41 @@ def test_stage_timeline_puts_all_ctas_on_the_global_clock():
     # The first layer only: stage 1 (after layer 0's stage 0), no stage 0 (nothing before
     # it), no layer step.
     first = bench.stage_timeline(dump(cycles), plan, clock_ghz=2.0, layers=1)
-    assert first == {"1:sum": got["1:sum"], "layer_us": None}
+    assert first == {"1:sum": got["1:sum"], "layer_us": None, "cta_clock_GHz": [2.0, 2.0]}
     with pytest.raises(ValueError, match="CTA 0 of 2 ran more units"):
         bench.stage_timeline(dump(cycles), dataclasses.replace(plan, num_layers=2),
                              clock_ghz=2.0)
+
+
+def test_stage_timeline_fits_each_ctas_cycle_counter_to_its_norm_units_inputs():
+    """SMs' cycle counters need not advance at one rate (on an H200 some counted 14% more
+    cycles than others between the same moments). Three CTAs with a norm unit each a layer,
+    which get their input at the same moments; CTA 2's counter runs 10% fast and starts
+    late. On the nominal clock its ends would drift 0.1 us a layer and stage 0 would
+    spread; stage_timeline's common_clock fits its rate (2.2 GHz) from the norm units'
+    inputs and gives the times as they were."""
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
+    import bench_stage_chain as bench
+
+    plan = sc.ChainPlan(layer=(sc.Stage(192, 128, 1, "norm"), sc.Stage(64, 128, 1)),
+                        num_layers=5, ctas=3)
+    ghz = {0: 2.0, 1: 2.0, 2: 2.2}
+    starts = {0: 1000, 1: 1000, 2: 1040}  # ns; CTA 2's first event 40 ns after the others'
+
+    # true ns from 1000: every norm unit's input at 300 + 1000 l; CTA 0 also runs stage 1
+    units = {cta: [(1000 * l + (40 if cta == 2 else 0) + 20 * cta, 1000 * l + 300,
+                    1000 * l + 500 + 10 * cta) for l in range(5)] for cta in range(3)}
+    units[0] = [unit for l in range(5) for unit in (units[0][l], (1000 * l + 600,
+                                                                  1000 * l + 800,
+                                                                  1000 * l + 900))]
+
+    trace = _profiled(units, starts, inset=5,  # counters: cycles from the start, own rates
+                      counter=lambda cta, t: round((t + 1000 - starts[cta]) * ghz[cta]))
+    got = bench.stage_timeline(trace, plan, clock_ghz=2.0)
+    # stage 0's ends 500, 510, 520 a layer, 0.4 us after stage 1's end (900 a layer before);
+    # stage 1 0.38 us after stage 0's last end (520).
+    assert got["0:norm"] == {"done_after_prev_us": 0.62, "ready_after_prev_us": 0.4,
+                             "spread_us": 0.02}
+    assert got["1:sum"] == {"done_after_prev_us": 0.38, "ready_after_prev_us": 0.28,
+                            "spread_us": 0.0}
+    assert got["layer_us"] == 1.0 and got["cta_clock_GHz"] == [2.0, 2.2]

@@ -214,7 +214,7 @@ def unit_sequence(plan: sc.ChainPlan, cta: int, num_ctas: int) -> list:
 
 UNIT_ENDS = ("store", "att_store")  # the consumer scopes that close a unit
 READY = ("x", "att_q", "att_new")  # the scopes that end when a unit's input is there
-TIMELINE_LAYERS = 4  # the layers stage_timeline's medians take (its clocks drift later)
+TIMELINE_LAYERS = 4  # the layers stage_timeline's medians take (all recorded for every CTA)
 
 
 def stage_timeline(trace: dict, plan: sc.ChainPlan, clock_ghz: float,
@@ -227,11 +227,11 @@ def stage_timeline(trace: dict, plan: sc.ChainPlan, clock_ghz: float,
     unit_sequence. Only stages whose units were all recorded count: the profiler keeps a
     CTA's first PROFILE_REGIONS scopes, which at 1b with 4,096 positions end in the last
     layer.
-    Caution: the CTAs' times drift apart as the call goes on. In a 1b call on an H200 (768
-    positions) each CTA's span from its first scope to its last differed by up to 2.6%
-    between CTAs, the ones with fewer scopes longer, though all of them end in the head,
-    within its spread: about 20 us by the end of the call. So `layers` keeps the medians to
-    the first layers (the benchmark: TIMELINE_LAYERS), where it is a few us at most. Per
+    Each CTA's cycles are put on one clock by `common_clock`, which fits every CTA's rate
+    and offset to the moments its norm units got their input (on the nominal clock, SMs'
+    counters drifted microseconds apart within a few layers: the twenty-second session's
+    "drift"). `layers` keeps the medians to the first layers (the benchmark:
+    TIMELINE_LAYERS), which the profiler's scope limit records for every CTA. Per
     stage of a layer, medians over the layers (the first layer's first stage has no stage
     before it and is left out; with `layers`, so is the tail):
       done_after_prev_us: its last unit's end after the previous stage's last unit's end
@@ -240,7 +240,8 @@ def stage_timeline(trace: dict, plan: sc.ChainPlan, clock_ghz: float,
         poll, or att_q / att_new, as thread 0 of the unit saw it), after the previous
         stage's last end;
       spread_us: its last unit's end after its first's.
-    Also "layer_us", the median time between two layers' last ends."""
+    Also "layer_us", the median time between two layers' last ends, and "cta_clock_GHz",
+    the least and most rate common_clock found for a CTA's cycle counter."""
     threads = ring_matvec._by_thread(trace["traceEvents"])
     # The consumers' traces (the ones with units), in CTA order (the profiler's tid grows
     # with the CTA).
@@ -248,11 +249,12 @@ def stage_timeline(trace: dict, plan: sc.ChainPlan, clock_ghz: float,
                    if any(e["name"] in UNIT_ENDS for e in events)), key=lambda t: t[1])
     stages = plan.layer + plan.tail
     n_layer = len(plan.layer)
-    ends: dict = {}
-    readies: dict = {}
+    # Each CTA's unit ends and readies in its own SM cycles from its start (global timer, ns).
+    cycles: dict = {}  # (layer, stage) -> [(cta, ready cycles or None, end cycles)]
+    starts = {}
     for cta, thread in enumerate(ctas):
         events = threads[thread]
-        base = events[0]["ts"] * 1e3
+        starts[cta] = events[0]["ts"] * 1e3
         units = iter(unit_sequence(plan, cta, len(ctas)))
         depth, ready = 0, None
         for event in events:
@@ -262,9 +264,9 @@ def stage_timeline(trace: dict, plan: sc.ChainPlan, clock_ghz: float,
             depth -= 1
             if depth:
                 continue
-            ns = base + (event["ts"] * 1e3 - base) / clock_ghz
+            cycle = event["ts"] * 1e3 - starts[cta]
             if event["name"] in READY:
-                ready = ns
+                ready = cycle
             elif event["name"] in UNIT_ENDS:
                 try:
                     key = next(units)
@@ -274,10 +276,25 @@ def stage_timeline(trace: dict, plan: sc.ChainPlan, clock_ghz: float,
                         f"CTA {cta} of {len(ctas)} ran more units than the plan gives it "
                         f"({len(unit_sequence(plan, cta, len(ctas)))}); its scopes: "
                         f"{dict(names)}") from None
-                ends.setdefault(key, []).append(ns)
-                if ready is not None:
-                    readies.setdefault(key, []).append(ready)
+                cycles.setdefault(key, []).append((cta, ready, cycle))
                 ready = None
+    # The moments a norm stage's units got their input (layer 0's first stage reads x0,
+    # there from the start, so it is not one).
+    sync: dict = {}
+    for key, rows in cycles.items():
+        if stages[key[1]].prologue == "norm" and key != (0, 0):
+            for cta, ready, _ in rows:
+                if ready is not None:
+                    sync.setdefault(key, {}).setdefault(cta, ready)
+    clocks = common_clock(sync, starts, clock_ghz)
+    ends: dict = {}
+    readies: dict = {}
+    for key, rows in cycles.items():
+        for cta, ready, end in rows:
+            offset, ns_per_cycle = clocks[cta]
+            ends.setdefault(key, []).append(offset + ns_per_cycle * end)
+            if ready is not None:
+                readies.setdefault(key, []).append(offset + ns_per_cycle * ready)
     order = [(layer, k) for layer in range(min(plan.num_layers, layers or plan.num_layers))
              for k in range(n_layer)]
     if layers is None:
@@ -305,7 +322,40 @@ def stage_timeline(trace: dict, plan: sc.ChainPlan, clock_ghz: float,
            for k, row in sorted(rows.items())}
     out["layer_us"] = median_us([last[layer] - last[layer - 1] for layer in last
                                  if layer - 1 in last])
+    rates = [1 / clocks[cta][1] for cta in clocks]
+    out["cta_clock_GHz"] = [round(min(rates), 3), round(max(rates), 3)]
     return out
+
+
+def common_clock(sync: dict, starts: dict, clock_ghz: float, rounds: int = 5) -> dict:
+    """{cta: (offset ns, ns a cycle)}: each CTA's cycle counts on one clock.
+
+    The profiler stamps a CTA's start with the global timer (which ticks too coarsely to time
+    events by itself) and its events with its SM's cycle counter, and SMs' counters do not
+    advance at one rate: in a 125m chain on an H200 (twenty-fourth session) the CTAs with
+    fewer units counted up to 14% more cycles than the others between the same two moments.
+    On the nominal clock their events drifted microseconds late within a few layers, and
+    consumers seemed to get their inputs before the producers stored them. A norm stage's
+    units each poll the whole of the stage before's output, so they get it within about a
+    poll of each other: those moments (sync: {point: {cta: cycles}}) set each CTA's offset
+    and rate, by least squares against the median over CTAs of where the last round put
+    them. A CTA with fewer than 3 such moments keeps clock_ghz (and its start, or one
+    moment's offset)."""
+    clocks = {cta: (start, 1 / clock_ghz) for cta, start in starts.items()}
+    for _ in range(rounds):
+        moments = {point: float(np.median([clocks[c][0] + clocks[c][1] * v
+                                           for c, v in by_cta.items()]))
+                   for point, by_cta in sync.items()}
+        for cta in clocks:
+            pairs = [(by_cta[cta], moments[p]) for p, by_cta in sync.items() if cta in by_cta]
+            if len(pairs) >= 3:
+                counted, at = np.array(pairs).T
+                rate, offset = np.polyfit(counted, at, 1)
+                clocks[cta] = (float(offset), float(rate))
+            elif pairs:
+                counted, at = pairs[0]
+                clocks[cta] = (at - counted / clock_ghz, 1 / clock_ghz)
+    return clocks
 
 
 def attention_inputs(plan: sc.ChainPlan, max_len: int, seed: int):
