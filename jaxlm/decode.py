@@ -198,22 +198,8 @@ STEPS_PER_CHECK = 8
 BATCHED_STEPS_PER_CHECK = 1
 
 
-# XLA options for generate's loop by decode step (generate's pallas_step). XLA runs a loop
-# iteration's kernels as one CUDA graph (a command buffer) by default; around the chain
-# step's one long kernel and a dozen small ones, plain launches were faster on an H200:
-# 125m 0.183-0.188 ms a step against 0.209-0.228 with command buffers (docs/benchmarks.md,
-# twenty-fourth session). The other steps keep XLA's defaults.
-LOOP_COMPILER_OPTIONS = {"chain": {"xla_gpu_enable_command_buffer": ""}}
-_LOOP_STATIC = dict(static_argnums=(0, 1, 2, 3, 4, 5),
-                    static_argnames=("with_log_probs", "pallas_step", "steps_per_check"))
-
-
-@functools.cache
-def _compiled_loop(options: tuple):
-    """_generate_loop jitted with XLA options (sorted (name, value) pairs)."""
-    return jax.jit(_generate_loop, compiler_options=dict(options) or None, **_LOOP_STATIC)
-
-
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5),
+                   static_argnames=("with_log_probs", "pallas_step", "steps_per_check"))
 def _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize, params, tokens,
                    lengths, key, real, with_log_probs=False, pallas_step=False,
                    steps_per_check=STEPS_PER_CHECK):
@@ -308,12 +294,11 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     pallas_step = use_pallas_step(cfg, len(prompts), quantize_cache, mesh, pallas_step)
     tokens, lengths, cache_len, real = batch_prompts(prompts, mesh, 0, max_new_tokens)
     with on_mesh(mesh):
-        loop = _compiled_loop(tuple(sorted(LOOP_COMPILER_OPTIONS.get(pallas_step, {}).items())))
-        out = loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize_cache,
-                   params, tokens, lengths, jax.random.key(seed), real,
-                   with_log_probs=return_log_probs, pallas_step=pallas_step,
-                   steps_per_check=(STEPS_PER_CHECK if len(prompts) == 1
-                                    else BATCHED_STEPS_PER_CHECK))
+        out = _generate_loop(cfg, sampling, max_new_tokens, eos_id, cache_len, quantize_cache,
+                             params, tokens, lengths, jax.random.key(seed), real,
+                             with_log_probs=return_log_probs, pallas_step=pallas_step,
+                             steps_per_check=(STEPS_PER_CHECK if len(prompts) == 1
+                                              else BATCHED_STEPS_PER_CHECK))
     out, log_probs, first_bad = (out if return_log_probs else (out[0], None, out[1]))
     if int(first_bad) >= 0:
         raise ValueError(overflow_message(int(first_bad)))

@@ -172,30 +172,6 @@ def bench_loop_forms(name: str, cfg, params, prompt_len: int, new_tokens: int, p
         decode.STEPS_PER_CHECK = default
 
 
-def bench_command_buffers(name: str, cfg, params, prompt_len: int, new_tokens: int, pallas_step,
-                          rounds: int = 2) -> None:
-    """Batch-1 step time with generate's loop compiled with XLA's command buffers (CUDA graphs
-    of a loop iteration's kernels, XLA's default) and without, alternated in one process
-    (decode.LOOP_COMPILER_OPTIONS for this step, restored after)."""
-    forms = {"on": {}, "off": {"xla_gpu_enable_command_buffer": ""}}
-    saved = dict(decode.LOOP_COMPILER_OPTIONS)
-    try:
-        for round_ in range(rounds):
-            for form, options in forms.items():
-                decode.LOOP_COMPILER_OPTIONS[pallas_step] = options
-                one = bench_generate(cfg, params, 1, prompt_len, 1, repeats=3,
-                                     pallas_step=pallas_step)
-                full = bench_generate(cfg, params, 1, prompt_len, new_tokens, repeats=3,
-                                      pallas_step=pallas_step)
-                print(json.dumps({"model": name, "command_buffers": form, "round": round_,
-                                  "pallas_step": pallas_step,
-                                  "step_ms": round((full - one) / (new_tokens - 1) * 1e3, 4)}),
-                      flush=True)
-    finally:
-        decode.LOOP_COMPILER_OPTIONS.clear()
-        decode.LOOP_COMPILER_OPTIONS.update(saved)
-
-
 def float32_check(cfg, params, prompt, tokens) -> dict:
     """The greedy tokens against one float32 forward over prompt + tokens (teacher-forced):
     how many are the float32 argmax at their position, the largest gap (float32 max logit -
@@ -228,15 +204,12 @@ def bench_model(name: str, args, bandwidth: float, read: Optional[float] = None)
                               attention_impl=impl,
                               max_seq_len=max(cfg.max_seq_len, 1024, prompt_len + new_tokens))
     params = model.init_params(cfg, jax.random.key(0))
-    steps = [True] * bool(args.pallas_step) + ["chain"] * bool(args.chain_step)
-    if args.loop_forms or args.command_buffers:
-        for step in [False] + steps:
-            if args.loop_forms:
-                bench_loop_forms(name, cfg, params, prompt_len, new_tokens, step)
-            if args.command_buffers:
-                bench_command_buffers(name, cfg, params, prompt_len, new_tokens, step)
-        return
     greedy = bench_step(name, cfg, params, prompt_len, new_tokens, bandwidth, read=read)
+    steps = [True] * bool(args.pallas_step) + ["chain"] * bool(args.chain_step)
+    if args.loop_forms:
+        for step in [False] + steps:
+            bench_loop_forms(name, cfg, params, prompt_len, new_tokens, step)
+        return
     for step in steps:  # the Pallas decode steps, batch 1, against XLA's just above
         bench_step(name, cfg, params, prompt_len, new_tokens, bandwidth, pallas_step=step,
                    read=read, greedy=greedy)
@@ -339,10 +312,6 @@ def main() -> None:
                         help="batch 1 only: the step time of generate's loop forms (stop "
                              "check after each step, every 8, none), XLA's step and those "
                              "chosen by --pallas-step/--chain-step")
-    parser.add_argument("--command-buffers", action="store_true",
-                        help="batch 1 only: the step time with generate's loop compiled with "
-                             "XLA's command buffers and without, XLA's step and those chosen "
-                             "by --pallas-step/--chain-step")
     parser.add_argument("--prompt-len", type=int, default=None,
                         help="prompt tokens (default 512; tiny 32): a longer context reads a "
                              "bigger cache each step")
