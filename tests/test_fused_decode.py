@@ -12,7 +12,7 @@ import pytest
 
 from jaxlm import decode, decode_steps, kv_cache, model
 from jaxlm.config import ModelConfig, RopeScaling
-from pallas_kernels import fused_decode
+from pallas_kernels import fused_decode, fused_decode_kernel
 
 PROMPT, STEPS = 9, 3
 
@@ -105,7 +105,7 @@ def test_residual_stages_with_several_blocks_a_program(one_launch, programs):
     cfg = _config(2)
     tiles = (("wo", 512), ("down", 512))
     for width in (cfg.num_heads * cfg.head_dim, cfg.mlp_dim):
-        rows = fused_decode._row_block(cfg.embed_dim, width, programs, 512)
+        rows = fused_decode_kernel._row_block(cfg.embed_dim, width, programs, 512)
         assert -(-cfg.embed_dim // programs) > rows  # more than one block a program
     options = {"programs": programs, "splits": 2, "stage_tiles": tiles}
     logit_error, cache_error, scale = _compare(cfg, _params(cfg), options, one_launch=one_launch)
@@ -197,7 +197,7 @@ def test_row_blocks_cover_every_row_once():
     """Each program's rows [lo, hi) in blocks of _row_block rows: a partition of all rows."""
     for rows, width, programs in [(2304, 768, 132), (768, 2048, 132), (50304, 768, 132),
                                   (96, 64, 5), (7, 64, 3)]:
-        block = fused_decode._row_block(rows, width, programs)
+        block = fused_decode_kernel._row_block(rows, width, programs)
         assert block & (block - 1) == 0 and block * width <= max(fused_decode.TILE_ELEMENTS, width)
         seen = np.zeros(rows, int)
         for pid in range(programs):
@@ -239,7 +239,7 @@ def test_plan_rejects_unknown_lookahead_stage():
 def test_an_input_never_written_ends_in_nan_not_a_hang(monkeypatch):
     """A stage waiting on data that never comes (here: gate/up left out) gives up after
     MAX_POLLS loads and computes with the NaN payload: NaN logits and the polls counted."""
-    monkeypatch.setattr(fused_decode, "MAX_POLLS", 3)
+    monkeypatch.setattr(fused_decode_kernel, "MAX_POLLS", 3)
     cfg = _config(2)
     cache = kv_cache.init_cache(cfg, 1, 32)
     plan = fused_decode.make_plan(cfg, cache, interpret=True, programs=1, splits=3,
@@ -310,13 +310,16 @@ def test_trace_timeline_adds_up(hopper_lowering):
 
 
 def test_ab_bench_runs_two_versions_side_by_side(monkeypatch):
-    """tools/bench_fused_decode_ab.py loads a second copy of the module beside the package's;
-    each copy plans and runs a step on its own (here: the same code, the same logits)."""
+    """tools/bench_fused_decode_ab.py loads a second copy of the step and its kernel module
+    beside the package's; each copy plans and runs a step on its own (here: the same code,
+    the same logits)."""
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
     import bench_fused_decode_ab
 
-    copy = bench_fused_decode_ab.load_version(str(bench_fused_decode_ab.PACKAGE_FILE), "copy")
+    copy = bench_fused_decode_ab.load_version(str(bench_fused_decode_ab.PACKAGE_DIR), "copy")
     assert copy is not fused_decode and copy.Plan is not fused_decode.Plan
+    assert copy._kernel is not fused_decode._kernel  # its own kernel module's
+    assert sys.modules[bench_fused_decode_ab.KERNEL] is fused_decode_kernel  # put back
     cfg = _config(2)
     params = _params(cfg)
     logits = []
@@ -326,7 +329,7 @@ def test_ab_bench_runs_two_versions_side_by_side(monkeypatch):
         logits.append(module.decode_token(cfg, module.prepare(cfg, params), jnp.array([7]),
                                           cache, plan=plan)[0])
     np.testing.assert_array_equal(logits[0], logits[1])
-    with pytest.raises(SystemExit, match="is not a file"):
+    with pytest.raises(SystemExit, match="neither fused_decode.py nor a directory"):
         bench_fused_decode_ab.load_version("/nonexistent/fused_decode.py", "missing")
     monkeypatch.setattr(sys, "argv", ["bench_fused_decode_ab.py", "--config", "tiny"])
     with pytest.raises(SystemExit, match="same code with the same plan"):

@@ -1,5 +1,5 @@
 """What a grid barrier costs on the GPU, alone and with the work a barrier-saving fusion would add
-(pallas_kernels/fused_decode.py's barrier: one arrival counter, polled).
+(pallas_kernels/fused_decode_kernel.py's barrier: one arrival counter, polled).
 
     python tools/bench_barrier_atomics.py            # GPU only (the barrier spins)
 
@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import fused_decode
+from pallas_kernels import fused_decode, fused_decode_kernel
 
 CHUNK = 256
 
@@ -41,11 +41,11 @@ def _kernel(counter_in, acc_in, part_in, counter, acc, part, *, plan, mode, copi
                 plgpu.store(part.at[pid, r, pl.ds(c * CHUNK, CHUNK)], value)
             elif mode == "atomic":
                 plgpu.atomic_add(acc, (r, lax.rem(pid, copies), pl.ds(c * CHUNK, CHUNK)), value)
-        fused_decode._arrive(counter, plan)
-        return polls + fused_decode._wait(counter, r + 1, plan)
+        fused_decode_kernel._arrive(counter, plan)
+        return polls + fused_decode_kernel._wait(counter, r + 1, plan)
 
     polls = lax.fori_loop(0, rounds, one_round, jnp.int32(0))
-    # the poll count is used, so the wait loop survives (see fused_decode._wait)
+    # the poll count is used, so the wait loop survives (see fused_decode_kernel._wait)
     part[pid, rounds - 1, pl.ds(0, 16)] = jnp.full((16,), 1.0) * polls.astype(jnp.float32)
 
 

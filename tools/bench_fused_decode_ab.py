@@ -3,12 +3,14 @@ process, one launch each, interleaved: a change to the kernel against the code b
 Plan option against the default, on the same card and with the same copy bandwidth (processes
 differ by a few percent).
 
-    git show HEAD~1:pallas_kernels/fused_decode.py > /tmp/fused_decode_before.py
-    python tools/bench_fused_decode_ab.py --baseline /tmp/fused_decode_before.py --config 1b
+    mkdir /tmp/before && git archive HEAD~1 pallas_kernels | tar -x -C /tmp/before
+    python tools/bench_fused_decode_ab.py --baseline /tmp/before/pallas_kernels --config 1b
     python tools/bench_fused_decode_ab.py --config 1b --candidate-plan lookahead=qkv,o_proj
 
-Each round times the baseline (a file, default the package's module), then the candidate (the
-package's fused_decode.py or `--candidate`, with `--candidate-plan` fields on top): a
+A version is a directory holding fused_decode.py and the fused_decode_kernel.py it imports
+(its own copy of both is loaded), or a single fused_decode.py from before the kernel had a
+file of its own. Each round times the baseline (default the package's), then the candidate
+(the package's or `--candidate`, with `--candidate-plan` fields on top): a
 jitted loop of `--steps` greedy steps, median of `--repeats` per step, with the roofline
 fraction (weight + KV bytes of a step over the copy bandwidth measured here). Both versions
 must take the same `make_plan` / `prepare` / `decode_token` arguments. GPU only (the
@@ -31,21 +33,38 @@ from bench_forward import time_step
 from check_fused_decode import greedy_loop, parse_field, setup
 from jaxlm import accounting
 
-PACKAGE_FILE = pathlib.Path(__file__).resolve().parents[1] / "pallas_kernels" / "fused_decode.py"
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1] / "pallas_kernels"
+KERNEL = "pallas_kernels.fused_decode_kernel"
 
 
-def load_version(path: str, label: str):
-    """A fused_decode.py file as its own module (registered: its dataclasses need that)."""
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise SystemExit(f"{label}: {path} is not a file (write one with `git show "
-                         "REV:pallas_kernels/fused_decode.py > FILE`)")
-    name = f"fused_decode_{label}"
+def _load(file: pathlib.Path, name: str):
+    """A file as a module of its own (registered: its dataclasses need that)."""
     spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_version(path: str, label: str):
+    """A version of the step (module docstring) as modules of its own: its kernel file, if it
+    has one, stands in for the package's while its fused_decode.py is imported."""
+    where = pathlib.Path(path)
+    step = where / "fused_decode.py" if where.is_dir() else where
+    if not step.is_file():
+        raise SystemExit(f"{label}: {path} is neither fused_decode.py nor a directory with one "
+                         "(write one with `git archive REV pallas_kernels | tar -x -C DIR`)")
+    kernel = step.with_name("fused_decode_kernel.py")
+    saved = sys.modules.get(KERNEL)
+    if kernel.is_file():
+        sys.modules[KERNEL] = _load(kernel, f"fused_decode_kernel_{label}")
+    try:
+        return _load(step, f"fused_decode_{label}")
+    finally:
+        if saved is None:
+            sys.modules.pop(KERNEL, None)
+        else:
+            sys.modules[KERNEL] = saved
 
 
 def step_time(module, name: str, steps: int, repeats: int, plan_options: dict) -> tuple:
@@ -64,9 +83,11 @@ def step_time(module, name: str, steps: int, repeats: int, plan_options: dict) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", default=str(PACKAGE_FILE),
-                        help="the fused_decode.py to compare with (default: the package's)")
-    parser.add_argument("--candidate", default=str(PACKAGE_FILE),
+    parser.add_argument("--baseline", default=str(PACKAGE_DIR),
+                        help="the version to compare with: a directory with fused_decode.py "
+                             "and fused_decode_kernel.py, or an older single fused_decode.py "
+                             "(default: the package's)")
+    parser.add_argument("--candidate", default=str(PACKAGE_DIR),
                         help="the version under test (default: the package's)")
     parser.add_argument("--config", action="append", help="preset(s) (default 125m and 1b)")
     parser.add_argument("--steps", type=int, default=64)

@@ -37,7 +37,7 @@ from bench_decode import copy_bandwidth  # tools/, next to this script
 from bench_forward import time_step
 from jaxlm import accounting, kv_cache, model
 from jaxlm.config import load_config
-from pallas_kernels import fused_decode
+from pallas_kernels import fused_decode, fused_decode_kernel
 
 
 def setup(name: str, dtype: str, prompt_len: int, steps: int):
@@ -155,7 +155,7 @@ def timeline(plan: fused_decode.Plan, trace) -> dict:
     count = fused_decode.barriers(plan)
     done, counted, release = (t[:, i:3 * count:3] for i in range(3))
     finish = np.concatenate([done[:, 1:], t[:, 3 * count:]], axis=1)  # each stage's end
-    synced = fused_decode.synced_stages(plan)
+    synced = fused_decode_kernel.synced_stages(plan)
     names = synced * plan.layers + ["head"]
     keys = ("barrier", "span", "work_median", "work_max", "atomic", "release_spread")
     rows: dict = {}
