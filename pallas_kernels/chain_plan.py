@@ -102,9 +102,6 @@ class ChainPlan:
     # with one poll at 768 positions; H200 profile, twenty-second session), 3 at 128, at
     # the price of registers. 64 until timed on a GPU.
     merge_values: int = MAX_POLLED_VALUES
-    # Nanoseconds a polling thread pauses after a round that found its input missing (0: none):
-    # whether the pollers' traffic through L2 slows the chain. Untimed until a GPU A/B.
-    poll_sleep_ns: int = 0
 
     @property
     def attention(self) -> int | None:
@@ -128,8 +125,6 @@ def check_plan(plan: ChainPlan, num_ctas: int) -> str | None:
         return f"registers {plan.registers} (a multiple of 8 from 232 to 256)"
     if not 8 <= plan.merge_values <= 192:
         return f"merge_values {plan.merge_values} (from 8 to 192: registers)"
-    if not 0 <= plan.poll_sleep_ns <= 1_000_000:
-        return f"poll_sleep_ns {plan.poll_sleep_ns} (from 0 to 1,000,000: nanosleep's range)"
     stages = list(plan.layer) + list(plan.tail)
     problem = _check_attention(plan)
     if problem:

@@ -404,13 +404,11 @@ NOT_WRITTEN = float("nan")  # a partial sum not yet stored in this call
 MAX_POLLS = 1 << 16  # copies of x a layer may take before it goes on (with NaN) instead of hanging
 
 
-def _poll_loads(sources, shape, vec: int | None = None, sleep_ns: int = 0):
+def _poll_loads(sources, shape, vec: int | None = None):
     """The float32 refs `sources` (global memory) as WG_STRIDED arrays, each thread reloading
     its own values until none is NaN (at most MAX_POLLS rounds). `shape` and `vec` are each
     source's shape and vector width, or (a list) a (shape, vec) per source: sources of
-    different shapes share the rounds, so one poll costs one memory round trip. sleep_ns: a
-    thread's pause (nanosleep) between a round that found NaN and the next: less polling
-    traffic through L2 while it waits, up to that much later when the data is there.
+    different shapes share the rounds, so one poll costs one memory round trip.
 
     The loads are volatile, so they bypass the SM's L1 (which does not see other SMs' stores)
     and are not merged or hoisted by the compiler; each round issues all of the thread's loads
@@ -461,9 +459,6 @@ def _poll_loads(sources, shape, vec: int | None = None, sleep_ns: int = 0):
             scf.condition(again, [count, *values])
         after = loop.after.blocks.append(i32, *types)
         with ir.InsertionPoint(after):
-            if sleep_ns:
-                llvm.inline_asm(ir.Type.parse("!llvm.void"), [], f"nanosleep.u32 {sleep_ns};",
-                                "", has_side_effects=True)
             scf.yield_([after.arguments[0]])
         results = list(loop.results)[1:1 + n]
         arrays = []

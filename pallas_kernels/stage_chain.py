@@ -422,8 +422,7 @@ def stage_chain(plan: ChainPlan, tiled, x0, *, norms=None, state=None, pos=None,
                 values, _ = lax.while_loop(again, lambda c: (load(), c[1] + 1),
                                            (load(), jnp.int32(1)))
                 return list(values)
-            return list(_poll_loads(views, [((t, K_STEP), _vec(t * K_STEP)) for t in counts],
-                                    sleep_ns=plan.poll_sleep_ns))
+            return list(_poll_loads(views, [((t, K_STEP), _vec(t * K_STEP)) for t in counts]))
 
         def poll_sums(refs, blocks):
             """For each (col, tiles) of blocks, the sum of refs' [col, col + tiles) rows of

@@ -121,23 +121,6 @@ def test_benchmarks_xla_baseline_is_the_same_chain(prologues):
     assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) < 0.03
 
 
-def test_poll_sleep_reaches_the_kernel_only_when_asked():
-    """ChainPlan.poll_sleep_ns puts a nanosleep in the polling loops' retry path (an option for
-    a GPU A/B); 0 leaves none, and check_plan refuses values nanosleep does not take."""
-    plan = SMALL
-    tiled = tuple(jax.ShapeDtypeStruct((plan.num_layers if i < len(plan.layer) else 1, st.units,
-                                        st.part // plan.k_slot, 64, plan.k_slot), jnp.bfloat16)
-                  for i, st in enumerate(plan.layer + plan.tail))
-    x0 = jax.ShapeDtypeStruct((plan.layer[0].cols,), jnp.float32)
-    for ns in (0, 200):
-        variant = dataclasses.replace(plan, poll_sleep_ns=ns)
-        text = jax.jit(lambda t, x: sc.stage_chain(variant, t, x)).trace(tiled, x0).lower(
-            lowering_platforms=("cuda",)).as_text()
-        assert ("nanosleep.u32 200" in text) == (ns == 200)
-    for bad in (-1, 1_000_001):
-        assert "poll_sleep_ns" in sc.check_plan(dataclasses.replace(plan, poll_sleep_ns=bad), 2)
-
-
 @pytest.mark.parametrize("name", ["small", "125m"])
 def test_kernel_lowers_to_mosaic_gpu_for_hopper(name):
     """Up to the Mosaic GPU module (no PTX): what Pallas' lowering rejects (dynamic unit loops,

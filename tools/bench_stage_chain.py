@@ -140,10 +140,6 @@ def main() -> None:
                         help="attention plans, comma-separated: values a thread polls at once "
                              "in o-proj's merge (ChainPlan.merge_values), each plan with each "
                              "(default 64)")
-    parser.add_argument("--poll-sleep-ns", default="0",
-                        help="comma-separated: ns a polling thread pauses between rounds that "
-                             "find no input (ChainPlan.poll_sleep_ns), each plan with each "
-                             "(default 0)")
     parser.add_argument("--profile", metavar="DIR",
                         help="also run one profiled call and report the consumer's phases "
                              "and the stages' timeline between CTAs (stage_timeline)")
@@ -166,10 +162,6 @@ def main() -> None:
         merges = [int(r) for r in args.merge_values.split(",")]
     except ValueError:
         parser.error(f"--merge-values {args.merge_values}: comma-separated integers")
-    try:
-        sleeps = [int(r) for r in args.poll_sleep_ns.split(",")]
-    except ValueError:
-        parser.error(f"--poll-sleep-ns {args.poll_sleep_ns}: comma-separated integers")
     plans = {}
     for name in args.config or ["125m", "1b"]:
         for kind in kinds:
@@ -185,25 +177,23 @@ def main() -> None:
             except (ValueError, FileNotFoundError) as error:
                 parser.error(f"--config {name}: {error}")
             for plan in plans_of_kind:
-                for registers, merge, sleep in itertools.product(
-                        counts, merges if kind == "attention" else [plan.merge_values], sleeps):
-                    variant = dataclasses.replace(plan, registers=registers, merge_values=merge,
-                                                  poll_sleep_ns=sleep)
+                for registers, merge in itertools.product(
+                        counts, merges if kind == "attention" else [plan.merge_values]):
+                    variant = dataclasses.replace(plan, registers=registers, merge_values=merge)
                     problem = sc.check_plan(variant, plan.ctas or 132)
                     if problem:
                         parser.error(f"--config {name}: stage_chain does not take {problem}")
-                    plans[name, kind, plan.shared_staging, registers, merge, sleep] = variant
+                    plans[name, kind, plan.shared_staging, registers, merge] = variant
     copy_bw, read_bw = copy_bandwidth(1 << 30), read_bandwidth(1 << 30)
     print(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                       "copy_GBps": round(copy_bw / 1e9, 1), "read_GBps": round(read_bw / 1e9, 1)}),
           flush=True)
-    for (name, kind, shared, registers, merge, sleep), plan in plans.items():
+    for (name, kind, shared, registers, merge), plan in plans.items():
         layer_ws, tail_ws = random_weights(plan, seed=0)  # (the same for every plan of a config)
         norms = random_norms(plan, seed=2) if kind != "plain" else None
         row = measure(name, plan, layer_ws, tail_ws, norms, args, copy_bw, read_bw)
         print(json.dumps({"config": name, "plan": kind, "shared_staging": shared,
-                          "registers": registers, "merge_values": merge,
-                          "poll_sleep_ns": sleep, **row}),
+                          "registers": registers, "merge_values": merge, **row}),
               flush=True)
         del layer_ws, tail_ws
 
@@ -442,7 +432,7 @@ def measure(name, plan, layer_ws, tail_ws, norms, args, copy_bw, read_bw) -> dic
     if args.profile:
         out = pathlib.Path(args.profile) / (f"{name}-{len(plan.layer)}-{norms is not None}-"
                                             f"{plan.shared_staging}-{plan.registers}-"
-                                            f"{plan.merge_values}-{plan.poll_sleep_ns}")
+                                            f"{plan.merge_values}")
         out.mkdir(parents=True, exist_ok=True)
         (_, tails), _ = sc.stage_chain(plan, tiled, x0, norms=norms, profile_dir=str(out),
                                        state=sc.init_chain_state(plan, cache), **extra)
