@@ -35,10 +35,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from jaxlm import attention as attention_lib
-from jaxlm import kv_cache
-from jaxlm import moe
-from jaxlm import mup
-from jaxlm import sharding
+from jaxlm import kv_cache, moe, mup, sharding
 from jaxlm.config import ModelConfig
 from jaxlm.layers import apply_rope, rms_norm, rope_inverse_frequencies, swiglu
 
