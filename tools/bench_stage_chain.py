@@ -241,7 +241,7 @@ def stage_timeline(trace: dict, plan: sc.ChainPlan, clock_ghz: float,
         stage's last end;
       spread_us: its last unit's end after its first's.
     Also "layer_us", the median time between two layers' last ends, and "cta_clock_GHz",
-    the least and most rate common_clock found for a CTA's cycle counter."""
+    the slowest and fastest rate common_clock found for a CTA's cycle counter."""
     threads = ring_matvec._by_thread(trace["traceEvents"])
     # The consumers' traces (the ones with units), in CTA order (the profiler's tid grows
     # with the CTA).
@@ -339,8 +339,9 @@ def common_clock(sync: dict, starts: dict, clock_ghz: float, rounds: int = 5) ->
     units each poll the whole of the stage before's output, so they get it within about a
     poll of each other: those moments (sync: {point: {cta: cycles}}) set each CTA's offset
     and rate, by least squares against the median over CTAs of where the last round put
-    them. A CTA with fewer than 3 such moments keeps clock_ghz (and its start, or one
-    moment's offset)."""
+    them; so the common clock is the median CTA's counter at clock_ghz. A CTA with fewer
+    than 3 such moments (or a fit that does not go forward) keeps clock_ghz, and its start
+    or one moment's offset."""
     clocks = {cta: (start, 1 / clock_ghz) for cta, start in starts.items()}
     for _ in range(rounds):
         moments = {point: float(np.median([clocks[c][0] + clocks[c][1] * v
@@ -348,9 +349,11 @@ def common_clock(sync: dict, starts: dict, clock_ghz: float, rounds: int = 5) ->
                    for point, by_cta in sync.items()}
         for cta in clocks:
             pairs = [(by_cta[cta], moments[p]) for p, by_cta in sync.items() if cta in by_cta]
+            rate = 0.0
             if len(pairs) >= 3:
                 counted, at = np.array(pairs).T
                 rate, offset = np.polyfit(counted, at, 1)
+            if rate > 0:
                 clocks[cta] = (float(offset), float(rate))
             elif pairs:
                 counted, at = pairs[0]
