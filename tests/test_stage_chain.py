@@ -164,10 +164,13 @@ def test_benchmarks_chained_loops_lower_for_cuda():
     plan = SMALL
     tiled = sc.tile_chain(plan, *_weights(plan))
     x0 = jax.ShapeDtypeStruct((256,), jnp.float32)
-    for loop in (bench.chained_calls(lambda t, x: sc.stage_chain(plan, t, x)[1][-1], tiled, 256),
-                 bench.chained_calls_with_state(plan, tiled, 256)):
-        text = jax.jit(loop(3)).trace(x0).lower(lowering_platforms=("cuda",)).as_text()
-        assert "mosaic_gpu" in text
+    for static in (False, True):  # the call count traced (one compile) or one compile a count
+        for loop in (bench.chained_calls(lambda t, x: sc.stage_chain(plan, t, x)[1][-1], tiled,
+                                         256, static=static),
+                     bench.chained_calls_with_state(plan, tiled, 256, static=static)):
+            text = jax.jit(loop(3)).trace(x0).lower(lowering_platforms=("cuda",)).as_text()
+            assert "mosaic_gpu" in text
+            assert (loop(3).func is loop(5).func) == (not static)
 
 
 MLP = sc.ChainPlan(layer=(sc.Stage(384, 256, 2, "norm"), sc.Stage(256, 256, 2),

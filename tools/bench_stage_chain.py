@@ -16,7 +16,9 @@ time of one chained call carrying the state (the step's weights and cache read o
 stage waiting for the one before), without attention also without the state, and of XLA's
 chain of the same work, each as per-call time from (40 calls - 8 calls) / 32 in one jitted
 loop and as a fraction of the copy and read bandwidth over the bytes read (weights, and with
-attention the K and V before the token; measured in the same process), and per stage. With
+attention the K and V before the token; measured in the same process), and per stage. The
+loops take the call count as a traced argument (one compile); --static-calls also times the
+chain with the state in loops of a static count (chain_with_state_static). With
 --profile DIR: the consumer's phases (poll and prologue, products, store, attention units; in
 SM cycles, medians over CTAs and units) from one profiled call, whose trace stays in DIR, and
 the stages' timeline across CTAs (stage_timeline: each stage's share of the critical path). One
@@ -58,21 +60,34 @@ def random_weights(plan: sc.ChainPlan, seed: int):
     return layer, [draw((st.rows, st.cols), st.cols) for st in plan.tail]
 
 
-def chained_calls(fn, weights, cols: int):
+def _calls(loop, static: bool):
+    """n -> the jitted loop(..., n=n) taking the rest of its arguments: n traced (one compile
+    for every n) or, with static, a constant of its own compile. A traced count makes XLA's
+    loop a while loop whose predicate may go to the host every call; a static one has a known
+    trip count (--static-calls times both)."""
+    if static:
+        return lambda n: jax.jit(functools.partial(loop, n=n))
+    run = jax.jit(loop)
+    return lambda n: functools.partial(run, n=jnp.int32(n))
+
+
+def chained_calls(fn, weights, cols: int, static: bool = False):
     """loop(n): n calls in one jitted loop, each starting from the last call's last output (its
-    first `cols` values, normalized), so no call can be skipped or overlapped. n is an argument
-    of the jitted loop, so every n shares one compile (1b's chain takes minutes to compile)."""
+    first `cols` values, normalized), so no call can be skipped or overlapped. By default n is
+    an argument of the jitted loop, so every n shares one compile (1b's chain takes minutes to
+    compile); static: a compile for each n (_calls)."""
     def loop(w, x, n):
         def body(_, x):
             y = fn(w, x)[:cols]
             return y * lax.rsqrt(jnp.mean(y * y) + 1e-12)
         return lax.fori_loop(0, n, body, x)
 
-    run = jax.jit(loop)  # (the weights an argument: closed over, they would be constants)
-    return lambda n: functools.partial(run, weights, n=jnp.int32(n))
+    calls = _calls(loop, static)  # (the weights an argument: closed over, they'd be constants)
+    return lambda n: functools.partial(calls(n), weights)
 
 
-def chained_calls_with_state(plan, tiled, cols: int, norms=None, cache=None, extra=None):
+def chained_calls_with_state(plan, tiled, cols: int, norms=None, cache=None, extra=None,
+                             static: bool = False):
     """As chained_calls, the calls carrying stage_chain's state (no arming pass a call; with
     attention the state holds the cache, and extra has pos and the RoPE tables)."""
     pos = (extra or {}).get("pos")
@@ -86,9 +101,8 @@ def chained_calls_with_state(plan, tiled, cols: int, norms=None, cache=None, ext
             return y * lax.rsqrt(jnp.mean(y * y) + 1e-12), state
         return lax.fori_loop(0, n, body, (x, sc.init_chain_state(plan, c)))[0]
 
-    run = jax.jit(loop)
-    return lambda n: functools.partial(run, tiled, norms, cache, (extra or {}).get("rope"),
-                                       n=jnp.int32(n))
+    calls = _calls(loop, static)
+    return lambda n: functools.partial(calls(n), tiled, norms, cache, (extra or {}).get("rope"))
 
 
 def xla_chain(plan, weights, x, norms=None, pos=None, inv_freq=None):
@@ -140,6 +154,11 @@ def main() -> None:
                         help="attention plans, comma-separated: values a thread polls at once "
                              "in o-proj's merge (ChainPlan.merge_values), each plan with each "
                              "(default 64)")
+    parser.add_argument("--static-calls", action="store_true",
+                        help="also time the chain carrying its state in loops of a static "
+                             "call count (a compile for each of the two counts), against the "
+                             "default's traced count, whose while loop may wait on the host "
+                             "every call")
     parser.add_argument("--profile", metavar="DIR",
                         help="also run one profiled call and report the consumer's phases "
                              "and the stages' timeline between CTAs (stage_timeline)")
@@ -412,6 +431,9 @@ def measure(name, plan, layer_ws, tail_ws, norms, args, copy_bw, read_bw) -> dic
         return row
     loops = [("chain_with_state", chained_calls_with_state(plan, tiled, cols, norms, cache,
                                                              extra))]
+    if args.static_calls:
+        loops.append(("chain_with_state_static", chained_calls_with_state(
+            plan, tiled, cols, norms, cache, extra, static=True)))
     if plan.attention is None:
         loops.append(("chain", chained_calls(
             lambda t, x: sc.stage_chain(plan, t, x, norms=norms)[1][-1], tiled, cols)))
@@ -422,7 +444,8 @@ def measure(name, plan, layer_ws, tail_ws, norms, args, copy_bw, read_bw) -> dic
             jax.jit(lambda w, x: xla_chain(plan, w, x, norms, pos, inv_freq)),
             (layer_ws, tail_ws, cache), cols)))
     for label, loop in loops:
-        if label == "chain_with_state" and not all(row["stateful_calls_bitwise_equal"]):
+        if label.startswith("chain_with_state") and not all(
+                row["stateful_calls_bitwise_equal"]):
             row[label] = "not timed: the stateful calls differ"
             continue
         rate = per_pass_rate(loop, x0, nbytes, args.repeats)
