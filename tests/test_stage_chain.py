@@ -576,10 +576,7 @@ def test_stage_timeline_puts_all_ctas_on_the_global_clock():
               1: [(0, 300, 500), (502, 1600, 1900), (1902, 3000, 3300)]}
     starts = {0: 1000, 1: 1100}  # global timer (ns) at each CTA's start
 
-    def dump(cycles):
-        return _profiled(cycles, starts)
-
-    got = bench.stage_timeline(dump(cycles), plan, clock_ghz=2.0)
+    got = bench.stage_timeline(_profiled(cycles, starts), plan, clock_ghz=2.0)
     # In ns from 1000 (a unit's end is its store's end, cycle end + 1; CTA 1 starts 100 later):
     # stage 0's ends: layer 0 {200.5, 350.5}, layer 1 {800.5, 1050.5}; stage 1's: 600.5, 1300.5.
     # Readies: stage 0 layer 1 {700, 900}; stage 1 {500, 1200}. Layer 2 is layer 1 700 later.
@@ -591,14 +588,15 @@ def test_stage_timeline_puts_all_ctas_on_the_global_clock():
     # A trace cut short (the profiler keeps a CTA's first scopes only): CTA 1's layer-2 unit
     # is missing, so layer 2's stage 0 is not counted (with only CTA 0's end it would read
     # 0.2 us, and its median with layer 1's 0.325).
-    cut = bench.stage_timeline(dump({0: cycles[0], 1: cycles[1][:2]}), plan, clock_ghz=2.0)
+    cut = bench.stage_timeline(_profiled({0: cycles[0], 1: cycles[1][:2]}, starts), plan,
+                               clock_ghz=2.0)
     assert cut["0:sum"] == got["0:sum"] and cut["layer_us"] == 0.7
     # The first layer only: stage 1 (after layer 0's stage 0), no stage 0 (nothing before
     # it), no layer step.
-    first = bench.stage_timeline(dump(cycles), plan, clock_ghz=2.0, layers=1)
+    first = bench.stage_timeline(_profiled(cycles, starts), plan, clock_ghz=2.0, layers=1)
     assert first == {"1:sum": got["1:sum"], "layer_us": None, "cta_clock_GHz": [2.0, 2.0]}
     with pytest.raises(ValueError, match="CTA 0 of 2 ran more units"):
-        bench.stage_timeline(dump(cycles), dataclasses.replace(plan, num_layers=2),
+        bench.stage_timeline(_profiled(cycles, starts), dataclasses.replace(plan, num_layers=2),
                              clock_ghz=2.0)
 
 
