@@ -8,8 +8,11 @@
 #           tiles, each also profiled for the attention kernel's own time (about 1 minute);
 #   part 4: the chain at a long context (1b, 4,096 positions) with o-proj's merge polling 64
 #           or 128 values a thread at once (ChainPlan.merge_values), twice in turn, then
-#           profiled with 128, its trace kept gzipped in OUT (about 5 minutes).
-# Usage: OUT=results_dir bash tools/gpu_decode_bench.sh 1|2|3|4
+#           profiled with 128, its trace kept gzipped in OUT (about 5 minutes);
+#   part 5: the issue's throughput table: the decode-attention kernel against cuDNN, XLA's
+#           batch-1 step, generate's default at batch 1, 8 and 64 (512 prompt + 256 new), and
+#           transformers' generate on the same shapes (125m, 1b).
+# Usage: OUT=results_dir bash tools/gpu_decode_bench.sh 1|2|3|4|5
 set -uo pipefail
 OUT=${OUT:-bench_out}
 PART=${1:-1}
@@ -21,6 +24,8 @@ if [ "$PART" = 1 ]; then
     timeout 330 python3 tools/bench_decode.py --config 1b --config 125m --chain-step 2>&1 | keep
     timeout 220 python3 tools/bench_stage_chain.py --repeats 3 --config 1b --plans attention \
         --staging both --profile "$OUT/prof" 2>&1 | keep
+elif [ "$PART" = 5 ]; then
+    timeout 580 python3 tools/bench_decode.py --config 125m --config 1b --baseline-hf 2>&1 | keep
 elif [ "$PART" = 3 ]; then
     timeout 400 python3 tools/sweep_decode_attention.py --profile "$OUT/attention" 2>&1 | keep
 elif [ "$PART" = 4 ]; then
