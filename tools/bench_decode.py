@@ -7,7 +7,8 @@ the decode-attention kernel's bandwidth against cuDNN and XLA single-query atten
     python tools/bench_decode.py --config tiny                 # CPU smoke check (tiny shapes)
 
 Shapes: prompts of 512 random tokens (--prompt-len), 256 new tokens, greedy, no eos (tiny:
-32 + 16). Each generate runs once to compile, then is timed. Batch-1 decode time per token is
+32 + 16). Each generate runs once to compile, then is timed (a throughput row, and
+transformers', the median of REPEATS calls). Batch-1 decode time per token is
 (t(256 new) - t(1 new)) / 255, so prefill is not counted; the roofline is the bytes one step must
 read (bf16 weights + the KV cache of the mean context, jaxlm.accounting) over a copy bandwidth
 measured here (read + write of a large array); `read_roofline_fraction` uses a read-only
@@ -33,6 +34,8 @@ import numpy as np
 
 from jaxlm import accounting, attention, decode, model
 from jaxlm.config import load_config
+
+REPEATS = 5  # timed calls a throughput row takes the median of
 
 
 def timed(fn, repeats: int = 1) -> float:
@@ -216,7 +219,8 @@ def bench_model(name: str, args, bandwidth: float, read: Optional[float] = None)
     if steps:
         return
     for batch in ((1, 2) if tiny else (1, 8) if args.quick else (1, 8, 64)):
-        seconds = bench_generate(cfg, params, batch, prompt_len, new_tokens)  # generate's default
+        # generate's default step; a call takes at most about a second after the compile
+        seconds = bench_generate(cfg, params, batch, prompt_len, new_tokens, repeats=REPEATS)
         print(json.dumps({"model": name, "batch": batch, "prompt": prompt_len, "new": new_tokens,
                           "throughput_tokens_per_s": round(batch * new_tokens / seconds, 1),
                           "seconds": round(seconds, 3),
@@ -246,7 +250,7 @@ def bench_hf(cfg, name: str, prompt_len: int, new_tokens: int, quick: bool) -> N
                                   cache_implementation="static", pad_token_id=0)
             torch.cuda.synchronize()
 
-        seconds = timed(run)
+        seconds = timed(run, repeats=REPEATS)
         print(json.dumps({"model": name, "baseline": "transformers", "batch": batch,
                           "throughput_tokens_per_s": round(batch * new_tokens / seconds, 1),
                           "transformers": transformers.__version__}), flush=True)
